@@ -1,0 +1,1 @@
+"""Training: one shared loop skeleton (loop.py) with the segmentation and diffusion steps plugged in."""

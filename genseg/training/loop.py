@@ -1,0 +1,311 @@
+"""The one training skeleton both trainers share: accelerate set-up, the step loop, atomic checkpoints with
+keep-last-K and `--resume`, a per-epoch or per-N-steps CSV log, and early stopping.
+
+A trainer supplies `compute_loss(model, batch) -> loss` and optional hooks; everything about devices, mixed
+precision, gradient accumulation, clipping and resuming lives here once.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError
+from ..io import atomic_path, replace_path
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Counters that make a resumed run continue exactly where the checkpoint left it."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    batches_into_epoch: int = 0  # batches of the current epoch already consumed (step-based checkpoints)
+    best_metric: float | None = None
+    best_epoch: int = -1
+    evals_since_best: int = 0
+    elapsed_s: float = 0.0
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False, seed: int = 0) -> Accelerator:
+    """An Accelerator whose data order is reproducible from `seed` (needed for exact resume)."""
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        cpu=cpu,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+
+
+def effective_precision(accelerator: Accelerator) -> str:
+    """What actually runs: accelerate silently ignores fp16 on CPU, so say so instead of reporting 'fp16'."""
+    requested = accelerator.mixed_precision
+    if requested == "fp16" and accelerator.device.type == "cpu":
+        return "no (fp16 requested; not supported on CPU, ran fp32)"
+    return requested
+
+
+class CsvLog:
+    """Append-only CSV; a row with new keys widens the header. On resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fields: list[str] | None = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        row = {k: _fmt(v) for k, v in row.items()}
+        if self._fields is None:
+            self._fields = list(self.rows()[0]) if self.path.exists() and self.rows() else []
+        missing = [k for k in row if k not in self._fields]
+        if missing or not self.path.exists():
+            self._fields += missing
+            self._write(self.rows() + [row])
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self._fields).writerow(row)
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate_after(self, key: str, value: int) -> None:
+        rows = self.rows()
+        kept = [r for r in rows if int(r[key]) <= value]
+        if len(kept) != len(rows):
+            self._fields = list(rows[0])
+            self._write(kept)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _fmt(v: Any) -> Any:
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+class Checkpointer:
+    """Atomic `accelerator.save_state` folders `checkpoints/step-XXXXXXXX`, keeping the newest `keep_last`.
+
+    Extra stateful objects (e.g. diffusers' EMAModel) are stored as safetensors + JSON, never pickle.
+    """
+
+    def __init__(self, accelerator: Accelerator, directory: Path, keep_last: int = 2,
+                 extra: dict[str, Any] | None = None):
+        self.accelerator = accelerator
+        self.directory = Path(directory)
+        self.keep_last = max(1, keep_last)
+        self.extra = extra or {}
+
+    def all(self) -> list[Path]:
+        return sorted(p for p in self.directory.glob("step-*") if (p / STATE_FILE).exists())
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, state: TrainState) -> Path:
+        acc = self.accelerator
+        final = self.directory / f"step-{state.step:08d}"
+        tmp = self.directory / f".step-{state.step:08d}.tmp"
+        if acc.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a killed save
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            for name, obj in self.extra.items():
+                _save_state_dict(obj.state_dict(), tmp / name)
+            (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+            replace_path(tmp, final)
+            for old in self.all()[: -self.keep_last]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path) -> TrainState:
+        if not (path / STATE_FILE).exists():
+            raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
+        self.accelerator.load_state(str(path))
+        for name, obj in self.extra.items():
+            obj.load_state_dict(_load_state_dict(path / name))
+        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _save_state_dict(state: dict[str, Any], stem: Path) -> None:
+    """Tensors (also inside lists) to `stem.safetensors`, everything else to `stem.json`."""
+    tensors, plain = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            plain[key] = {"__tensor_list__": len(value)}
+            for i, v in enumerate(value):
+                tensors[f"{key}.{i}"] = v.detach().cpu().contiguous()
+        else:
+            plain[key] = value
+    save_file(tensors, str(stem) + ".safetensors")
+    Path(str(stem) + ".json").write_text(json.dumps(plain))
+
+
+def _load_state_dict(stem: Path) -> dict[str, Any]:
+    tensors = load_file(str(stem) + ".safetensors")
+    state: dict[str, Any] = json.loads(Path(str(stem) + ".json").read_text())
+    for key, value in list(state.items()):
+        if isinstance(value, dict) and "__tensor_list__" in value:
+            state[key] = [tensors[f"{key}.{i}"] for i in range(value["__tensor_list__"])]
+    state.update({k: v for k, v in tensors.items() if "." not in k or k.rsplit(".", 1)[0] not in state})
+    return state
+
+
+@dataclass
+class Hooks:
+    """What a trainer plugs into `fit`. Every hook is optional.
+
+    after_step(state) -> dict | None: runs on every optimizer step (e.g. EMA update, periodic sampling);
+        a returned dict is written to the log.
+    after_epoch(state) -> dict | None: runs after each epoch (e.g. validation); its dict is logged, and the
+        `monitor` key in it drives early stopping and `on_best`.
+    on_best(state): the monitored metric improved (e.g. save the best model).
+    """
+
+    after_step: Callable[[TrainState], dict | None] | None = None
+    after_epoch: Callable[[TrainState], dict | None] | None = None
+    on_best: Callable[[TrainState], None] | None = None
+
+
+class Trainer:
+    """Runs the loop: accumulate, clip, step, log, checkpoint, stop early, resume."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 train_loader, run_dir: Path, *, lr_scheduler=None, max_grad_norm: float | None = None,
+                 checkpoint_every_steps: int | None = None, keep_last: int = 2, extra_state: dict | None = None,
+                 monitor: str | None = None, mode: str = "max", patience: int | None = None):
+        self.accelerator = accelerator
+        self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
+        self.lr_scheduler = accelerator.prepare(lr_scheduler) if lr_scheduler is not None else None
+        self.run_dir = Path(run_dir)
+        self.max_grad_norm = max_grad_norm
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpointer = Checkpointer(accelerator, self.run_dir / "checkpoints", keep_last, extra_state)
+        self.log = CsvLog(self.run_dir / "log.csv")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.state = TrainState()
+
+    def resume(self, checkpoint: Path | None = None) -> TrainState:
+        """Load the given or the newest checkpoint in the run; a clear error when there is none."""
+        checkpoint = checkpoint or self.checkpointer.latest()
+        if checkpoint is None:
+            raise CheckpointError(f"{self.run_dir}: nothing to resume (no checkpoint under {self.checkpointer.directory})")
+        self.state = self.checkpointer.load(Path(checkpoint))
+        if self.accelerator.is_main_process:
+            self.log.truncate_after("step", self.state.step)
+        return self.state
+
+    def _improved(self, value: float) -> bool:
+        best = self.state.best_metric
+        if best is None or math.isnan(best):
+            return not math.isnan(value)
+        return value > best if self.mode == "max" else value < best
+
+    def fit(self, compute_loss: Callable[[torch.nn.Module, Any], torch.Tensor], *, max_epochs: int | None = None,
+            max_steps: int | None = None, hooks: Hooks | None = None, desc: str = "train") -> TrainState:
+        """Train until `max_epochs` or `max_steps` (whichever comes first) or early stopping."""
+        if max_epochs is None and max_steps is None:
+            raise ValueError("give max_epochs or max_steps")
+        hooks = hooks or Hooks()
+        acc, state = self.accelerator, self.state
+        max_epochs = max_epochs if max_epochs is not None else 10**9
+        max_steps = max_steps if max_steps is not None else 10**12
+        bar = tqdm(total=None if max_steps == 10**12 else max_steps, initial=state.step, desc=desc,
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        stopped = state.step >= max_steps or state.epoch >= max_epochs or self._patience_exhausted()
+        while not stopped:
+            started = time.perf_counter()
+            self.train_loader.set_epoch(state.epoch)
+            loader = self.train_loader
+            if state.batches_into_epoch:
+                loader = acc.skip_first_batches(loader, state.batches_into_epoch)
+            self.model.train()
+            loss_sum, loss_count = torch.zeros((), device=acc.device), 0
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    loss = compute_loss(self.model, batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients and self.max_grad_norm:
+                        acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                    self.optimizer.step()
+                    if self.lr_scheduler is not None:
+                        self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                state.batches_into_epoch += 1
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not acc.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
+                row = hooks.after_step(state) if hooks.after_step else None
+                if row:
+                    self._log(row)
+                due = self.checkpoint_every_steps and state.step % self.checkpoint_every_steps == 0
+                if due or state.step >= max_steps:
+                    state.elapsed_s += time.perf_counter() - started
+                    started = time.perf_counter()
+                    self.checkpointer.save(state)
+                if state.step >= max_steps:
+                    stopped = True
+                    break
+            if stopped and state.batches_into_epoch < len(self.train_loader):
+                break  # stopped mid-epoch on max_steps: the checkpoint above already holds this point
+            state.epoch += 1
+            state.batches_into_epoch = 0
+            state.elapsed_s += time.perf_counter() - started
+            mean_loss = acc.gather(loss_sum[None]).sum().item() / max(1, loss_count * acc.num_processes)
+            metrics = {"train_loss": mean_loss}
+            if hooks.after_epoch:
+                metrics.update(hooks.after_epoch(state) or {})
+            if self.monitor is not None:
+                value = float(metrics[self.monitor])
+                if self._improved(value):
+                    state.best_metric, state.best_epoch, state.evals_since_best = value, state.epoch, 0
+                    if hooks.on_best:
+                        hooks.on_best(state)
+                else:
+                    state.evals_since_best += 1
+            self._log(metrics)
+            if self.checkpoint_every_steps is None or state.epoch >= max_epochs:
+                self.checkpointer.save(state)
+            stopped = state.epoch >= max_epochs or state.step >= max_steps or self._patience_exhausted()
+        bar.close()
+        return state
+
+    def _patience_exhausted(self) -> bool:
+        return self.patience is not None and self.monitor is not None and self.state.evals_since_best >= self.patience
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.append({"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": lr,
+                         "seconds": round(self.state.elapsed_s, 2)})
