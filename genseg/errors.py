@@ -13,6 +13,9 @@ class DataError(GensegError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickle by (path, problem) so the error survives a trip back from a worker process
+        return (type(self), (self.path, self.problem))
+
 
 class ConfigError(GensegError):
     """A config file or option is invalid."""

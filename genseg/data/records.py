@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+
 CLASS_NAMES = {-1: "unknown", 0: "none", 1: "meningioma", 2: "glioma", 3: "pituitary"}
 
 
@@ -26,6 +28,23 @@ class SliceRecord:
     patient: str
     source: str
     slice_index: int = -1
+
+    def check(self) -> "SliceRecord":
+        """Raise DataError naming the source when the slice cannot be used: readers call this before returning.
+
+        Catches what `preprocess_pair` would otherwise trip over later, far from the file at fault.
+        """
+        shape = np.shape(self.image)
+        if len(shape) not in (2, 3) or 0 in shape:
+            raise DataError(self.source, f"image has shape {shape}, expected (H, W) or (C, H, W)")
+        if np.shape(self.mask) != shape[-2:]:
+            raise DataError(self.source, f"image shape {shape[-2:]} and mask shape {np.shape(self.mask)} differ")
+        if not np.isfinite(self.image).all():
+            raise DataError(self.source, "image contains NaN or infinite values")
+        low, high = float(np.min(self.image)), float(np.max(self.image))
+        if low == high:
+            raise DataError(self.source, f"image is constant (every pixel is {low:g})")
+        return self
 
 
 def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
