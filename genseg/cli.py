@@ -29,3 +29,54 @@ def main():
     Typical flow: `genseg demo-data` or real data -> `genseg prepare` -> `genseg train-seg` /
     `genseg train-diffusion` -> `genseg sample` -> `genseg pipeline`.
     """
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Prepared HDF5 file to write.")
+@click.option("--size", default=256, show_default=True, type=click.IntRange(min=8), help="Side in pixels every slice is resized to.")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
+              show_default=True, help="Source layout; auto tells it from the folder's contents.")
+@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
+              help="BraTS volume to slice (other formats ignore it).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Processes that read and resize in parallel.")
+@click.option("--strict", is_flag=True, help="Fail on the first bad file instead of reporting and skipping it.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the patient-wise split (when there is no cvind.mat) and of BraTS slice sampling.")
+@click.option("--empty-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of each BraTS case's tumour-free brain slices to keep.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True,
+              help="Image folders only: 1 = grey (BUSI is grey ultrasound), 3 = keep colour.")
+@click.option("--test-fold", default=1, show_default=True, type=click.IntRange(1, 5), help="Fold (1-5) used as the test split; the next is val.")
+def prepare(source, out, size, format_, modality, workers, strict, seed, empty_fraction, channels, test_fold):
+    """Read a raw dataset folder (Figshare .mat, BraTS NIfTI, BUSI / image+mask folders) into one prepared file."""
+    from .data.prepare import prepare as run
+
+    report = run(source, out, size=size, format=format_, modality=modality, workers=workers, strict=strict,
+                 seed=seed, test_fold=test_fold, empty_fraction=empty_fraction, channels=int(channels))
+    click.echo(report.summary())
+
+
+@main.group()
+def data():
+    """Inspect datasets."""
+
+
+@data.command()
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
+              show_default=True, help="Raw folders: source layout.")
+@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
+              help="Raw BraTS folders: volume to slice.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Raw folders: processes that read in parallel.")
+def info(path, as_json, format_, modality, workers):
+    """Slices, patients, classes, sizes, splits and bad files of a raw folder or a prepared file."""
+    import json
+
+    from .data.info import dataset_info, format_info
+
+    result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json)
+    click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
