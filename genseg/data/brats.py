@@ -46,9 +46,10 @@ def read_brats_case(case: str | Path, modality: str = "t1ce", empty_fraction: fl
         raise DataError(seg_path, f"segmentation shape {seg.shape} differs from the {modality} volume's {image.shape}")
     if not np.isfinite(image).all():
         raise DataError(image_path, "volume contains NaN or infinite values")
-    unexpected = sorted(set(np.unique(seg).tolist()) - set(SEG_LABELS))
+    unexpected = [f"{v:g}" for v in np.unique(seg).tolist() if v not in SEG_LABELS]
     if unexpected:
-        raise DataError(seg_path, f"unexpected segmentation labels {unexpected[:5]}; BraTS uses {SEG_LABELS}")
+        raise DataError(seg_path, f"unexpected segmentation labels {', '.join(unexpected[:5])}; BraTS uses "
+                                  f"{', '.join(map(str, SEG_LABELS))}")
 
     mask = np.isin(seg, WHOLE_TUMOUR)
     brain = image.max(axis=(0, 1)) > image.min(axis=(0, 1))
