@@ -235,6 +235,8 @@ class PreparedDataset(Dataset):
         self.patients = meta["patients"][rows]
         self.transform = transform
         self._h5: h5py.File | None = None
+        self._images: h5py.Dataset | None = None
+        self._masks: h5py.Dataset | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -242,14 +244,16 @@ class PreparedDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self._h5 is None:  # opened per process: h5py handles must not cross a fork
             self._h5 = h5py.File(self.path, "r")
+            # keep the dataset handles: looking them up by name costs more than reading a 256x256 slice
+            self._images, self._masks = self._h5["images"], self._h5["masks"]
         row = int(self.rows[i])
-        image = torch.from_numpy(self._h5["images"][row].astype(np.float32))
-        mask = torch.from_numpy(self._h5["masks"][row].astype(np.float32))[None]
+        image = torch.from_numpy(self._images[row].astype(np.float32))
+        mask = torch.from_numpy(self._masks[row].astype(np.float32))[None]
         if self.transform is not None:
             image, mask = self.transform(image, mask)
         return {"image": image, "mask": mask, "label": int(self.labels[i]), "index": row}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_h5"] = None
+        state.update(_h5=None, _images=None, _masks=None)
         return state
