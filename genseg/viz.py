@@ -1,0 +1,104 @@
+"""PNG figures people look at instead of reading numbers: mask overlays, captioned grids (PIL + numpy only).
+
+Conventions for every helper here: grey images are float arrays in [0, 1] (what `preprocess_pair` returns),
+colour images are uint8 (H, W, 3), colours are RGB tuples, and files are written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+from .io import atomic_path
+
+# One colour per tumour class (Figshare label ids) and for "the mask", shared by all figures.
+CLASS_COLORS = {0: (255, 255, 0), 1: (255, 140, 0), 2: (255, 60, 60), 3: (60, 160, 255)}
+MASK_COLOR = (255, 60, 60)
+PREDICTION_COLOR = (60, 220, 60)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3) grey/colour image -> uint8 (H, W, 3). Floats are taken as [0, 1] and clipped;
+    a (1, H, W) or (3, H, W) channel-first array is accepted as well."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[-1] not in (1, 3):
+        image = np.moveaxis(image, 0, -1)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.dtype != np.uint8:
+        image = np.rint(np.clip(np.nan_to_num(image.astype(np.float32)), 0.0, 1.0) * 255).astype(np.uint8)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an (H, W) or (H, W, 3) image, got shape {image.shape}")
+    return image
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The mask's boundary pixels (inside the mask, next to the outside): a 1-pixel contour."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = MASK_COLOR, alpha: float = 0.3,
+            contour: bool = True) -> np.ndarray:
+    """Grey or RGB image with the mask tinted translucently in `color` and, by default, outlined in it.
+
+    Returns uint8 (H, W, 3). Apply it again with another colour to compare two masks on one image.
+    """
+    rgb = to_rgb(image).astype(np.float32)
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
+    color = np.asarray(color, dtype=np.float32)
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * color
+    if contour:
+        rgb[outline(mask)] = color
+    return np.rint(rgb).astype(np.uint8)
+
+
+def grid_image(tiles: Sequence[np.ndarray], ncols: int, titles: Sequence[str] | None = None, pad: int = 4,
+               background: Sequence[int] = (16, 16, 16), text_color: Sequence[int] = (230, 230, 230),
+               font_size: int = 12) -> Image.Image:
+    """Tiles (grey or RGB arrays, any sizes) in rows of `ncols`, each under an optional one-line caption."""
+    if not tiles:
+        raise ValueError("no tiles to arrange")
+    if titles is not None and len(titles) != len(tiles):
+        raise ValueError(f"{len(titles)} titles for {len(tiles)} tiles")
+    rgb = [to_rgb(t) for t in tiles]
+    cell_h = max(t.shape[0] for t in rgb)
+    cell_w = max(t.shape[1] for t in rgb)
+    font = ImageFont.load_default(size=font_size)
+    caption_h = font_size + 4 if titles is not None else 0
+    ncols = max(1, min(ncols, len(rgb)))
+    nrows = -(-len(rgb) // ncols)
+    canvas = Image.new("RGB", (ncols * (cell_w + pad) + pad, nrows * (cell_h + caption_h + pad) + pad),
+                       tuple(background))
+    draw = ImageDraw.Draw(canvas)
+    for i, tile in enumerate(rgb):
+        left = pad + (i % ncols) * (cell_w + pad)
+        top = pad + (i // ncols) * (cell_h + caption_h + pad)
+        if titles is not None:
+            draw.text((left + 2, top + 1), str(titles[i]), fill=tuple(text_color), font=font)
+        canvas.paste(Image.fromarray(tile), (left, top + caption_h))
+    return canvas
+
+
+def save_grid(tiles: Sequence[np.ndarray], path: str | Path, ncols: int, titles: Sequence[str] | None = None,
+              **kwargs) -> Path:
+    """Write `grid_image(tiles, ncols, titles, **kwargs)` as a PNG (atomically) and return the path."""
+    return save_png(grid_image(tiles, ncols, titles, **kwargs), path)
+
+
+def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
+    """Write a PIL image or an array (see `to_rgb`) as an optimised PNG, atomically."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(to_rgb(image))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
+    return path

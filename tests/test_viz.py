@@ -1,0 +1,57 @@
+"""Figure helpers: colour conversion, mask overlays and captioned grids written as real PNG files."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from genseg.viz import MASK_COLOR, grid_image, outline, overlay, save_grid, save_png, to_rgb
+
+
+def test_to_rgb_takes_float_grey_channel_first_and_uint8():
+    grey = np.array([[0.0, 0.5], [1.0, 2.0]], dtype=np.float32)
+    rgb = to_rgb(grey)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
+    assert rgb[..., 0].tolist() == [[0, 128], [255, 255]]  # floats are [0, 1], clipped
+    assert np.array_equal(to_rgb(grey[None]), rgb)  # (1, H, W) as prepared files store it
+    colour = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert np.array_equal(to_rgb(colour), colour) and np.array_equal(to_rgb(np.moveaxis(colour, -1, 0)), colour)
+    with pytest.raises(ValueError, match="shape"):
+        to_rgb(np.zeros((2, 2, 4)))
+
+
+def test_overlay_tints_the_mask_outlines_it_and_leaves_the_rest():
+    image = np.full((9, 9), 0.5)
+    mask = np.zeros((9, 9), dtype=np.uint8)
+    mask[2:7, 2:7] = 1
+    edge = outline(mask)
+    assert edge.sum() == 16 and not edge[3:6, 3:6].any()  # the 5x5 square's ring, interior left out
+    out = overlay(image, mask, alpha=0.5)
+    assert (out[mask == 0] == 128).all()
+    assert (out[edge] == MASK_COLOR).all()
+    assert out[4, 4].tolist() == [round(0.5 * 128 + 0.5 * c) for c in MASK_COLOR]
+    assert (overlay(image, mask, contour=False)[edge] != MASK_COLOR).any()
+    with pytest.raises(ValueError, match="does not match"):
+        overlay(image, mask[:5])
+
+
+def test_grid_places_captioned_tiles_in_rows(tmp_path):
+    tiles = [np.full((10, 12), v) for v in (0.0, 0.5, 1.0)]
+    grid = grid_image(tiles, ncols=2, titles=["a", "b", "c"], pad=2, font_size=8)
+    caption = 8 + 4
+    assert grid.size == (2 * (12 + 2) + 2, 2 * (10 + caption + 2) + 2)
+    pixels = np.asarray(grid)
+    assert (pixels[2 + caption, 2 + 14] == 128).all() and (pixels[2 + 2 * caption + 12, 2] == 255).all()
+    path = save_grid(tiles, tmp_path / "grid.png", ncols=3)
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == (3 * (12 + 4) + 4, 10 + 2 * 4)  # default pad 4
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
+    with pytest.raises(ValueError, match="2 titles for 3 tiles"):
+        grid_image(tiles, 2, titles=["a", "b"])
+    with pytest.raises(ValueError, match="no tiles"):
+        grid_image([], 2)
+
+
+def test_save_png_writes_arrays_and_pil_images(tmp_path):
+    save_png(np.eye(4), tmp_path / "eye.png")
+    with Image.open(tmp_path / "eye.png") as png:
+        assert np.asarray(png.convert("L")).tolist() == (np.eye(4) * 255).astype(int).tolist()
