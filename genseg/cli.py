@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -80,3 +81,27 @@ def info(path, as_json, format_, modality, workers):
 
     result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json)
     click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
+
+
+@main.command("demo-data")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--patients", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Number of synthetic patients (heads); the three tumour classes are spread evenly over them.")
+@click.option("--slices-per-patient", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Consecutive axial slices through each head.")
+@click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
+              help="Width and height of every slice in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed: the same arguments always give the same pixels.")
+@click.option("--empty-share", type=click.FloatRange(0, 1, max_open=True), default=0.125, show_default=True,
+              help="Share of slices above or below the tumour: all-zero mask, the patient's class label kept.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR, and everything in it, when it is not empty.")
+def demo_data(out_dir, patients, slices_per_patient, size, seed, empty_share, force):
+    """Write a procedurally generated T1-CE brain-MRI dataset (no download) to OUT_DIR in the Figshare layout:
+    1.mat .. N.mat (MATLAB v7.3, struct cjdata) and cvind.mat with patient-wise folds."""
+    from .data.demo import make_demo_dataset
+
+    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force)
+    classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
+    click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
+               f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
