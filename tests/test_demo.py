@@ -191,43 +191,30 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_demo_data(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = tmp_path / "raw"
-    cmd = [sys.executable, "-m", "genseg", "demo-data", str(out), "--patients", "3", "--slices-per-patient", "2",
-           "--size", "32", "--seed", "1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "Wrote 6 slices of 3 patients (32x32)" in done.stdout
-    assert len(list(out.glob("*.mat"))) == 7
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
-    forced = subprocess.run(cmd + ["--force"], env=env, capture_output=True, text=True, timeout=120)
-    assert forced.returncode == 0, forced.stderr
-    helped = subprocess.run([sys.executable, "-m", "genseg", "demo-data", "--help"], env=env, capture_output=True,
-                            text=True, timeout=60)
-    for option in ("--patients", "--slices-per-patient", "--size", "--seed", "--empty-share", "--force"):
-        assert option in helped.stdout
-
-
 def test_cli_demo_data_then_prepare_then_info(tmp_path):
     """The README path: the demo folder goes through the real reader, `prepare` and `data info` like Figshare."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    def genseg(*args):
+    def genseg(*args, returncode=0):
         done = subprocess.run([sys.executable, "-m", "genseg", *map(str, args)], env=env, capture_output=True,
                               text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        assert done.returncode == returncode, done.stderr
+        return done
 
     raw, prepared = tmp_path / "raw", tmp_path / "demo.h5"
-    genseg("demo-data", raw, "--patients", 4, "--slices-per-patient", 3, "--size", 64, "--empty-share", 0.25)
+    make = ["demo-data", raw, "--patients", 4, "--slices-per-patient", 3, "--size", 64, "--empty-share", 0.25]
+    assert "Wrote 12 slices of 4 patients (64x64)" in genseg(*make).stdout
+    refused = genseg(*make, returncode=2)  # a second run must not overwrite the dataset
+    assert "not empty" in refused.stderr and "Traceback" not in refused.stderr
+    help_text = genseg("demo-data", "--help").stdout
+    for option in ("--patients", "--slices-per-patient", "--size", "--seed", "--empty-share", "--force"):
+        assert option in help_text
     genseg("prepare", raw, "--out", prepared, "--size", 48)
     # 4 patients get classes 1, 2, 3 and one more: 3 slices each; 0.25 of 12 slices miss the tumour.
     expected_classes = [{"meningioma": 6, "glioma": 3, "pituitary": 3}, {"meningioma": 3, "glioma": 6, "pituitary": 3},
                         {"meningioma": 3, "glioma": 3, "pituitary": 6}]
     for path in (raw, prepared):
-        info = json.loads(genseg("data", "info", path, "--json"))
+        info = json.loads(genseg("data", "info", path, "--json").stdout)
         assert info["source_format"] == "figshare" and info["bad_files"] == []
         assert (info["slices"], info["patients"]) == (12, 4)
         assert info["classes"] in expected_classes
