@@ -85,20 +85,36 @@ def info(path, as_json, format_, modality, workers):
 
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--domain", type=click.Choice(["mri", "ultrasound"]), default="mri", show_default=True,
+              help="mri: T1-CE brain slices in the Figshare layout; ultrasound: breast-ultrasound images in the "
+                   "BUSI layout (benign/, malignant/, normal/ PNGs with masks), a second domain for transfer.")
 @click.option("--patients", type=click.IntRange(min=1), default=30, show_default=True,
-              help="Number of synthetic patients (heads); the three tumour classes are spread evenly over them.")
+              help="Number of synthetic patients (heads; ultrasound: images); the classes are spread evenly over them.")
 @click.option("--slices-per-patient", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Consecutive axial slices through each head.")
+              help="MRI only: consecutive axial slices through each head.")
 @click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
               help="Width and height of every slice in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed: the same arguments always give the same pixels.")
 @click.option("--empty-share", type=click.FloatRange(0, 1, max_open=True), default=0.125, show_default=True,
-              help="Share of slices above or below the tumour: all-zero mask, the patient's class label kept.")
+              help="MRI only: share of slices above or below the tumour: all-zero mask, the patient's class label kept.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR, and everything in it, when it is not empty.")
-def demo_data(out_dir, patients, slices_per_patient, size, seed, empty_share, force):
-    """Write a procedurally generated T1-CE brain-MRI dataset (no download) to OUT_DIR in the Figshare layout:
-    1.mat .. N.mat (MATLAB v7.3, struct cjdata) and cvind.mat with patient-wise folds."""
+@click.pass_context
+def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, force):
+    """Write a procedurally generated dataset (no download) to OUT_DIR: T1-CE brain MRI in the Figshare layout
+    (1.mat .. N.mat, MATLAB v7.3 struct cjdata, and cvind.mat with patient-wise folds), or with
+    --domain ultrasound breast-ultrasound PNGs in the BUSI layout."""
+    if domain == "ultrasound":
+        from .data.demo_ultrasound import make_ultrasound_dataset
+
+        for name in ("slices_per_patient", "empty_share"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name.replace('_', '-')} applies to --domain mri only")
+        s = make_ultrasound_dataset(out_dir, patients, size, seed, force=force)
+        classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
+        click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "
+                   f"in {s['seconds']:.1f} s: {classes}.")
+        return
     from .data.demo import make_demo_dataset
 
     s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force)

@@ -109,11 +109,7 @@ def make_demo_dataset(out_dir: str | Path, patients: int = 30, slices_per_patien
     folder that is renamed onto `out_dir` at the end, so an interrupted run never looks like a dataset.
     A non-empty `out_dir` is refused unless `force`, which replaces it with everything in it.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(out_dir, "exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise DataError(out_dir, "folder is not empty; pass --force (force=True) to replace it and everything in it")
+    out_dir = check_out_dir(out_dir, force)
     start = time.perf_counter()
     total = patients * slices_per_patient
     slices = demo_slices(patients, slices_per_patient, size, seed, empty_share)
@@ -131,6 +127,16 @@ def make_demo_dataset(out_dir: str | Path, patients: int = 30, slices_per_patien
         (tmp / "README.txt").write_text(_readme(summary))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> Path:
+    """Refuse to write a dataset over a file or, unless `force`, over a folder that holds anything."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise DataError(out_dir, "folder is not empty; pass --force (force=True) to replace it and everything in it")
+    return out_dir
 
 
 def _readme(summary: dict) -> str:
@@ -226,7 +232,7 @@ def _render(head: _Head, z: float, size: int, rng: np.random.Generator) -> tuple
     brain_depth = depth - inner - 0.01       # a thin CSF space lies between skull and cortex
     brain_a, brain_b = a - inner - 0.01, b - inner - 0.01
 
-    fields = _smooth_fields(rng, size, {"gyri": 0.04, "texture": 0.006, "fine": 0.004, "shape": 0.05,
+    fields = smooth_fields(rng, size, {"gyri": 0.04, "texture": 0.006, "fine": 0.004, "shape": 0.05,
                                         "rim": 0.03, "oedema": 0.06})
     lesion = _tumour(head.tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel)
     # Internal anatomy is drawn in warped unit-brain coordinates so a large tumour pushes it aside.
@@ -381,7 +387,7 @@ def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -
     inside = r < outline
     if t.label == 1:
         inside &= brain_depth > -0.01  # extra-axial, but inside the skull
-    lesion.mask = _largest_filled(inside)
+    lesion.mask = largest_filled(inside)
     if not lesion.mask.any():
         return lesion
 
@@ -404,9 +410,11 @@ def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -
 
 # --- helpers ----------------------------------------------------------------------------------------------
 
-def _smooth_fields(rng: np.random.Generator, size: int, scales: dict[str, float]) -> dict[str, np.ndarray]:
+def smooth_fields(rng: np.random.Generator, size: int,
+                  scales: dict[str, float | tuple[float, float]]) -> dict[str, np.ndarray]:
     """Independent Gaussian random fields with unit variance and the given correlation lengths (in image
-    half-widths, so the anatomy looks the same at every size), filtered in Fourier space in one batch."""
+    half-widths, so the anatomy looks the same at every size), filtered in Fourier space in one batch.
+    A (vertical, horizontal) pair of lengths gives an anisotropic field, e.g. streaks of layered tissue."""
     noise = fft.rfft2(rng.standard_normal((len(scales), size, size), dtype=np.float32))
     fields = fft.irfft2(noise * _gaussian_gain(size, tuple(scales.values())), s=(size, size)).astype(np.float64)
     fields /= fields.std(axis=(1, 2), keepdims=True)
@@ -414,11 +422,12 @@ def _smooth_fields(rng: np.random.Generator, size: int, scales: dict[str, float]
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_gain(size: int, scales: tuple[float, ...]) -> np.ndarray:
+def _gaussian_gain(size: int, scales: tuple[float | tuple[float, float], ...]) -> np.ndarray:
     fy = np.fft.fftfreq(size)[:, None]
     fx = np.fft.rfftfreq(size)[None, :]
-    sigmas = np.array([s * size / 2 for s in scales])[:, None, None]
-    return np.exp(-2 * (np.pi * sigmas) ** 2 * (fx ** 2 + fy ** 2)).astype(np.float32)
+    sigmas = np.array([s if isinstance(s, tuple) else (s, s) for s in scales]) * size / 2
+    sy, sx = sigmas[:, 0, None, None], sigmas[:, 1, None, None]
+    return np.exp(-2 * ((np.pi * sy * fy) ** 2 + (np.pi * sx * fx) ** 2)).astype(np.float32)
 
 
 def _polar_field(rng: np.random.Generator, theta: np.ndarray, radius: np.ndarray, along: float,
@@ -459,7 +468,7 @@ def _bump(z: float, centre: float, width: float) -> float:
     return float(np.exp(-((z - centre) / width) ** 2))
 
 
-def _largest_filled(mask: np.ndarray) -> np.ndarray:
+def largest_filled(mask: np.ndarray) -> np.ndarray:
     """The largest connected region with its holes filled: one lesion as a radiologist would outline it."""
     labels, n = ndimage.label(mask)
     if n == 0:
