@@ -39,7 +39,7 @@ CLASS_ORDER = (1, 2, 0)  # benign, malignant, normal: cases are dealt out over t
 CLASS_FOLDERS = {label: name for name, label in BUSI_CLASSES.items()}
 
 # Reflectivity (backscattered power) relative to glandular tissue.
-SKIN, FAT, LIGAMENT, GLAND, MUSCLE, FASCIA, CHEST_WALL = 4.0, 0.12, 1.5, 1.0, 0.12, 2.0, 0.04
+SKIN, FAT, LIGAMENT, GLAND, MUSCLE, FASCIA, CHEST_WALL = 4.0, 0.12, 1.5, 1.0, 0.12, 2.0, 0.02
 NEPER_DB = 20 / np.log(10)  # amplitude ratio in dB per neper
 
 
@@ -185,17 +185,25 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
         thickness = inside.sum(axis=0).max() * (probe.depth / size)
         attenuation = np.where(inside, attenuation - lesion.posterior_db / NEPER_DB / max(thickness, 1e-3),
                                attenuation)
+        if label == 2 and rng.random() < 0.5:  # microcalcifications: a few bright points inside the mass
+            rows, cols = np.nonzero(inside)
+            spots = rng.choice(rows.size, size=min(rows.size, int(rng.integers(3, 9))), replace=False)
+            reflect[rows[spots], cols[spots]] = 40.0
     attenuation = np.clip(attenuation, 0, None)
 
     # Speckle: scatterers blurred by the point-spread function (wider laterally); their magnitude is Rayleigh.
-    psf = (max(0.6, size / 300), max(1.0, size / 130))  # (axial, lateral) sigma in samples
+    # The beam is narrowest at the focal depth and widens away from it, so speckle coarsens there.
+    psf = (max(0.6, size / 300), max(1.0, size / 130))  # (axial, lateral) sigma in samples at the focus
     scatter = rng.standard_normal((2, size, size)) * np.sqrt(reflect)
-    echo = np.hypot(ndimage.gaussian_filter(scatter[0], psf), ndimage.gaussian_filter(scatter[1], psf))
+    focused = [ndimage.gaussian_filter(part, psf) for part in scatter]
+    blurred = [ndimage.gaussian_filter(part, (psf[0], 2.2 * psf[1])) * np.sqrt(2.2) for part in scatter]
+    away = np.clip(np.abs(r - rng.uniform(0.3, 0.5) * probe.depth) / (0.6 * probe.depth), 0, 1)
+    echo = np.hypot(*((1 - away) * f + away * b for f, b in zip(focused, blurred)))
     # Round-trip attenuation along each beam (blurred laterally by the beam width), then time-gain compensation
     # that restores most of the tissue's loss; the receiver noise is amplified with it.
     loss = ndimage.gaussian_filter1d(np.cumsum(attenuation, axis=0) * (probe.depth / size), psf[1], axis=1)
     tgc = np.exp(rng.uniform(0.8, 0.95) * _TISSUE_ATTENUATION * r)
-    noise = rng.standard_normal((2, size, size)) * 10 ** (-rng.uniform(3.2, 3.5))
+    noise = rng.standard_normal((2, size, size)) * 10 ** (-rng.uniform(3.6, 3.9))
     echo = np.hypot(echo * np.exp(-loss) * tgc + noise[0] * tgc, noise[1] * tgc)
 
     # Scan conversion onto the pixel grid, then log compression to 8-bit grey.
@@ -206,6 +214,7 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
     dynamic_range = rng.uniform(48, 58)
     grey = np.clip(1 + db / dynamic_range, 0, 1) ** rng.uniform(1.1, 1.4) * fov
     image = np.rint(255 * grey).astype(np.uint8)
+    _depth_marks(image, probe)
     mask = np.zeros((size, size), dtype=bool)
     if lesion is not None:
         mask = largest_filled(_lesion_regions(lesion, px, pz)[0] & fov)
@@ -281,6 +290,16 @@ def _pixel_points(probe: _Probe, size: int) -> tuple[np.ndarray, np.ndarray]:
     grid = (np.arange(size) + 0.5) / size
     x, y = np.meshgrid(grid - 0.5, grid)
     return x, y - probe.top
+
+
+def _depth_marks(image: np.ndarray, probe: _Probe) -> None:
+    """Scanner depth-scale ticks right of the field of view, one per centimetre (the view is about 4 cm deep)."""
+    size = image.shape[0]
+    edge = np.sin(probe.half_width) * (probe.radius + probe.depth) if probe.convex else probe.half_width
+    col = min(int((0.5 + edge + 0.02) * size), size - 2)
+    for depth in np.arange(0, probe.depth, probe.depth / 4):
+        row = int((probe.top + depth) * size)
+        image[row:row + max(1, size // 128), col:col + max(1, size // 128)] = 200
 
 
 def _beam_index(probe: _Probe, x: np.ndarray, z: np.ndarray, size: int):
