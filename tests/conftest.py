@@ -5,6 +5,9 @@ Factories rather than fixed fixtures, so each test builds just what it needs; ot
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +17,23 @@ import scipy.io
 from PIL import Image, ImageDraw
 
 from genseg.data.figshare import write_cvind_mat, write_figshare_mat
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def genseg_cli():
+    """genseg_cli(*args, returncode=0): run `python -m genseg ARGS` as a user would, with this checkout's code
+    first on the path; asserts the exit code and returns the CompletedProcess (text stdout/stderr)."""
+
+    def run(*args, returncode: int = 0) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-m", "genseg", *map(str, args)], env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == returncode, done.stderr
+        return done
+
+    return run
 
 
 def polygon_slice(size: int, polygon: list[tuple[float, float]], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

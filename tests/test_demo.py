@@ -2,11 +2,7 @@
 folds, determinism, and the `genseg demo-data` command run as a user would."""
 
 import json
-import os
-import subprocess
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -19,7 +15,6 @@ from genseg.data.demo import border_polygon, demo_slices, make_demo_dataset
 from genseg.data.figshare import read_cvind, read_figshare_mat
 from genseg.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"label": b"double", "PID": b"char", "image": b"int16", "tumorMask": b"logical", "tumorBorder": b"double"}
 
 
@@ -191,30 +186,22 @@ def test_an_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_demo_data_then_prepare_then_info(tmp_path):
+def test_cli_demo_data_then_prepare_then_info(tmp_path, genseg_cli):
     """The README path: the demo folder goes through the real reader, `prepare` and `data info` like Figshare."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
-    def genseg(*args, returncode=0):
-        done = subprocess.run([sys.executable, "-m", "genseg", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert done.returncode == returncode, done.stderr
-        return done
-
     raw, prepared = tmp_path / "raw", tmp_path / "demo.h5"
     make = ["demo-data", raw, "--patients", 4, "--slices-per-patient", 3, "--size", 64, "--empty-share", 0.25]
-    assert "Wrote 12 slices of 4 patients (64x64)" in genseg(*make).stdout
-    refused = genseg(*make, returncode=2)  # a second run must not overwrite the dataset
+    assert "Wrote 12 slices of 4 patients (64x64)" in genseg_cli(*make).stdout
+    refused = genseg_cli(*make, returncode=2)  # a second run must not overwrite the dataset
     assert "not empty" in refused.stderr and "Traceback" not in refused.stderr
-    help_text = genseg("demo-data", "--help").stdout
+    help_text = genseg_cli("demo-data", "--help").stdout
     for option in ("--patients", "--slices-per-patient", "--size", "--seed", "--empty-share", "--force"):
         assert option in help_text
-    genseg("prepare", raw, "--out", prepared, "--size", 48)
+    genseg_cli("prepare", raw, "--out", prepared, "--size", 48)
     # 4 patients get classes 1, 2, 3 and one more: 3 slices each; 0.25 of 12 slices miss the tumour.
     expected_classes = [{"meningioma": 6, "glioma": 3, "pituitary": 3}, {"meningioma": 3, "glioma": 6, "pituitary": 3},
                         {"meningioma": 3, "glioma": 3, "pituitary": 6}]
     for path in (raw, prepared):
-        info = json.loads(genseg("data", "info", path, "--json").stdout)
+        info = json.loads(genseg_cli("data", "info", path, "--json").stdout)
         assert info["source_format"] == "figshare" and info["bad_files"] == []
         assert (info["slices"], info["patients"]) == (12, 4)
         assert info["classes"] in expected_classes

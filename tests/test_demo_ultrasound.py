@@ -3,10 +3,6 @@ shapes, posterior enhancement vs shadowing), determinism, safe writes, and `gens
 -> `prepare` -> `data info` run as a user would."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +13,6 @@ import genseg.data.demo_ultrasound as us
 from genseg.data.demo_ultrasound import make_ultrasound_dataset, ultrasound_cases
 from genseg.data.folders import find_busi_pairs, find_layout_root, read_image_pair
 from genseg.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -126,21 +120,25 @@ def test_refuses_a_non_empty_folder_and_an_interrupted_run_leaves_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["us"]
 
 
-def test_cli_demo_data_ultrasound_then_prepare_then_info(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-
-    def genseg(*args, returncode=0):
-        done = subprocess.run([sys.executable, "-m", "genseg", *map(str, args)], env=env, capture_output=True,
-                              text=True, timeout=180)
-        assert done.returncode == returncode, done.stderr
-        return done
-
+def test_cli_demo_data_ultrasound_then_prepare_then_info(tmp_path, genseg_cli):
     raw, prepared = tmp_path / "us", tmp_path / "us.h5"
-    made = genseg("demo-data", raw, "--domain", "ultrasound", "--patients", 7, "--size", 64, "--seed", 3)
+    made = genseg_cli("demo-data", raw, "--domain", "ultrasound", "--patients", 7, "--size", 64, "--seed", 3)
     assert "Wrote 7 ultrasound images (64x64)" in made.stdout and "benign 3, malignant 2, normal 2" in made.stdout
-    genseg("prepare", raw, "--out", prepared, "--size", 48, "--format", "folder")
-    info = json.loads(genseg("data", "info", prepared, "--json").stdout)
+    genseg_cli("prepare", raw, "--out", prepared, "--size", 48, "--format", "folder")
+    info = json.loads(genseg_cli("data", "info", prepared, "--json").stdout)
     assert info["source_format"] == "busi" and info["kind"] == "prepared" and info["bad_files"] == []
     assert (info["slices"], info["patients"], info["size"]) == (7, 7, 48)
     assert info["classes"] == {"normal": 2, "benign": 3, "malignant": 2}
     assert info["tumour_free_share"] == pytest.approx(2 / 7)
+
+
+def test_cli_refuses_mri_only_options_for_ultrasound(tmp_path):
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+
+    for option in (["--empty-share", "0.2"], ["--slices-per-patient", "3"]):
+        done = CliRunner().invoke(main, ["demo-data", str(tmp_path / "us"), "--domain", "ultrasound", *option])
+        assert done.exit_code == 2 and f"{option[0]} applies to --domain mri only" in done.output
+    assert not (tmp_path / "us").exists()
+    assert "--domain [mri|ultrasound]" in CliRunner().invoke(main, ["demo-data", "--help"]).output

@@ -41,6 +41,7 @@ CLASS_FOLDERS = {label: name for name, label in BUSI_CLASSES.items()}
 # Reflectivity (backscattered power) relative to glandular tissue.
 SKIN, FAT, LIGAMENT, GLAND, MUSCLE, FASCIA, CHEST_WALL = 4.0, 0.12, 1.5, 1.0, 0.12, 2.0, 0.02
 NEPER_DB = 20 / np.log(10)  # amplitude ratio in dB per neper
+TISSUE_ATTENUATION = 4.5  # round-trip nepers per image height, about 0.5 dB/cm/MHz at 10 MHz over 4 cm
 
 
 @dataclass
@@ -140,11 +141,10 @@ def _random_probe(rng: np.random.Generator) -> _Probe:
 
 def _random_lesion(rng: np.random.Generator, label: int, probe: _Probe) -> _Lesion:
     """Class-typical size, shape, echo level and posterior feature, placed inside the glandular layer."""
-    size = rng.uniform(0.07, 0.15)
+    radius = rng.uniform(0.07, 0.15)  # of a circle with the same area, in image heights
     if label == 1:  # benign: oval, parallel to the skin, circumscribed; cysts are anechoic
         cyst = rng.random() < 0.3
         ratio = rng.uniform(1.3, 2.0)  # wider than tall
-        axes = np.array([size * np.sqrt(ratio), size / np.sqrt(ratio)])
         orders = np.arange(2, 5)
         harmonics = np.column_stack([orders, rng.uniform(0, 0.05, 3), rng.uniform(0, 2 * np.pi, 3)])
         spicules = np.zeros((0, 3))
@@ -152,7 +152,6 @@ def _random_lesion(rng: np.random.Generator, label: int, probe: _Probe) -> _Lesi
         posterior, halo, tilt = rng.uniform(6, 10) if cyst else rng.uniform(2, 6), 0.0, rng.normal(0, 0.12)
     else:  # malignant: not parallel (taller than wide), angular margins with spicules, shadowing
         ratio = rng.uniform(0.6, 0.9)
-        axes = np.array([size * np.sqrt(ratio), size / np.sqrt(ratio)])
         orders = np.arange(2, 13)
         harmonics = np.column_stack([orders, rng.uniform(0.02, 0.12, orders.size) / orders ** 0.5,
                                      rng.uniform(0, 2 * np.pi, orders.size)])
@@ -161,6 +160,7 @@ def _random_lesion(rng: np.random.Generator, label: int, probe: _Probe) -> _Lesi
                                     rng.uniform(0.05, 0.12, n)])
         reflectivity = rng.uniform(0.02, 0.06)
         posterior, halo, tilt = -rng.uniform(12, 20), rng.uniform(0.15, 0.35), rng.normal(0, 0.15)
+    axes = np.array([radius * np.sqrt(ratio), radius / np.sqrt(ratio)])
     depth = rng.uniform(0.28, 0.45) * probe.depth
     room = (probe.half_width * (probe.radius + depth) if probe.convex else probe.half_width) - 1.5 * axes[0]
     centre = np.array([rng.uniform(-1, 1) * max(room, 0.0), depth])
@@ -180,12 +180,14 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
     if lesion is not None:
         inside, rim = _lesion_regions(lesion, x, z)
         reflect = np.where(rim, reflect * 2.5, reflect)
-        texture = 1 + 0.3 * (smooth_fields(rng, size, {"lesion": 0.01})["lesion"] if label == 2 else 0)
-        reflect = np.where(inside, lesion.reflectivity * np.clip(texture, 0.2, None), reflect)
+        echo_level = np.full_like(reflect, lesion.reflectivity)
+        if lesion.label == 2:  # malignant masses are heterogeneous inside
+            echo_level *= np.clip(1 + 0.3 * smooth_fields(rng, size, {"inside": 0.01})["inside"], 0.2, None)
+        reflect = np.where(inside, echo_level, reflect)
         thickness = inside.sum(axis=0).max() * (probe.depth / size)
         attenuation = np.where(inside, attenuation - lesion.posterior_db / NEPER_DB / max(thickness, 1e-3),
                                attenuation)
-        if label == 2 and rng.random() < 0.5:  # microcalcifications: a few bright points inside the mass
+        if lesion.label == 2 and rng.random() < 0.5:  # microcalcifications: a few bright points inside the mass
             rows, cols = np.nonzero(inside)
             spots = rng.choice(rows.size, size=min(rows.size, int(rng.integers(3, 9))), replace=False)
             reflect[rows[spots], cols[spots]] = 40.0
@@ -202,7 +204,7 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
     # Round-trip attenuation along each beam (blurred laterally by the beam width), then time-gain compensation
     # that restores most of the tissue's loss; the receiver noise is amplified with it.
     loss = ndimage.gaussian_filter1d(np.cumsum(attenuation, axis=0) * (probe.depth / size), psf[1], axis=1)
-    tgc = np.exp(rng.uniform(0.8, 0.95) * _TISSUE_ATTENUATION * r)
+    tgc = np.exp(rng.uniform(0.8, 0.95) * TISSUE_ATTENUATION * r)
     noise = rng.standard_normal((2, size, size)) * 10 ** (-rng.uniform(3.6, 3.9))
     echo = np.hypot(echo * np.exp(-loss) * tgc + noise[0] * tgc, noise[1] * tgc)
 
@@ -219,9 +221,6 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
     if lesion is not None:
         mask = largest_filled(_lesion_regions(lesion, px, pz)[0] & fov)
     return UltrasoundCase(image, mask.astype(np.uint8), label, fov)
-
-
-_TISSUE_ATTENUATION = 4.5  # round-trip nepers per image height, about 0.5 dB/cm/MHz at 10 MHz over 4 cm
 
 
 def _tissue(rng: np.random.Generator, probe: _Probe, s: np.ndarray, r: np.ndarray, size: int):
@@ -254,7 +253,7 @@ def _tissue(rng: np.random.Generator, probe: _Probe, s: np.ndarray, r: np.ndarra
     ligaments = np.abs(fields["ligaments"]) < 0.12
     reflect = np.where(fat, np.where(ligaments, LIGAMENT, FAT * np.exp(0.3 * fields["lobules"])), reflect)
     reflect = np.where(r < skin, SKIN, reflect)
-    attenuation = np.where(gland & ~fat, _TISSUE_ATTENUATION * 1.1, _TISSUE_ATTENUATION * 0.9)
+    attenuation = np.where(gland & ~fat, TISSUE_ATTENUATION * 1.1, TISSUE_ATTENUATION * 0.9)
     return reflect, attenuation
 
 
@@ -280,9 +279,10 @@ def _beam_points(probe: _Probe, line: np.ndarray, r: np.ndarray):
     if probe.convex:
         angle = line * probe.half_width
         s = probe.radius * angle
-        return s, (probe.radius + r) * np.sin(angle), (probe.radius + r) * np.cos(angle) - probe.radius
+        return np.broadcast_arrays(s, (probe.radius + r) * np.sin(angle),
+                                   (probe.radius + r) * np.cos(angle) - probe.radius)
     s = line * probe.half_width
-    return s, s + 0 * r, r + 0 * s
+    return np.broadcast_arrays(s, s, r)
 
 
 def _pixel_points(probe: _Probe, size: int) -> tuple[np.ndarray, np.ndarray]:
