@@ -142,3 +142,15 @@ def test_cli_refuses_mri_only_options_for_ultrasound(tmp_path):
         assert done.exit_code == 2 and f"{option[0]} applies to --domain mri only" in done.output
     assert not (tmp_path / "us").exists()
     assert "--domain [mri|ultrasound]" in CliRunner().invoke(main, ["demo-data", "--help"]).output
+
+
+@pytest.mark.parametrize("defocus", [0.0, 1.0])
+def test_speckle_is_rayleigh_and_multiplicative(defocus):
+    """Fully developed speckle: mean/std of the envelope is sqrt(pi / (4 - pi)) = 1.91 at any echo level, and
+    the mean scales with the amplitude (sqrt of the reflectivity)."""
+    rng = np.random.default_rng(0)
+    dim = us.speckle(rng, np.full((256, 256), 0.25), (1.0, 2.0), defocus)
+    bright = us.speckle(rng, np.full((256, 256), 1.0), (1.0, 2.0), defocus)
+    for envelope in (dim, bright):
+        assert envelope.mean() / envelope.std() == pytest.approx(np.sqrt(np.pi / (4 - np.pi)), rel=0.05)
+    assert bright.mean() / dim.mean() == pytest.approx(2.0, rel=0.05)

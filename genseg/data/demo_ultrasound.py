@@ -193,14 +193,9 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
             reflect[rows[spots], cols[spots]] = 40.0
     attenuation = np.clip(attenuation, 0, None)
 
-    # Speckle: scatterers blurred by the point-spread function (wider laterally); their magnitude is Rayleigh.
-    # The beam is narrowest at the focal depth and widens away from it, so speckle coarsens there.
     psf = (max(0.6, size / 300), max(1.0, size / 130))  # (axial, lateral) sigma in samples at the focus
-    scatter = rng.standard_normal((2, size, size)) * np.sqrt(reflect)
-    focused = [ndimage.gaussian_filter(part, psf) for part in scatter]
-    blurred = [ndimage.gaussian_filter(part, (psf[0], 2.2 * psf[1])) * np.sqrt(2.2) for part in scatter]
     away = np.clip(np.abs(r - rng.uniform(0.3, 0.5) * probe.depth) / (0.6 * probe.depth), 0, 1)
-    echo = np.hypot(*((1 - away) * f + away * b for f, b in zip(focused, blurred)))
+    echo = speckle(rng, reflect, psf, away)
     # Round-trip attenuation along each beam (blurred laterally by the beam width), then time-gain compensation
     # that restores most of the tissue's loss; the receiver noise is amplified with it.
     loss = ndimage.gaussian_filter1d(np.cumsum(attenuation, axis=0) * (probe.depth / size), psf[1], axis=1)
@@ -221,6 +216,19 @@ def _render(rng: np.random.Generator, probe: _Probe, lesion: _Lesion | None, lab
     if lesion is not None:
         mask = largest_filled(_lesion_regions(lesion, px, pz)[0] & fov)
     return UltrasoundCase(image, mask.astype(np.uint8), label, fov)
+
+
+def speckle(rng: np.random.Generator, reflect: np.ndarray, psf: tuple[float, float],
+            defocus: np.ndarray | float = 0.0) -> np.ndarray:
+    """Echo envelope of tissue with backscattered power `reflect`: random scatterers (complex Gaussian) blurred
+    by the point-spread function with (axial, lateral) sigma `psf`, in samples. The magnitude is Rayleigh
+    distributed with a mean proportional to sqrt(reflect): speckle multiplies the echo level. `defocus` in [0, 1]
+    blends towards a beam 2.2x wider laterally (away from the focal depth), which coarsens the speckle."""
+    scatter = rng.standard_normal((2, *reflect.shape)) * np.sqrt(reflect)
+    focused = [ndimage.gaussian_filter(part, psf) for part in scatter]
+    # sqrt(2.2) keeps the wider beam's echo level: blurring spreads the same power over 2.2x the samples.
+    blurred = [ndimage.gaussian_filter(part, (psf[0], 2.2 * psf[1])) * np.sqrt(2.2) for part in scatter]
+    return np.hypot(*((1 - defocus) * f + defocus * b for f, b in zip(focused, blurred)))
 
 
 def _tissue(rng: np.random.Generator, probe: _Probe, s: np.ndarray, r: np.ndarray, size: int):
