@@ -233,7 +233,7 @@ def _render(head: _Head, z: float, size: int, rng: np.random.Generator) -> tuple
     brain_a, brain_b = a - inner - 0.01, b - inner - 0.01
 
     fields = smooth_fields(rng, size, {"gyri": 0.04, "texture": 0.006, "fine": 0.004, "shape": 0.05,
-                                        "rim": 0.03, "oedema": 0.06})
+                                       "rim": 0.03, "oedema": 0.06})
     lesion = _tumour(head.tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel)
     # Internal anatomy is drawn in warped unit-brain coordinates so a large tumour pushes it aside.
     un, vn = (u - lesion.push[0]) / brain_a, (v - lesion.push[1]) / brain_b
