@@ -1,0 +1,95 @@
+"""The segmentation U-Net of the paper: Ronneberger's U-Net with zero-padded convolutions and BatchNorm.
+
+Per level two 3x3 convolutions (padding 1, so sizes never shrink and skips concatenate without cropping), each
+followed by BatchNorm and ReLU; 2x2 max-pooling down; a 2x2 transposed convolution up that halves the channels;
+64 -> 128 -> 256 -> 512 -> 1024 filters; a 1x1 output convolution. At the defaults that is 23 convolution
+layers and 31.0 M parameters (the paper's 118 MB of fp32 weights).
+
+`forward` returns logits, because BCE on logits (`BCEWithLogitsLoss`) is numerically stable where BCE on
+sigmoid outputs is not; `predict_proba` applies the sigmoid for the probabilities users see.
+It is a diffusers `ModelMixin`/`ConfigMixin`, so `save_pretrained`/`from_pretrained` give a safetensors folder
+and a diffusers pipeline can register it as a module.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class DoubleConv(nn.Sequential):
+    """(3x3 conv, zero padding -> BatchNorm -> ReLU) x 2. No conv bias: BatchNorm's shift replaces it."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Down(nn.Sequential):
+    """2x2 max-pool, then the level's double convolution (channels double)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+
+class Up(nn.Module):
+    """2x2 transposed conv halving the channels, concatenation with the encoder skip, double convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+
+
+class SegmentationUNet(ModelMixin, ConfigMixin):
+    """U-Net for binary (or multi-label) segmentation; input sides must be divisible by 2**depth.
+
+    sample_size is the side the model was trained at; it is recorded so a saved model folder says which
+    preprocessing its inputs need (the network itself accepts any size divisible by 2**depth).
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 64, depth: int = 4,
+                 sample_size: int = 256):
+        super().__init__()
+        widths = [base_channels * 2**level for level in range(depth + 1)]  # 64 ... 1024 at the defaults
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
+        self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, out_channels, H, W) for images (N, in_channels, H, W)."""
+        self._check_input(x)
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel tumour probabilities in [0, 1] (sigmoid of the logits)."""
+        return torch.sigmoid(self(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected images of shape (N, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        multiple = 2**cfg.depth
+        if x.shape[-2] % multiple or x.shape[-1] % multiple:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by 2**depth = {multiple}; "
+                             f"resize to a multiple of {multiple} (e.g. {cfg.sample_size}x{cfg.sample_size})")
