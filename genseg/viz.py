@@ -1,4 +1,5 @@
-"""PNG figures people look at instead of reading numbers: mask overlays, captioned grids (PIL + numpy only).
+"""PNG figures people look at instead of reading numbers: mask overlays, captioned grids (PIL + numpy only)
+and training curves (a bare matplotlib Figure on the Agg canvas: head-less, no pyplot global state).
 
 Conventions for every helper here: grey images are float arrays in [0, 1] (what `preprocess_pair` returns),
 colour images are uint8 (H, W, 3), colours are RGB tuples, and files are written atomically.
@@ -102,3 +103,23 @@ def save_png(image: Image.Image | np.ndarray, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", optimize=True)
     return path
+
+
+def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str,
+                ylabel: str, title: str = "") -> Path:
+    """Line plot of named (x, y) series, e.g. train/val loss per epoch."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
+
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    ax = fig.add_subplot()
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
