@@ -1,0 +1,310 @@
+"""Segmentation training: the paper's U-Net on a prepared file, plugged into the shared loop (loop.py).
+
+A run directory holds config.yaml (the resolved SegTrainConfig), run.json (data, synthetic provenance, precision
+that actually ran), model/ (the best model by validation Dice or IoU, `save_pretrained`), checkpoints/ (last
+training state per epoch, for `--resume`), log.csv, metrics.json (val and test scores of the best model) and
+plots/. Validation and test data are always real; synthetic slices only ever enter training (see mixing.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from torch.utils.data import ConcatDataset, DataLoader
+
+from ..config import load_config, save_config
+from ..data.augment import PairedAugment
+from ..data.prepared import PreparedDataset, read_metadata
+from ..errors import CheckpointError, ConfigError, DataError
+from ..io import atomic_path
+from ..metrics import dice_from_counts, iou_from_counts
+from ..models.unet import SegmentationUNet
+from .loop import Hooks, Trainer, effective_precision, make_accelerator
+from .mixing import MixSampler, Tagged, select_synthetic, subsample_patients
+
+RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples"}
+
+
+@dataclass
+class SegTrainConfig:
+    """Everything a segmentation run depends on; written to RUN_DIR/config.yaml and read back by every user."""
+
+    size: int = 256  # must equal the prepared file's size (`genseg prepare --size`)
+    base_channels: int = 64  # filters of the first level; the paper's 64 gives 64 -> 1024
+    depth: int = 4  # number of down-sampling steps
+    loss: Literal["bce", "dice", "bce+dice"] = "bce"
+    lr: float = 1e-3
+    batch_size: int = 8
+    epochs: int = 50
+    patience: int | None = 10  # epochs without a better validation score before stopping; None = never
+    monitor: Literal["dice", "iou"] = "dice"
+    threshold: float = 0.5  # probability at which a pixel counts as tumour (metrics and `segment`)
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
+    hflip: bool = True
+    max_rotation: float = 10.0  # degrees; 0 disables rotation
+    num_workers: int = 0
+    eval_batch_size: int = 16
+    test_fold: int | None = None  # None: the file's own split; K: test fold K, val fold K % num_folds + 1
+    synthetic_ratio: float = 0.0  # share of each training epoch drawn from the synthetic file (mixing.py)
+    real_fraction: float = 1.0  # share of real training patients kept (seeded)
+    min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
+    min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
+    plot_samples: int = 4  # slices per split in the sample grids
+
+    def __post_init__(self):
+        checks = [
+            (self.size > 0 and self.size % 2**self.depth == 0, f"size {self.size} must be a positive multiple of "
+                                                               f"2**depth = {2**self.depth}"),
+            (self.base_channels > 0 and self.depth > 0, "base_channels and depth must be positive"),
+            (self.lr > 0 and self.batch_size > 0 and self.epochs > 0, "lr, batch_size and epochs must be positive"),
+            (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
+            (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
+            (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
+            (self.patience is None or self.patience > 0, "patience must be positive (or null to disable)"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(problem)
+
+
+def seg_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-slice loss (N,): BCE on logits (stable), soft Dice (smooth 1, so empty masks push towards 0), or both."""
+    logits, masks = logits.float(), masks.float()
+    dims = tuple(range(1, logits.ndim))
+    loss = torch.zeros(logits.shape[0], device=logits.device)
+    if "bce" in kind:
+        loss = loss + F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dims)
+    if "dice" in kind:
+        probs = torch.sigmoid(logits)
+        soft_dice = (2 * (probs * masks).sum(dims) + 1) / (probs.sum(dims) + masks.sum(dims) + 1)
+        loss = loss + 1 - soft_dice
+    return loss
+
+
+def split_selection(test_fold: int | None, num_folds: int, role: str) -> dict[str, Any]:
+    """PreparedDataset arguments for role train/val/test: the file's split, or folds when test_fold is set."""
+    if test_fold is None:
+        return {"split": role}
+    if not 1 <= test_fold <= num_folds:
+        raise ConfigError(f"test_fold must be in 1..{num_folds} (the data has {num_folds} folds), got {test_fold}")
+    if num_folds < 3:
+        raise ConfigError(f"cross-validation needs at least 3 folds (test, val, train), the data has {num_folds}")
+    val_fold = test_fold % num_folds + 1
+    folds = {"test": [test_fold], "val": [val_fold],
+             "train": [k for k in range(1, num_folds + 1) if k not in (test_fold, val_fold)]}
+    return {"folds": folds[role]}
+
+
+@dataclass
+class SegData:
+    """What one run trains and validates on, and the provenance recorded in run.json."""
+
+    train: ConcatDataset
+    sampler: MixSampler
+    val: PreparedDataset
+    channels: int
+    info: dict = field(default_factory=dict)
+
+
+def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path | None = None) -> SegData:
+    """Real train/val sets from `data` (plus synthetic training slices), checked against the config."""
+    attrs = read_metadata(data)["attrs"]
+    if int(attrs["size"]) != cfg.size:
+        raise ConfigError(f"size {cfg.size} does not match {data}, prepared at {attrs['size']}x{attrs['size']}; "
+                          f"pass --size {attrs['size']} or prepare the data with --size {cfg.size}")
+    if attrs.get("synthetic"):
+        raise DataError(data, "is a synthetic file; --data must be real data (validation and test stay real), "
+                              "pass synthetic slices with --synthetic")
+    if cfg.synthetic_ratio > 0 and synthetic is None:
+        raise ConfigError(f"synthetic_ratio {cfg.synthetic_ratio} needs a synthetic file (--synthetic SYNTH.h5)")
+    num_folds = int(attrs["num_folds"])
+    augment = PairedAugment(hflip=cfg.hflip, max_rotation=cfg.max_rotation)
+    real = PreparedDataset(data, **split_selection(cfg.test_fold, num_folds, "train"))
+    kept = subsample_patients(real.patients, cfg.real_fraction, cfg.seed)
+    real = PreparedDataset(data, indices=real.rows[kept], transform=augment)
+    val = PreparedDataset(data, **split_selection(cfg.test_fold, num_folds, "val"))
+    if len(val) == 0:
+        raise DataError(data, f"has no validation slices ({split_selection(cfg.test_fold, num_folds, 'val')})")
+    info = {"data": str(Path(data).resolve()), "real_train_slices": len(real),
+            "real_train_patients": int(len(set(real.patients.tolist()))), "val_slices": len(val), "synthetic": None}
+    parts = [Tagged(real, synthetic=False)]
+    num_synthetic = 0
+    if synthetic is not None:
+        rows, info["synthetic"] = select_synthetic(synthetic, attrs, cfg.min_agreement, cfg.min_nn_ratio)
+        info["synthetic"]["path"] = str(Path(synthetic).resolve())
+        synth = PreparedDataset(synthetic, indices=rows, transform=augment)
+        parts.append(Tagged(synth, synthetic=True))
+        num_synthetic = len(synth)
+    sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed)
+    info["epoch"] = {"length": len(sampler), "real": sampler.real_per_epoch, "synthetic": sampler.synthetic_per_epoch}
+    return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
+
+
+def default_run_dir(kind: str = "seg") -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("pass --out when launching several processes (each would pick its own default name)")
+    return Path("checkpoints") / f"{kind}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def resolve_config(config: str | Path | None, overrides: dict[str, Any], out: str | Path | None,
+                   resume: bool) -> SegTrainConfig:
+    """The config a run uses: --config (or, on --resume without one, the run's own config.yaml) plus flags."""
+    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
+        config = Path(out) / "config.yaml"
+    return load_config(SegTrainConfig, config, overrides)
+
+
+def _check_resume(cfg: SegTrainConfig, out: Path, info: dict) -> None:
+    """Refuse to continue a run with settings or data that differ from what it was started with."""
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        raise CheckpointError(f"{out}: nothing to resume (no config.yaml; is this a train-seg run directory?)")
+    saved = dataclasses.asdict(load_config(SegTrainConfig, saved_path))
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if saved[k] != v and k not in RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(f"{out}: cannot resume with changed settings {changed} (only {sorted(RESUMABLE_KEYS)} may "
+                          f"change); start a new run with another --out instead")
+    old = json.loads((out / "run.json").read_text())
+    old_synth = (old.get("synthetic") or {}).get("path")
+    new_synth = (info.get("synthetic") or {}).get("path")
+    if old["data"] != info["data"] or old_synth != new_synth:
+        raise ConfigError(f"{out}: was trained on {old['data']} (synthetic {old_synth}); resume with the same files")
+
+
+@dataclass
+class SegRunResult:
+    run_dir: Path
+    metrics: dict  # best epoch, precision and (on the main process) val/test scores of the best model
+    model: SegmentationUNet  # the network as training left it (last epoch), on every process
+
+
+def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | None = None, resume: bool = False,
+                    synthetic: str | Path | None = None, cpu: bool = False) -> SegRunResult:
+    """Train, validate every epoch, keep the best model, then score it on the real val and test data."""
+    out = Path(out) if out is not None else default_run_dir()
+    seg_data = build_seg_data(cfg, data, synthetic)
+    has_checkpoint = any((out / "checkpoints").glob("step-*"))
+    if resume:
+        _check_resume(cfg, out, seg_data.info)
+    elif has_checkpoint:
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed)
+    set_seed(cfg.seed)
+    model = SegmentationUNet(in_channels=seg_data.channels, base_channels=cfg.base_channels, depth=cfg.depth,
+                             sample_size=cfg.size)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    loader = DataLoader(seg_data.train, batch_size=cfg.batch_size, sampler=seg_data.sampler,
+                        num_workers=cfg.num_workers)
+    trainer = Trainer(acc, model, torch.optim.Adam(model.parameters(), lr=cfg.lr), loader, out,
+                      monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience)
+    val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
+    seg_data.info["precision"] = effective_precision(acc)
+    seg_data.info["processes"] = acc.num_processes
+    if acc.is_main_process and not resume:
+        save_config(cfg, out / "config.yaml")
+        with atomic_path(out / "run.json") as tmp:
+            tmp.write_text(json.dumps(seg_data.info, indent=1))
+    if resume:
+        trainer.resume()
+    seen = torch.zeros(2, device=acc.device)  # real, synthetic slices trained on this epoch
+
+    def compute_loss(model, batch):
+        seen[0] += (~batch["synthetic"]).sum()
+        seen[1] += batch["synthetic"].sum()
+        images = batch["image"].contiguous(memory_format=memory_format)
+        return seg_loss(model(images), batch["mask"], cfg.loss).mean()
+
+    @torch.no_grad()
+    def validate(state) -> dict:
+        trainer.model.eval()
+        rows = []
+        for batch in val_loader:
+            logits = trainer.model(batch["image"].contiguous(memory_format=memory_format))
+            pred, target = torch.sigmoid(logits.float()) >= cfg.threshold, batch["mask"] > 0.5
+            rows.append(torch.stack([seg_loss(logits, batch["mask"], cfg.loss), (pred & target).sum((1, 2, 3)),
+                                     pred.sum((1, 2, 3)), target.sum((1, 2, 3))], dim=1).float())
+        loss, inter, pred_sum, target_sum = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
+        counts = acc.gather(seen[None]).sum(0).tolist()
+        seen.zero_()
+        return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
+                "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean()),
+                "real_seen": int(counts[0]), "synthetic_seen": int(counts[1])}
+
+    def save_best(state) -> None:
+        if acc.is_main_process:
+            with atomic_path(out / "model", is_dir=True) as tmp:
+                acc.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
+
+    state = trainer.fit(compute_loss, max_epochs=cfg.epochs, hooks=Hooks(after_epoch=validate, on_best=save_best),
+                        desc=f"train-seg {out.name}")
+    metrics = {"best_epoch": state.best_epoch, f"best_val_{cfg.monitor}": state.best_metric,
+               "epochs_run": state.epoch, "precision": seg_data.info["precision"], "train_seconds": state.elapsed_s}
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        metrics.update(finish_run(out, data, cfg))
+    acc.wait_for_everyone()
+    return SegRunResult(out, metrics, acc.unwrap_model(trainer.model))
+
+
+def finish_run(out: Path, data: str | Path, cfg: SegTrainConfig) -> dict:
+    """Score the best model on the real val and test data, write metrics.json and the figures."""
+    from ..evaluate import evaluate, plot_run  # evaluate -> inference -> this module's SegTrainConfig
+
+    scores = {role: evaluate(out, data, split=role, progress=False) for role in ("val", "test")}
+    plot_run(out, data, cfg)
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def cross_validate(cfg: SegTrainConfig, data: str | Path, out: str | Path, synthetic: str | Path | None = None,
+                   folds: list[int] | None = None, cpu: bool = False) -> dict:
+    """Train and test one run per fold (test = K, val = K % n + 1, train = rest) under out/fold-K; mean ± sd.
+
+    Finished folds (metrics.json present) are reused and interrupted ones resumed, so re-running the same
+    command after a crash loses nothing.
+    """
+    out = Path(out)
+    num_folds = int(read_metadata(data)["attrs"]["num_folds"])
+    per_fold = {}
+    for k in folds or range(1, num_folds + 1):
+        run = out / f"fold-{k}"
+        if (run / "metrics.json").exists():
+            per_fold[k] = json.loads((run / "metrics.json").read_text())["test"]
+            continue
+        resume = any((run / "checkpoints").glob("step-*"))
+        result = train_segmenter(dataclasses.replace(cfg, test_fold=k), data, run, resume=resume,
+                                 synthetic=synthetic, cpu=cpu)
+        per_fold[k] = result.metrics["test"]
+    keys = ("dice", "iou", "hd95", "dice_tumour", "patient_dice_mean", "fp_rate")
+    summary = {"folds": list(per_fold), "per_fold": {str(k): v for k, v in per_fold.items()}}
+    for key in keys:
+        values = np.array([v[key] for v in per_fold.values() if v.get(key) is not None], dtype=np.float64)
+        summary[key] = {"mean": float(values.mean()) if len(values) else None,
+                        "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        "values": values.tolist()}
+    table = ["| metric | mean ± sd | " + " | ".join(f"fold {k}" for k in per_fold) + " |",
+             "|---|---|" + "---|" * len(per_fold)]
+    for key in keys:
+        s = summary[key]
+        mean = "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['sd']:.4f}"
+        table.append(f"| {key} | {mean} | " + " | ".join(f"{v:.4f}" for v in s["values"]) + " |")
+    summary["table"] = "\n".join(table)
+    with atomic_path(out / "cv.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
+    with atomic_path(out / "cv.md") as tmp:
+        tmp.write_text(summary["table"] + "\n")
+    return summary
