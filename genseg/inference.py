@@ -1,0 +1,275 @@
+"""Using a trained segmenter: load it from a run, predict on preprocessed arrays, segment files on disk.
+
+`load_inputs` (file decoding) and `prepare_input` (channel check + the shared preprocessing) are kept separate
+from writing outputs so the HTTP server can reuse them on uploaded bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import load_config
+from .data.records import normalize_intensity, preprocess_image
+from .errors import CheckpointError, DataError
+from .io import atomic_path
+from .models.unet import SegmentationUNet
+from .training.seg import SegTrainConfig
+from .viz import mask_to_rgb, overlay, save_png
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
+
+
+class Segmenter:
+    """A segmentation U-Net ready for inference: eval mode, on its device, predicting in batches."""
+
+    def __init__(self, model: SegmentationUNet, threshold: float = 0.5, device: str | torch.device | None = None,
+                 batch_size: int = 16, channels_last: bool = True, source: str = ""):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=self.memory_format)
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.source = source
+
+    @property
+    def size(self) -> int:
+        return int(self.model.config.sample_size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.model.config.in_channels)
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]."""
+        x = torch.as_tensor(images, dtype=torch.float32)
+        expected = (self.channels, self.size, self.size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("images contain NaN or infinite values")
+        if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+            raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
+                             f"got values in [{x.min():.3g}, {x.max():.3g}]")
+        out = [self.model.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
+               for batch in x.split(self.batch_size)]
+        probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
+        return probs.float().cpu().numpy()
+
+
+def load_segmenter(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16) -> Segmenter:
+    """A Segmenter from a train-seg run directory or its model/ folder; CheckpointError if it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if (path / "unet").is_dir() or (path / "scheduler").is_dir():
+        raise CheckpointError(f"{path}: is a diffusion run (unet/ + scheduler/), not a segmentation run; pass a "
+                              f"train-seg run directory")
+    threshold = 0.5
+    model_dir = path
+    if (path / "config.yaml").exists() and not (path / "config.json").exists():
+        threshold = load_config(SegTrainConfig, path / "config.yaml").threshold
+        model_dir = path / "model"
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{path}: has no trained model yet (model/ is missing); finish or resume training")
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: not a segmentation run or model folder (no config.yaml + model/, "
+                              f"no config.json)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: unreadable model config ({exc})") from None
+    if class_name != SegmentationUNet.__name__:
+        raise CheckpointError(f"{model_dir}: holds a {class_name}, not a genseg {SegmentationUNet.__name__}")
+    if not (model_dir / WEIGHTS).exists():
+        found = sorted(p.name for p in model_dir.iterdir() if p.name != "config.json")
+        raise CheckpointError(f"{model_dir}: no safetensors weights ({WEIGHTS}); found {found or 'nothing'}. "
+                              f"Weights load only from safetensors, never from pickle files")
+    model = SegmentationUNet.from_pretrained(model_dir, use_safetensors=True)
+    return Segmenter(model, threshold=threshold, device=device, batch_size=batch_size, source=str(path))
+
+
+class InputSlice(NamedTuple):
+    """One 2-D image from an input file: raw intensities (H, W) or (C, H, W) plus where it came from."""
+
+    name: str  # output file stem, unique within one input file
+    image: np.ndarray
+    meta: dict[str, Any]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".nii.gz")] if _suffix(path) == ".nii.gz" else path.stem
+
+
+def _is_dicom(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def load_inputs(path: str | Path) -> list[InputSlice]:
+    """Decode one file into 2-D slices: Figshare .mat, NIfTI (slices along the last axis), DICOM, PNG/JPG/TIFF."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    suffix, stem = _suffix(path), _stem(path)
+    try:
+        if suffix == ".mat":
+            from .data.figshare import read_figshare_mat
+
+            record = read_figshare_mat(path)
+            return [InputSlice(stem, record.image, {"format": "figshare", "label": record.label,
+                                                    "patient": record.patient})]
+        if suffix in NIFTI_SUFFIXES:
+            return _load_nifti(path, stem)
+        if suffix == ".dcm" or _is_dicom(path):
+            return _load_dicom(path, stem)
+        if suffix in IMAGE_SUFFIXES:
+            return [InputSlice(stem, _read_picture(path), {"format": "image"})]
+    except DataError:
+        raise
+    except Exception as exc:  # every decoder's own failure becomes one clear line naming the file
+        raise DataError(path, f"cannot read ({type(exc).__name__}: {exc})") from None
+    raise DataError(path, f"unsupported file type {suffix or '(none)'}; expected .mat, .nii/.nii.gz, .dcm, "
+                          f"or an image ({', '.join(IMAGE_SUFFIXES)})")
+
+
+def _load_nifti(path: Path, stem: str) -> list[InputSlice]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim != 3:
+        raise DataError(path, f"expected a 2-D or 3-D volume, got shape {data.shape}")
+    volume = {"format": "nifti", "affine": img.affine, "header": img.header, "shape": img.shape}
+    return [InputSlice(f"{stem}_z{k:03d}", data[..., k], {**volume, "slice": k}) for k in range(data.shape[-1])]
+
+
+def _load_dicom(path: Path, stem: str) -> list[InputSlice]:
+    try:
+        import pydicom
+    except ImportError:
+        raise DataError(path, "reading DICOM needs pydicom: pip install 'genseg[dicom]'") from None
+    ds = pydicom.dcmread(str(path))
+    pixels = ds.pixel_array.astype(np.float32)
+    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low values: flip to MONOCHROME2
+        pixels = pixels.max() - pixels
+    colour = int(getattr(ds, "SamplesPerPixel", 1)) > 1
+    if colour:  # (..., H, W, 3) -> (..., 3, H, W)
+        pixels = np.moveaxis(pixels, -1, -3)
+    frames = pixels if pixels.ndim == (4 if colour else 3) else pixels[None]
+    meta = {"format": "dicom"}
+    if len(frames) == 1:
+        return [InputSlice(stem, frames[0], meta)]
+    return [InputSlice(f"{stem}_f{k:03d}", frame, {**meta, "frame": k}) for k, frame in enumerate(frames)]
+
+
+def _read_picture(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode == "LA":
+            im = im.convert("L")
+        elif im.mode not in ("1", "L", "I", "I;16", "F", "RGB"):  # palette, alpha, CMYK...: plain RGB
+            im = im.convert("RGB")
+        array = np.asarray(im, dtype=np.float32)
+    return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
+
+
+def prepare_input(image: np.ndarray, channels: int, size: int, where: str | Path = "input") -> np.ndarray | None:
+    """Match the model's channels and apply the training preprocessing; None for a constant (blank) image.
+
+    A colour picture whose channels are identical is grey and is accepted by a 1-channel model; real colour
+    into a grey model (or grey into a colour model) is an error, as are NaN values.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and channels == 1 and image.shape[0] in (3, 4) and np.ptp(image[:3], axis=0).max() == 0:
+        image = image[0]
+    have = 1 if image.ndim == 2 else image.shape[0]
+    if image.ndim not in (2, 3) or have != channels:
+        raise DataError(where, f"image of shape {image.shape} has {have} channel(s), the model expects {channels}")
+    if not np.isfinite(image).all():
+        raise DataError(where, "image contains NaN or infinite values")
+    if image.max() == image.min():
+        return None  # nothing to segment; callers write an empty mask
+    return preprocess_image(image, size)
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if mask.shape == shape:
+        return mask.astype(np.uint8)
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
+
+
+def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path,
+                 threshold: float | None = None) -> list[Path]:
+    """Segment every slice of one file; write <name>_mask.png (0/255) and <name>_overlay.png at the input's
+    resolution, and for NIfTI a uint8 <stem>_mask.nii.gz with the source affine and header. Returns the paths."""
+    path, out_dir = Path(path), Path(out_dir)
+    threshold = segmenter.threshold if threshold is None else threshold
+    slices = load_inputs(path)
+    prepared = [prepare_input(s.image, segmenter.channels, segmenter.size, path) for s in slices]
+    todo = [i for i, p in enumerate(prepared) if p is not None]
+    probs = segmenter.predict(np.stack([prepared[i] for i in todo])) if todo else []
+    masks = {i: (p >= threshold).astype(np.uint8) for i, p in zip(todo, probs)}
+    written, full_masks = [], []
+    for i, s in enumerate(slices):
+        shape = s.image.shape[-2:]
+        mask = _resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
+        shown = normalize_intensity(s.image) if i in masks else np.zeros(shape, np.float32)
+        written.append(save_png(mask_to_rgb(mask)[..., 0], out_dir / f"{s.name}_mask.png"))
+        written.append(save_png(overlay(shown, pred=mask), out_dir / f"{s.name}_overlay.png"))
+        full_masks.append(mask)
+    if slices[0].meta["format"] == "nifti":
+        written.append(_write_nifti_mask(full_masks, slices[0].meta, out_dir / f"{_stem(path)}_mask.nii.gz"))
+    return written
+
+
+def _write_nifti_mask(masks: Sequence[np.ndarray], meta: dict, target: Path) -> Path:
+    """uint8 volume in the source's voxel grid, with its affine and header so viewers overlay it."""
+    import gzip
+
+    import nibabel as nib
+
+    volume = np.stack(masks, axis=-1).reshape(meta["shape"]).astype(np.uint8)
+    header = meta["header"].copy()
+    header.set_data_dtype(np.uint8)
+    image = nib.Nifti1Image(volume, meta["affine"], header)
+    image.header["scl_slope"], image.header["scl_inter"] = 1, 0
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(gzip.compress(image.to_bytes()))
+    return target
+
+
+def segment_files(paths: Sequence[str | Path], checkpoint: str | Path, out_dir: str | Path,
+                  threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Segment many files; a file that fails is reported in `failed` and the others are still written."""
+    from tqdm.auto import tqdm
+
+    segmenter = load_segmenter(checkpoint)
+    report: dict[str, Any] = {"written": [], "failed": []}
+    for path in tqdm(paths, desc="segment", disable=not progress or len(paths) < 2):
+        try:
+            report["written"] += [str(p) for p in segment_file(segmenter, path, out_dir, threshold)]
+        except DataError as exc:
+            report["failed"].append({"path": str(path), "reason": exc.problem})
+    return report
