@@ -1,0 +1,123 @@
+"""Scoring a trained segmenter on a prepared file (`genseg evaluate`) and drawing a run's figures.
+
+Metric conventions (empty masks, HD95, per-patient pooling, false-positive rate) are in genseg/metrics.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .config import load_config
+from .data.prepared import PreparedDataset, read_metadata
+from .errors import DataError
+from .inference import Segmenter, load_segmenter
+from .metrics import score_slices, summarize
+from .training.loop import CsvLog
+from .training.seg import SegTrainConfig, split_selection
+from .viz import mask_to_rgb, overlay, plot_curves, save_grid, to_rgb
+
+
+def run_config(run_dir: str | Path) -> SegTrainConfig | None:
+    path = Path(run_dir) / "config.yaml"
+    return load_config(SegTrainConfig, path) if path.exists() else None
+
+
+def selection(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None) -> dict:
+    """PreparedDataset arguments: an explicit fold, else the run's own role `split` (its fold under CV)."""
+    if fold is not None:
+        return {"folds": [int(fold)]}
+    cfg = run_config(run_dir)
+    num_folds = int(read_metadata(data)["attrs"]["num_folds"])
+    return split_selection(cfg.test_fold if cfg else None, num_folds, split)
+
+
+def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None,
+             segmenter: Segmenter | None = None, progress: bool = True) -> dict[str, Any]:
+    """Mean and per-class Dice, IoU, HD95, per-patient Dice and the FP rate on tumour-free slices.
+
+    `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
+    `fold=K` scores fold K of the file instead.
+    """
+    segmenter = segmenter or load_segmenter(run_dir)
+    chosen = selection(run_dir, data, split, fold)
+    dataset = PreparedDataset(data, **chosen)
+    if (dataset.size, dataset.channels) != (segmenter.size, segmenter.channels):
+        raise DataError(data, f"slices are {dataset.size}x{dataset.size} with {dataset.channels} channel(s), the "
+                              f"model expects {segmenter.size}x{segmenter.size} with {segmenter.channels}")
+    if len(dataset) == 0:
+        raise DataError(data, f"has no slices for {chosen}")
+    parts = []
+    for batch in tqdm(DataLoader(dataset, batch_size=segmenter.batch_size), desc="evaluate", disable=not progress):
+        pred = segmenter.predict(batch["image"]) >= segmenter.threshold
+        parts.append(score_slices(pred, batch["mask"][:, 0].numpy() > 0.5))
+    scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    result = summarize(scores, dataset.labels, dataset.patients)
+    return {"data": str(data), "checkpoint": str(run_dir), "selection": chosen, "threshold": segmenter.threshold,
+            "num_slices": len(dataset), **result}
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """All slices, tumour slices and each class as rows; Dice, IoU, HD95 and counts as columns."""
+
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"Evaluation of {result['checkpoint']} on {result['data']} {result['selection']} "
+             f"(threshold {result['threshold']})", "",
+             "| slices | n | Dice | IoU | HD95 (px) |", "|---|---|---|---|---|",
+             f"| all | {result['n']} | {fmt(result['dice'])} | {fmt(result['iou'])} | {fmt(result['hd95'])} |",
+             f"| with tumour | {result['n'] - result['tumour_free_slices']} | {fmt(result['dice_tumour'])} | "
+             f"{fmt(result['iou_tumour'])} | {fmt(result['hd95'])} |"]
+    for name, row in result["per_class"].items():
+        lines.append(f"| class {name} | {row['n']} | {fmt(row['dice'])} | {fmt(row['iou'])} | {fmt(row['hd95'])} |")
+    lines += ["", f"Per-patient Dice (pooled over each patient's slices): mean {fmt(result['patient_dice_mean'])} "
+                  f"over {len(result['per_patient_dice'])} patients",
+              f"False-positive rate on {result['tumour_free_slices']} tumour-free slices: {fmt(result['fp_rate'])}"]
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: str | Path, data: str | Path, cfg: SegTrainConfig) -> list[Path]:
+    """RUN_DIR/plots: loss curves, Dice/IoU per epoch, and image / truth / prediction / overlay grids."""
+    run_dir = Path(run_dir)
+    plots = run_dir / "plots"
+    rows = CsvLog(run_dir / "log.csv").rows()
+    epochs = [int(r["epoch"]) for r in rows]
+    column = lambda key: [float(r[key]) for r in rows]  # noqa: E731
+    written = [
+        plot_curves({"train": (epochs, column("train_loss")), "val": (epochs, column("val_loss"))},
+                    plots / "loss.png", "epoch", f"{cfg.loss} loss", "Training and validation loss"),
+        plot_curves({"val Dice": (epochs, column("val_dice")), "val IoU": (epochs, column("val_iou"))},
+                    plots / "dice_iou.png", "epoch", "score", "Validation Dice and IoU (threshold 0.5)"),
+    ]
+    segmenter = load_segmenter(run_dir)
+    for role in ("train", "val", "test"):
+        dataset = PreparedDataset(data, **selection(run_dir, data, role))
+        if len(dataset) == 0:
+            continue
+        picks = _sample_rows(dataset, cfg.plot_samples)
+        items = [dataset[i] for i in picks]
+        images = np.stack([item["image"].numpy() for item in items])
+        preds = segmenter.predict(images) >= segmenter.threshold
+        grid = []
+        for item, pred in zip(items, preds):
+            image, mask = item["image"].numpy(), item["mask"][0].numpy()
+            grid.append([to_rgb(image), mask_to_rgb(mask), mask_to_rgb(pred), overlay(image, mask, pred)])
+        written.append(save_grid(grid, plots / f"samples_{role}.png",
+                                 ("image", "truth", "prediction", "overlay: truth green, prediction red"),
+                                 scale=max(1, 128 // dataset.size)))
+    return written
+
+
+def _sample_rows(dataset: PreparedDataset, n: int) -> list[int]:
+    """Evenly spaced tumour slices plus one tumour-free slice (when there is one), to show both cases."""
+    labels = np.asarray(dataset.labels)
+    tumour, free = np.flatnonzero(labels != 0), np.flatnonzero(labels == 0)
+    pool = tumour if len(tumour) else np.arange(len(dataset))
+    count = max(1, n - (1 if len(free) else 0))
+    picks = pool[np.linspace(0, len(pool) - 1, min(count, len(pool))).round().astype(int)].tolist()
+    return picks + ([int(free[len(free) // 2])] if len(free) else [])
