@@ -121,3 +121,113 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
     classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
     click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
+
+
+def _seg_training_options(command):
+    """Flags shared by train-seg and cross-validate; each overrides one SegTrainConfig key when given."""
+    options = [
+        click.option("--data", required=True, type=click.Path(dir_okay=False),
+                     help="Prepared real dataset (genseg prepare); validation and test always come from it."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config (e.g. configs/seg-cpu-small.yaml); flags below override its keys."),
+        click.option("--epochs", type=int, help="Maximum number of epochs."),
+        click.option("--batch-size", type=int, help="Training batch size."),
+        click.option("--lr", type=float, help="Adam learning rate (paper: 1e-3)."),
+        click.option("--patience", type=int, help="Stop after this many epochs without a better validation score."),
+        click.option("--seed", type=int, help="Seed for weights, data order and augmentation."),
+        click.option("--size", type=int, help="Image side; must equal the size the data was prepared at."),
+        click.option("--loss", type=click.Choice(["bce", "dice", "bce+dice"]), help="Training loss (paper: bce)."),
+        click.option("--monitor", type=click.Choice(["dice", "iou"]), help="Validation score that picks the best model."),
+        click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
+                     help="Precision via accelerate; the precision that actually ran is printed and logged."),
+        click.option("--synthetic", type=click.Path(dir_okay=False),
+                     help="Synthetic prepared file (genseg sample) to mix into training."),
+        click.option("--synthetic-ratio", type=float,
+                     help="Share of each training epoch drawn from --synthetic, 0 (real only) .. 1 (synthetic only). "
+                          "Epoch length = real training slices (synthetic slices when 1)."),
+        click.option("--real-fraction", type=float, help="Keep this seeded share of real training patients (0, 1]."),
+        click.option("--min-agreement", type=float,
+                     help="Keep synthetic slices whose quality_agreement (mask vs segmenter Dice) is at least this."),
+        click.option("--min-nn-ratio", type=float,
+                     help="Keep synthetic slices whose quality_nn_ratio (distance to nearest real / typical) is at "
+                          "least this; drops near-copies."),
+        click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _seg_config(config_path, out, resume, overrides):
+    from .training.seg import resolve_config
+
+    return resolve_config(config_path, overrides, out, resume)
+
+
+@main.command("train-seg")
+@_seg_training_options
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: checkpoints/seg-DATE-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--fold", "test_fold", type=int, help="Use fold K of the data as test set (val = K % 5 + 1).")
+def train_seg(data, config_path, out, resume, synthetic, cpu, **overrides):
+    """Train the paper's U-Net on a prepared dataset; best model by validation score into RUN_DIR/model."""
+    from .evaluate import markdown_table
+    from .training.seg import train_segmenter
+
+    cfg = _seg_config(config_path, out, resume, overrides)
+    result = train_segmenter(cfg, data, out, resume=resume, synthetic=synthetic, cpu=cpu)
+    if "test" in result.metrics:
+        click.echo(f"precision: {result.metrics['precision']}; best epoch {result.metrics['best_epoch']}")
+        click.echo(markdown_table(result.metrics["test"]))
+        click.echo(f"run: {result.run_dir}")
+
+
+@main.command("cross-validate")
+@_seg_training_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fold runs and cv.md.")
+@click.option("--folds", help="Comma-separated folds to run (default: all). Finished folds are reused.")
+def cross_validate_cmd(data, config_path, out, synthetic, cpu, folds, **overrides):
+    """Train and test one model per fold (test = K, val = K % 5 + 1, train = rest) and report mean ± sd."""
+    from .training.seg import cross_validate
+
+    cfg = _seg_config(config_path, None, False, overrides)
+    chosen = [int(k) for k in folds.split(",")] if folds else None
+    summary = cross_validate(cfg, data, out, synthetic=synthetic, folds=chosen, cpu=cpu)
+    click.echo(summary["table"])
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="train-seg run directory (or its model/).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Prepared dataset to score on.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
+              help="The run's own split (its folds when it was trained with --fold).")
+@click.option("--fold", type=int, help="Score fold K of the data instead of --split.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (dice, iou, per_class, ...).")
+def evaluate(checkpoint, data, split, fold, as_json):
+    """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
+    import json
+
+    from .evaluate import evaluate as run_evaluate, markdown_table
+
+    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json)
+    click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(), help="train-seg run directory (or its model/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for masks and overlays.")
+@click.option("--threshold", type=float, help="Probability threshold (default: the run's, 0.5).")
+def segment(inputs, checkpoint, out, threshold):
+    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM and PNG/JPG files: mask + overlay PNGs, NIfTI masks.
+
+    A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
+    """
+    from .inference import segment_files
+
+    report = segment_files(inputs, checkpoint, out, threshold)
+    click.echo(f"wrote {len(report['written'])} files to {out}")
+    for failure in report["failed"]:
+        click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
+    if report["failed"]:
+        sys.exit(1)
