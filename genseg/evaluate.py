@@ -19,7 +19,7 @@ from .inference import Segmenter, load_segmenter
 from .metrics import score_slices, summarize
 from .training.loop import CsvLog
 from .training.seg import SegTrainConfig, split_selection
-from .viz import mask_to_rgb, overlay, plot_curves, save_grid, to_rgb
+from .viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
 
 
 def run_config(run_dir: str | Path) -> SegTrainConfig | None:
@@ -103,13 +103,13 @@ def plot_run(run_dir: str | Path, data: str | Path, cfg: SegTrainConfig) -> list
         items = [dataset[i] for i in picks]
         images = np.stack([item["image"].numpy() for item in items])
         preds = segmenter.predict(images) >= segmenter.threshold
-        grid = []
+        tiles = []
         for item, pred in zip(items, preds):
             image, mask = item["image"].numpy(), item["mask"][0].numpy()
-            grid.append([to_rgb(image), mask_to_rgb(mask), mask_to_rgb(pred), overlay(image, mask, pred)])
-        written.append(save_grid(grid, plots / f"samples_{role}.png",
-                                 ("image", "truth", "prediction", "overlay: truth green, prediction red"),
-                                 scale=max(1, 128 // dataset.size)))
+            both = overlay(overlay(image, mask, MASK_COLOR), pred, PREDICTION_COLOR)
+            tiles += [image, mask.astype(np.float32), pred.astype(np.float32), both]
+        titles = ["image", "truth", "prediction", "truth red, pred. green"] * len(items)
+        written.append(save_grid(tiles, plots / f"samples_{role}.png", ncols=4, titles=titles))
     return written
 
 

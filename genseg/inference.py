@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .config import load_config
 from .data.records import normalize_intensity, preprocess_image
@@ -20,7 +21,7 @@ from .errors import CheckpointError, DataError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
 from .training.seg import SegTrainConfig
-from .viz import mask_to_rgb, overlay, save_png
+from .viz import PREDICTION_COLOR, overlay, save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -183,8 +184,6 @@ def _load_dicom(path: Path, stem: str) -> list[InputSlice]:
 
 
 def _read_picture(path: Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         if im.mode == "LA":
             im = im.convert("L")
@@ -236,8 +235,8 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path,
         shape = s.image.shape[-2:]
         mask = _resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
         shown = normalize_intensity(s.image) if i in masks else np.zeros(shape, np.float32)
-        written.append(save_png(mask_to_rgb(mask)[..., 0], out_dir / f"{s.name}_mask.png"))
-        written.append(save_png(overlay(shown, pred=mask), out_dir / f"{s.name}_overlay.png"))
+        written.append(save_png(Image.fromarray(mask * 255), out_dir / f"{s.name}_mask.png"))
+        written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), out_dir / f"{s.name}_overlay.png"))
         full_masks.append(mask)
     if slices[0].meta["format"] == "nifti":
         written.append(_write_nifti_mask(full_masks, slices[0].meta, out_dir / f"{_stem(path)}_mask.nii.gz"))
