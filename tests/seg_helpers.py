@@ -1,13 +1,16 @@
 """Small synthetic prepared files for the segmentation tests: a grey 'brain' ellipse with a brighter ellipse as
-tumour (labels 1..3), and some tumour-free slices (label 0). Written with the real PreparedWriter."""
+tumour (labels 1..3), and some tumour-free slices (label 0). Preprocessed like `genseg prepare` and written with
+the real PreparedWriter, so a model trained on them segments raw phantoms run through `genseg segment`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from genseg.data.prepared import PreparedWriter
+from genseg.data.records import preprocess_pair
 
 
 def phantom(rng: np.random.Generator, size: int, tumour: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -30,8 +33,8 @@ def write_phantoms(path: str | Path, n: int = 40, size: int = 32, patients: int 
     with PreparedWriter(path, size=size, channels=channels, source_format="test", **attrs) as writer:
         for i in range(n):
             tumour = i % empty_every != 0
-            image, mask = phantom(rng, size, tumour)
-            writer.append(np.repeat(image[None], channels, 0), mask, label=(1 + i % 3) if tumour else 0,
+            image, mask = preprocess_pair(*phantom(rng, size, tumour), size)  # as `genseg prepare` would
+            writer.append(np.repeat(image, channels, 0), mask, label=(1 + i % 3) if tumour else 0,
                           patient=f"p{i % patients}", source=f"slice{i}")
         folds = np.array([1 + (i % patients) % 5 for i in range(n)])
         return writer.close(folds=folds)
@@ -68,3 +71,15 @@ def make_untrained_segmenter(out_dir: str | Path, size: int = 64, width: int = 8
     model.save_pretrained(out_dir / "model", safe_serialization=True)
     save_config(SegTrainConfig(size=size, base_channels=width, depth=depth, seed=seed), out_dir / "config.yaml")
     return out_dir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny convolutions on a shared 2-core machine run several times faster on one thread than on two that
+    wait for each other; restored afterwards. Test modules opt in with `from seg_helpers import one_torch_thread`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,228 @@
+"""train-seg: the loop learns, resumes after a kill, runs on two processes, mixes synthetic data as asked,
+cross-validates, and refuses bad settings with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from seg_helpers import one_torch_thread, write_phantoms, write_synthetic  # noqa: F401 (autouse fixture)
+
+from genseg.data.prepared import PreparedDataset
+from genseg.errors import CheckpointError, ConfigError, DataError
+from genseg.evaluate import evaluate
+from genseg.inference import Segmenter
+from genseg.metrics import dice_iou
+from genseg.training.loop import CsvLog
+from genseg.training.mixing import MixSampler, subsample_patients
+from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=1, patience=None, hflip=False, max_rotation=0.0,
+            plot_samples=2)
+
+
+def cli_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_phantoms(tmp_path_factory.mktemp("seg") / "real.h5", n=40, size=32, patients=10)
+
+
+def test_overfits_eight_slices(tmp_path):
+    """8 training slices (5 with tumour), 64 px, 80 steps: the loop must drive training Dice above 0.9."""
+    path = write_phantoms(tmp_path / "eight.h5", n=14, size=64, patients=14, seed=3)
+    cfg = SegTrainConfig(size=64, base_channels=8, depth=3, batch_size=4, epochs=40, patience=None, loss="bce+dice",
+                         lr=1e-2, hflip=False, max_rotation=0.0, plot_samples=2)
+    result = train_segmenter(cfg, path, tmp_path / "run")
+    train = PreparedDataset(path, split="train")
+    assert len(train) == 8
+    images = np.stack([train[i]["image"].numpy() for i in range(8)])
+    truth = np.stack([train[i]["mask"][0].numpy() for i in range(8)]) > 0.5
+    pred = Segmenter(result.model, device="cpu").predict(images) >= 0.5  # the trained state, in eval mode
+    assert dice_iou(pred, truth)[0].mean() > 0.9
+    rows = CsvLog(tmp_path / "run" / "log.csv").rows()
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 41))
+    assert float(rows[-1]["train_loss"]) < 0.4 * float(rows[0]["train_loss"])
+    for name in ("loss.png", "dice_iou.png", "samples_train.png", "samples_val.png", "samples_test.png"):
+        assert (tmp_path / "run" / "plots" / name).stat().st_size > 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"dice", "iou", "per_class", "hd95", "fp_rate"} <= set(metrics["test"])
+
+
+def test_early_stopping_and_best_model(data, tmp_path):
+    cfg = SegTrainConfig(**{**TINY, "epochs": 30, "patience": 2, "lr": 1e-6})  # lr so small nothing improves
+    result = train_segmenter(cfg, data, tmp_path / "run")
+    assert result.metrics["epochs_run"] < 30
+    assert result.metrics["epochs_run"] - result.metrics["best_epoch"] == 2
+    assert (tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_kill_then_resume_reaches_the_same_epoch_count(data, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out", str(run), "--size", "32",
+            "--epochs", "10", "--batch-size", "2", "--seed", "1", "--config", str(tmp_path / "c.yaml")]
+    (tmp_path / "c.yaml").write_text("base_channels: 4\ndepth: 2\npatience: null\nplot_samples: 1\n")
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(sorted((run / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())
+    assert 1 <= done["epoch"] < 10, "the kill should land mid-run"
+    out = subprocess.run(args + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [int(r["epoch"]) for r in CsvLog(run / "log.csv").rows()] == list(range(1, 11))
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert json.loads((last / "trainer_state.json").read_text())["epoch"] == 10
+    assert "precision: no" in out.stdout and (run / "metrics.json").exists()
+
+
+def test_resume_without_checkpoint_is_a_clean_error(data, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out",
+                          str(tmp_path / "none"), "--size", "32", "--resume"],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "nothing to resume" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resume_refuses_changed_settings(data, tmp_path):
+    train_segmenter(SegTrainConfig(**TINY), data, tmp_path / "run")
+    with pytest.raises(ConfigError, match="changed settings \\['lr'\\]"):
+        train_segmenter(SegTrainConfig(**{**TINY, "lr": 0.5}), data, tmp_path / "run", resume=True)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        train_segmenter(SegTrainConfig(**TINY), data, tmp_path / "run")
+
+
+TWO_PROCESS_SCRIPT = """
+import sys
+from safetensors.torch import save_file
+from genseg.training.seg import SegTrainConfig, train_segmenter
+import torch.distributed as dist
+cfg = SegTrainConfig(size=32, base_channels=4, depth=2, batch_size=2, epochs=1, patience=None, plot_samples=1)
+result = train_segmenter(cfg, sys.argv[1], sys.argv[2], cpu=True)
+save_file({k: v.contiguous() for k, v in result.model.state_dict().items()},
+          f"{sys.argv[2]}/rank{dist.get_rank()}.safetensors")
+"""
+
+
+def test_two_cpu_processes_train_one_epoch_and_agree(data, tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(data), str(run)], env=cli_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["processes"] == 2
+    rank0, rank1 = load_file(run / "rank0.safetensors"), load_file(run / "rank1.safetensors")
+    saved = load_file(run / "model" / "diffusion_pytorch_model.safetensors")
+    trained = [k for k in rank0 if "running" not in k and "num_batches" not in k]  # BN statistics stay per process
+    assert all(np.array_equal(rank0[k].numpy(), rank1[k].numpy()) for k in trained)
+    assert all(np.array_equal(rank0[k].numpy(), saved[k].numpy()) for k in trained)
+    row = CsvLog(run / "log.csv").rows()[0]
+    # each process takes half of the 24 training slices in batches of 2: 6 optimizer steps, all 24 slices seen
+    assert (int(row["step"]), int(row["real_seen"])) == (6, 24)
+
+
+@pytest.mark.parametrize("ratio,real,synthetic", [(0.0, 24, 0), (1.0, 0, 12), (0.5, 12, 12)])
+def test_synthetic_ratio_counts(data, tmp_path, ratio, real, synthetic):
+    synth = write_synthetic(tmp_path / "synth.h5", n=12, size=32)
+    cfg = SegTrainConfig(**{**TINY, "synthetic_ratio": ratio})
+    train_segmenter(cfg, data, tmp_path / "run", synthetic=synth)
+    row = CsvLog(tmp_path / "run" / "log.csv").rows()[0]
+    assert (int(row["real_seen"]), int(row["synthetic_seen"])) == (real, synthetic)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["synthetic"]["metadata"]["model"] == "test-ddpm"
+    assert info["epoch"] == {"length": real + synthetic, "real": real, "synthetic": synthetic}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["num_slices"] == 8  # real only
+
+
+def test_mix_sampler_epochs():
+    sampler = MixSampler(num_real=10, num_synthetic=3, ratio=0.5, seed=0)
+    first = list(sampler)
+    assert len(first) == 10 and sum(i >= 10 for i in first) == 5
+    assert len(set(i for i in first if i < 10)) == 5  # real slices without repetition
+    assert list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_real_fraction_keeps_whole_patients(data, tmp_path):
+    patients = np.array(["a", "a", "b", "c", "c", "d"])
+    keep = subsample_patients(patients, 0.5, seed=0)
+    assert keep.sum() in (3, 4) and set(patients[keep]).isdisjoint(patients[~keep])
+    train_segmenter(SegTrainConfig(**{**TINY, "real_fraction": 0.5}), data, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (info["real_train_patients"], info["real_train_slices"]) == (3, 12)  # of 6 patients, 24 slices
+
+
+def test_quality_filters_select_synthetic_slices(data, tmp_path):
+    synth = write_synthetic(tmp_path / "synth.h5", n=12, size=32)  # agreement 0..1, nn ratio NaN, then ..2
+    cfg = SegTrainConfig(**{**TINY, "synthetic_ratio": 1.0, "min_agreement": 0.5, "min_nn_ratio": 1.0})
+    train_segmenter(cfg, data, tmp_path / "run", synthetic=synth)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["synthetic"]["num_kept"] == 6
+
+
+def test_bad_mixing_settings(data, tmp_path):
+    with pytest.raises(ConfigError, match="synthetic_ratio must be in \\[0, 1\\]"):
+        SegTrainConfig(synthetic_ratio=1.5)
+    with pytest.raises(ConfigError, match="needs a synthetic file"):
+        train_segmenter(SegTrainConfig(**{**TINY, "synthetic_ratio": 0.5}), data, tmp_path / "a")
+    wrong_size = write_synthetic(tmp_path / "s64.h5", n=4, size=64)
+    with pytest.raises(DataError, match="s64.h5: synthetic images are 64x64"):
+        train_segmenter(SegTrainConfig(**{**TINY, "synthetic_ratio": 0.5}), data, tmp_path / "b", synthetic=wrong_size)
+    with pytest.raises(DataError, match="not marked synthetic"):
+        train_segmenter(SegTrainConfig(**{**TINY, "synthetic_ratio": 0.5}), data, tmp_path / "c", synthetic=data)
+    no_quality = write_synthetic(tmp_path / "nq.h5", n=4, size=32, quality=False)
+    with pytest.raises(DataError, match="no `quality_agreement` dataset"):
+        train_segmenter(SegTrainConfig(**{**TINY, "synthetic_ratio": 0.5, "min_agreement": 0.5}), data,
+                        tmp_path / "d", synthetic=no_quality)
+    with pytest.raises(ConfigError, match="size 64 does not match"):
+        train_segmenter(SegTrainConfig(**{**TINY, "size": 64}), data, tmp_path / "e")
+
+
+def test_synthetic_ratio_cli_error(data, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--size", "32", "--out",
+                          str(tmp_path), "--synthetic-ratio", "2"], env=cli_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "synthetic_ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cross_validate_two_folds_and_reuse(data, tmp_path):
+    summary = cross_validate(SegTrainConfig(**TINY), data, tmp_path / "cv", folds=[1, 2])
+    assert summary["folds"] == [1, 2] and len(summary["dice"]["values"]) == 2
+    assert "± " in summary["table"] and (tmp_path / "cv" / "cv.md").exists()
+    fold_run = json.loads((tmp_path / "cv" / "fold-2" / "metrics.json").read_text())
+    assert fold_run["test"]["selection"] == {"folds": [2]} and fold_run["val"]["selection"] == {"folds": [3]}
+    mtime = (tmp_path / "cv" / "fold-1" / "metrics.json").stat().st_mtime
+    again = cross_validate(SegTrainConfig(**TINY), data, tmp_path / "cv", folds=[1, 2])
+    assert again["dice"] == summary["dice"]
+    assert (tmp_path / "cv" / "fold-1" / "metrics.json").stat().st_mtime == mtime  # finished folds are reused
+
+
+def test_evaluate_cli_json(data, tmp_path):
+    train_segmenter(SegTrainConfig(**TINY), data, tmp_path / "run")
+    out = subprocess.run([sys.executable, "-m", "genseg", "evaluate", "--checkpoint", str(tmp_path / "run"),
+                          "--data", str(data), "--fold", "4", "--json"], env=cli_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert {"dice", "iou", "per_class", "hd95", "per_patient_dice", "fp_rate"} <= set(result)
+    assert result["selection"] == {"folds": [4]} and result["num_slices"] == 8
+
+
+def test_evaluate_rejects_missing_or_foreign_checkpoint(data, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        evaluate(tmp_path / "nope", data)
