@@ -145,7 +145,8 @@ def test_synthetic_ratio_counts(data, tmp_path, ratio, real, synthetic):
     assert (int(row["real_seen"]), int(row["synthetic_seen"])) == (real, synthetic)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["synthetic"]["metadata"]["model"] == "test-ddpm"
-    assert info["epoch"] == {"length": real + synthetic, "real": real, "synthetic": synthetic}
+    assert info["epoch"] == {"length": real + synthetic, "real": real, "synthetic": synthetic,
+                             "synthetic_ratio": ratio, "real_fraction": 1.0}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["num_slices"] == 8  # real only
 
 

@@ -148,7 +148,8 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
         parts.append(Tagged(synth, synthetic=True))
         num_synthetic = len(synth)
     sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed)
-    info["epoch"] = {"length": len(sampler), "real": sampler.real_per_epoch, "synthetic": sampler.synthetic_per_epoch}
+    info["epoch"] = {"length": len(sampler), "real": sampler.real_per_epoch, "synthetic": sampler.synthetic_per_epoch,
+                     "synthetic_ratio": cfg.synthetic_ratio, "real_fraction": cfg.real_fraction}
     return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
 
 
