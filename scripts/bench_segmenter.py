@@ -2,11 +2,12 @@
 
 Prints: the measured fp32 matmul peak; inference ms/slice and achieved GFLOPS at 256x256 for eager NCHW,
 channels_last and bf16 autocast; training ms/slice and peak RSS at batch 8 (each in a fresh subprocess, so the
-RSS is training's own); the saved model's size; and, with --model RUN_DIR --data DATA.h5, the Dice between fp32
-and bf16 masks of a trained model on real slices. With --quality DATA.h5 it also trains configs/seg-cpu-small.yaml
-on that file and reports test Dice and wall time.
+RSS is training's own); the saved model's size. With --quality DATA.h5 it trains configs/seg-cpu-small.yaml on
+that file (CLI, as a user would) and reports test Dice and wall time, then the Dice of that model's fp32 vs bf16
+masks on the test split (or of --model RUN_DIR on --data DATA.h5).
 
-    PYTHONPATH=$PWD python3 scripts/bench_segmenter.py [--threads 2] [--quality demo.h5]
+    genseg demo-data demo/raw && genseg prepare demo/raw --out demo/demo.h5 --size 128
+    PYTHONPATH=$PWD python3 scripts/bench_segmenter.py --quality demo/demo.h5
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def bf16_agreement(run_dir: str, data: str, limit: int = 64) -> dict:
     dataset = PreparedDataset(data, split="test")
     items = [dataset[i] for i in range(min(limit, len(dataset)))]
     images = torch.stack([it["image"] for it in items]).numpy()
-    truth = torch.stack([it["mask"][:, :, :] for it in items])[:, 0].numpy() > 0.5
+    truth = torch.stack([it["mask"] for it in items])[:, 0].numpy() > 0.5
     fp32 = segmenter.predict(images) >= segmenter.threshold
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = segmenter.predict(images) >= segmenter.threshold
@@ -162,16 +163,17 @@ def main() -> None:
     print(f"\n| training (Adam, BCE, fp32, batch 8, 256x256) | value |\n|---|---|\n| ms/slice | {sec * 1e3:.0f} |"
           f"\n| peak RSS | {rss:.2f} GiB |\n| model folder (safetensors + config) | {size_mb:.1f} MB |")
 
-    if args.model and args.data:
-        agree = bf16_agreement(args.model, args.data)
-        print(f"\nfp32 vs bf16 on {agree['slices']} test slices of {args.data}: Dice vs truth fp32 "
-              f"{agree['dice_fp32']:.4f}, bf16 {agree['dice_bf16']:.4f}; Dice(fp32 mask, bf16 mask) "
-              f"{agree['dice_fp32_vs_bf16']:.4f}")
     if args.quality:
         q = quality(args.quality)
         print(f"\nquality, seg-cpu-small.yaml on {args.quality}: test Dice {q['dice']:.4f} (tumour slices "
               f"{q['dice_tumour']:.4f}), IoU {q['iou']:.4f}, FP rate {q['fp_rate']:.3f}, wall {q['wall_s'] / 60:.1f} "
               f"min ({q['run']})")
+        args.model, args.data = args.model or q["run"], args.data or args.quality
+    if args.model and args.data:
+        agree = bf16_agreement(args.model, args.data)
+        print(f"\nfp32 vs bf16 autocast inference of {args.model} on {agree['slices']} test slices: Dice vs truth "
+              f"fp32 {agree['dice_fp32']:.4f}, bf16 {agree['dice_bf16']:.4f}; Dice(fp32 mask, bf16 mask) "
+              f"{agree['dice_fp32_vs_bf16']:.4f}")
     print(f"\nmachine: shared with other jobs while measured (load average {open('/proc/loadavg').read().split()[0]})")
 
 
