@@ -217,7 +217,8 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--checkpoint", required=True, type=click.Path(), help="train-seg run directory (or its model/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for masks and overlays.")
-@click.option("--threshold", type=float, help="Probability threshold (default: the run's, 0.5).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Probability at or above which a pixel is tumour (default: the run's threshold, 0.5).")
 def segment(inputs, checkpoint, out, threshold):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM and PNG/JPG files: mask + overlay PNGs, NIfTI masks.
 
