@@ -52,10 +52,9 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def inference_variants(model: SegmentationUNet, batch: int, repeats: int) -> dict[str, float]:
-    """Seconds per slice for eager NCHW, channels_last and channels_last + bf16 autocast."""
+def inference_variants(model: SegmentationUNet, batch: int, repeats: int):
+    """Yields (name, seconds per slice) for eager NCHW, channels_last and channels_last + bf16 autocast."""
     x = torch.rand(batch, 1, 256, 256)
-    results = {}
     for name, memory_format, dtype in (("eager NCHW fp32", torch.contiguous_format, None),
                                        ("channels_last fp32", torch.channels_last, None),
                                        ("channels_last bf16", torch.channels_last, torch.bfloat16)):
@@ -67,8 +66,7 @@ def inference_variants(model: SegmentationUNet, batch: int, repeats: int) -> dic
             with torch.no_grad(), amp:
                 model(xx)
 
-        results[name] = timed(run, repeats) / batch
-    return results
+        yield name, timed(run, repeats) / batch
 
 
 TRAIN_CHILD = """
@@ -148,13 +146,14 @@ def main() -> None:
     gflop = forward_flops(model, torch.rand(1, 1, 256, 256)) / 1e9
     peak = matmul_peak_gflops()
     print(f"CPU threads {args.threads}; paper U-Net {params / 1e6:.1f} M parameters, {gflop:.1f} GFLOP per 256x256 "
-          f"forward (FlopCounterMode); fp32 matmul peak {peak:.0f} GFLOPS (2048^3 mm)")
-    variants = inference_variants(model, args.batch, args.repeats)
-    base = variants["eager NCHW fp32"]
+          f"forward (FlopCounterMode); fp32 matmul peak {peak:.0f} GFLOPS (2048^3 mm)", flush=True)
     print(f"\n| inference 256x256, batch {args.batch} | ms/slice | GFLOPS | % of matmul peak | speed-up vs eager |")
-    print("|---|---|---|---|---|")
-    for name, sec in variants.items():
-        print(f"| {name} | {sec * 1e3:.0f} | {gflop / sec:.0f} | {100 * gflop / sec / peak:.0f} % | {base / sec:.2f}x |")
+    print("|---|---|---|---|---|", flush=True)
+    base = None
+    for name, sec in inference_variants(model, args.batch, args.repeats):
+        base = base or sec
+        print(f"| {name} | {sec * 1e3:.0f} | {gflop / sec:.1f} | {100 * gflop / sec / peak:.0f} % | {base / sec:.2f}x |",
+              flush=True)
 
     sec, rss = training(8, args.train_steps, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
