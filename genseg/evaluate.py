@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import load_config
-from .data.prepared import PreparedDataset, read_metadata
+from .data.prepared import PreparedDataset, open_prepared, read_metadata
 from .errors import DataError
 from .inference import Segmenter, load_segmenter
 from .metrics import score_slices, summarize
@@ -114,9 +114,13 @@ def plot_run(run_dir: str | Path, data: str | Path, cfg: SegTrainConfig) -> list
 
 
 def _sample_rows(dataset: PreparedDataset, n: int) -> list[int]:
-    """Evenly spaced tumour slices plus one tumour-free slice (when there is one), to show both cases."""
-    labels = np.asarray(dataset.labels)
-    tumour, free = np.flatnonzero(labels != 0), np.flatnonzero(labels == 0)
+    """Evenly spaced slices with tumour plus one tumour-free slice (when there is one), to show both cases.
+
+    Goes by the masks, not the labels: some sources keep the patient's class label on tumour-free slices."""
+    with open_prepared(dataset.path) as h5:
+        masks = h5["masks"]
+        has_tumour = np.array([bool(masks[int(row)].any()) for row in dataset.rows])
+    tumour, free = np.flatnonzero(has_tumour), np.flatnonzero(~has_tumour)
     pool = tumour if len(tumour) else np.arange(len(dataset))
     count = max(1, n - (1 if len(free) else 0))
     picks = pool[np.linspace(0, len(pool) - 1, min(count, len(pool))).round().astype(int)].tolist()
