@@ -73,7 +73,7 @@ def test_kill_then_resume_reaches_the_same_epoch_count(data, tmp_path):
     args = [sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out", str(run), "--size", "32",
             "--epochs", "10", "--batch-size", "2", "--seed", "1", "--config", str(tmp_path / "c.yaml")]
     (tmp_path / "c.yaml").write_text("base_channels: 4\ndepth: 2\npatience: null\nplot_samples: 1\n")
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list((run / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -89,11 +89,8 @@ def test_kill_then_resume_reaches_the_same_epoch_count(data, tmp_path):
     assert "precision: no" in out.stdout and (run / "metrics.json").exists()
 
 
-def test_resume_without_checkpoint_is_a_clean_error(data, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out",
-                          str(tmp_path / "none"), "--size", "32", "--resume"],
-                         env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
+def test_resume_without_checkpoint_is_a_clean_error(data, tmp_path, genseg_cli):
+    out = genseg_cli("train-seg", "--data", data, "--out", tmp_path / "none", "--size", "32", "--resume", returncode=2)
     assert "nothing to resume" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -194,11 +191,10 @@ def test_bad_mixing_settings(data, tmp_path):
         train_segmenter(SegTrainConfig(**{**TINY, "size": 64}), data, tmp_path / "e")
 
 
-def test_synthetic_ratio_cli_error(data, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--size", "32", "--out",
-                          str(tmp_path), "--synthetic-ratio", "2"], env=cli_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 2 and "synthetic_ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+def test_synthetic_ratio_cli_error(data, tmp_path, genseg_cli):
+    out = genseg_cli("train-seg", "--data", data, "--size", "32", "--out", tmp_path, "--synthetic-ratio", "2",
+                     returncode=2)
+    assert "synthetic_ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_cross_validate_two_folds_and_reuse(data, tmp_path):
@@ -213,12 +209,9 @@ def test_cross_validate_two_folds_and_reuse(data, tmp_path):
     assert (tmp_path / "cv" / "fold-1" / "metrics.json").stat().st_mtime == mtime  # finished folds are reused
 
 
-def test_evaluate_cli_json(data, tmp_path):
+def test_evaluate_cli_json(data, tmp_path, genseg_cli):
     train_segmenter(SegTrainConfig(**TINY), data, tmp_path / "run")
-    out = subprocess.run([sys.executable, "-m", "genseg", "evaluate", "--checkpoint", str(tmp_path / "run"),
-                          "--data", str(data), "--fold", "4", "--json"], env=cli_env(), capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = genseg_cli("evaluate", "--checkpoint", tmp_path / "run", "--data", data, "--fold", "4", "--json")
     result = json.loads(out.stdout)
     assert {"dice", "iou", "per_class", "hd95", "per_patient_dice", "fp_rate"} <= set(result)
     assert result["selection"] == {"folds": [4]} and result["num_slices"] == 8

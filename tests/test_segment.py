@@ -4,9 +4,7 @@ served-path masks equal to CLI masks, and every bad input reported clearly witho
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from genseg.inference import load_inputs, load_segmenter, prepare_input, segment
 from genseg.metrics import dice_iou
 from genseg.training.seg import SegTrainConfig, train_segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -120,7 +117,7 @@ def test_blank_image_gives_empty_mask(run, tmp_path):
     assert not read_mask(tmp_path / "out" / "blank_mask.png").any()
 
 
-def test_bad_files_are_reported_and_the_rest_segmented(tmp_path):
+def test_bad_files_are_reported_and_the_rest_segmented(tmp_path, genseg_cli):
     run = make_untrained_segmenter(tmp_path / "run", size=SIZE, width=4, depth=2)
     images, _ = raw_phantoms(4, tumours=(True, True))
     Image.fromarray((images[0] / 8).astype(np.uint8)).save(tmp_path / "good.png")
@@ -132,10 +129,8 @@ def test_bad_files_are_reported_and_the_rest_segmented(tmp_path):
     nib.save(nib.Nifti1Image(nan_volume, np.eye(4)), tmp_path / "nan.nii")
     (tmp_path / "notes.txt").write_text("hello")
     inputs = [tmp_path / n for n in ("broken.png", "good.png", "colour.png", "nan.nii", "notes.txt", "missing.png")]
-    out = subprocess.run([sys.executable, "-m", "genseg", "segment", *map(str, inputs), "--checkpoint", str(run),
-                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    out = genseg_cli("segment", *inputs, "--checkpoint", run, "--out", tmp_path / "out", returncode=1)
+    assert "Traceback" not in out.stderr
     assert (tmp_path / "out" / "good_mask.png").exists() and (tmp_path / "out" / "good_overlay.png").exists()
     errors = out.stderr.splitlines()
     expected = {"broken.png": "cannot read", "colour.png": "has 3 channel(s), the model expects 1",
