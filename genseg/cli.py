@@ -232,3 +232,48 @@ def segment(inputs, checkpoint, out, threshold):
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
     if report["failed"]:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=str),
+              help="Segmentation run directory (or its model/ folder). Default: $AIP_STORAGE_URI (a local path or "
+                   "gs://bucket/prefix, the latter with `pip install 'genseg[gcs]'`).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on; 0.0.0.0 inside a container.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Port to listen on. Default: $AIP_HTTP_PORT, else 8080.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most instances (from one or several concurrent requests) run through the model at once.")
+@click.option("--max-instances", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most instances one request may carry; more gets a 413 JSON error.")
+def serve(checkpoint, host, port, max_batch, max_instances):
+    """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
+
+    POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
+    "mask_format": "png_b64"|"rle"|"none", "return_probabilities": false}} to $AIP_PREDICT_ROUTE (/predict);
+    GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200.
+    """
+    import os
+
+    import uvicorn
+
+    from .serve.app import create_app
+
+    app = create_app(checkpoint, max_batch=max_batch, max_instances=max_instances)
+    port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+@main.command("export-onnx")
+@click.option("--checkpoint", required=True, type=click.Path(path_type=str),
+              help="Segmentation run directory (or its model/ folder).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="ONNX file to write (for ONNX Runtime, Triton and friends).")
+@click.option("--opset", type=click.IntRange(min=11), default=18, show_default=True, help="ONNX opset version.")
+def export_onnx_cmd(checkpoint, out, opset):
+    """Export a trained segmenter to ONNX: input `image` (N, C, S, S) in [0, 1] preprocessed as `genseg segment`
+    does, output `probability` (N, 1, S, S); the batch dimension is dynamic."""
+    from .serve.onnx import export_onnx
+
+    path = export_onnx(checkpoint, out, opset=opset)
+    click.echo(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,1 @@
+"""Real-time segmentation behind a Vertex AI custom-container compatible HTTP server."""
