@@ -212,7 +212,7 @@ def prepare_input(image: np.ndarray, channels: int, size: int, where: str | Path
     return preprocess_image(image, size)
 
 
-def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if mask.shape == shape:
         return mask.astype(np.uint8)
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
@@ -233,7 +233,7 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path,
     written, full_masks = [], []
     for i, s in enumerate(slices):
         shape = s.image.shape[-2:]
-        mask = _resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
+        mask = resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
         shown = normalize_intensity(s.image) if i in masks else np.zeros(shape, np.float32)
         written.append(save_png(Image.fromarray(mask * 255), out_dir / f"{s.name}_mask.png"))
         written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), out_dir / f"{s.name}_overlay.png"))
@@ -259,12 +259,13 @@ def _write_nifti_mask(masks: Sequence[np.ndarray], meta: dict, target: Path) -> 
     return target
 
 
-def segment_files(paths: Sequence[str | Path], checkpoint: str | Path, out_dir: str | Path,
+def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
                   threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Segment many files; a file that fails is reported in `failed` and the others are still written."""
+    """Segment many files with a run directory or a loaded Segmenter; a file that fails is reported in `failed`
+    and the others are still written."""
     from tqdm.auto import tqdm
 
-    segmenter = load_segmenter(checkpoint)
+    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(checkpoint)
     report: dict[str, Any] = {"written": [], "failed": []}
     for path in tqdm(paths, desc="segment", disable=not progress or len(paths) < 2):
         try:

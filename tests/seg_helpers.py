@@ -55,24 +55,6 @@ def write_synthetic(path: str | Path, n: int = 12, size: int = 32, seed: int = 1
     return Path(path)
 
 
-def make_untrained_segmenter(out_dir: str | Path, size: int = 64, width: int = 8, depth: int = 3, channels: int = 1,
-                             seed: int = 0) -> Path:
-    """A valid train-seg run directory (config.yaml + model/) with seeded random weights, in well under a second;
-    `load_segmenter(out_dir)` accepts it. For tests of code that only needs *a* segmenter (serve, pipeline)."""
-    import torch
-
-    from genseg.config import save_config
-    from genseg.models.unet import SegmentationUNet
-    from genseg.training.seg import SegTrainConfig
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = SegmentationUNet(in_channels=channels, base_channels=width, depth=depth, sample_size=size)
-    model.save_pretrained(out_dir / "model", safe_serialization=True)
-    save_config(SegTrainConfig(size=size, base_channels=width, depth=depth, seed=seed), out_dir / "config.yaml")
-    return out_dir
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """Tiny convolutions on a shared 2-core machine run several times faster on one thread than on two that

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from seg_helpers import make_untrained_segmenter, one_torch_thread, phantom, write_phantoms  # noqa: F401
+from genseg.serve.testing import make_untrained_segmenter
+from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
 
 from genseg.data.figshare import write_figshare_mat
 from genseg.errors import CheckpointError, DataError
@@ -118,7 +119,7 @@ def test_blank_image_gives_empty_mask(run, tmp_path):
 
 
 def test_bad_files_are_reported_and_the_rest_segmented(tmp_path, genseg_cli):
-    run = make_untrained_segmenter(tmp_path / "run", size=SIZE, width=4, depth=2)
+    run = make_untrained_segmenter(tmp_path / "run", size=SIZE, base_channels=4, depth=2)
     images, _ = raw_phantoms(4, tumours=(True, True))
     Image.fromarray((images[0] / 8).astype(np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -168,7 +169,7 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a segmentation run or model folder"):
         load_segmenter(tmp_path / "empty")
-    run = make_untrained_segmenter(tmp_path / "pickled", size=32, width=4, depth=2)
+    run = make_untrained_segmenter(tmp_path / "pickled", size=32, base_channels=4, depth=2)
     model_dir = run / "model"
     weights = model_dir / "diffusion_pytorch_model.safetensors"
     torch.save(load_file(weights), model_dir / "diffusion_pytorch_model.bin")
@@ -181,7 +182,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_untrained_helper_gives_a_loadable_run(tmp_path):
-    segmenter = load_segmenter(make_untrained_segmenter(tmp_path / "r", size=32, width=4, depth=2, channels=3))
+    segmenter = load_segmenter(make_untrained_segmenter(tmp_path / "r", size=32, base_channels=4, depth=2, channels=3))
     assert (segmenter.size, segmenter.channels) == (32, 3)
     assert segmenter.predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 32, 32)
     with pytest.raises(ValueError, match="NaN"):
