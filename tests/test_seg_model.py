@@ -102,3 +102,20 @@ def test_figures_are_pngs(tmp_path):
     assert Image.open(grid).size[0] == 2 * (16 + 4) + 4
     curve = plot_curves({"train": ([1, 2, 3], [0.9, 0.5, 0.3])}, tmp_path / "c.png", "epoch", "loss")
     assert Image.open(curve).format == "PNG"
+
+
+def test_folding_batchnorm_keeps_the_outputs_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = SegmentationUNet(base_channels=8, depth=3, sample_size=64)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # trained-looking statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    folded = model.fold_batchnorm()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2 * 7  # 7 double convs at depth 3

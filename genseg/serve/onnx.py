@@ -28,7 +28,7 @@ class _Probabilities(torch.nn.Module):
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
     """Write `out` (atomically): input `image` (N, C, S, S), output `probability` (N, 1, S, S), dynamic N."""
     segmenter = load_segmenter(checkpoint, device="cpu")
-    module = _Probabilities(segmenter.model.to(memory_format=torch.contiguous_format)).eval()
+    module = _Probabilities(segmenter.network.to(memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(2, segmenter.channels, segmenter.size, segmenter.size)
     out = Path(out)
     batch = torch.export.Dim("batch", min=1, max=4096)
