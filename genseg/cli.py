@@ -219,14 +219,16 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for masks and overlays.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Probability at or above which a pixel is tumour (default: the run's threshold, 0.5).")
-def segment(inputs, checkpoint, out, threshold):
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the network first: a one-off ~40 s, then ~1.4x faster on CPU (for many slices).")
+def segment(inputs, checkpoint, out, threshold, compile_):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM and PNG/JPG files: mask + overlay PNGs, NIfTI masks.
 
     A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
     """
-    from .inference import segment_files
+    from .inference import load_segmenter, segment_files
 
-    report = segment_files(inputs, checkpoint, out, threshold)
+    report = segment_files(inputs, load_segmenter(checkpoint, compile=compile_), out, threshold)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)

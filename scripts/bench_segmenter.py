@@ -54,14 +54,17 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def inference_variants(model: SegmentationUNet, batch: int, repeats: int):
     """Yields (name, seconds per slice) for eager NCHW, channels_last, channels_last with BatchNorm folded into
-    the convs (what `Segmenter` runs) and channels_last + bf16 autocast."""
+    the convs (what `Segmenter` runs), channels_last + bf16 autocast, and torch.compile (inductor) of the folded
+    model (its one-off compile happens in the untimed warm-up call)."""
     x = torch.rand(batch, 1, 256, 256)
     folded = model.fold_batchnorm()
     for name, model, memory_format, dtype in (
             ("eager NCHW fp32", model, torch.contiguous_format, None),
             ("channels_last fp32", model, torch.channels_last, None),
             ("channels_last + folded BN fp32 (Segmenter)", folded, torch.channels_last, None),
-            ("channels_last bf16", model, torch.channels_last, torch.bfloat16)):
+            ("channels_last bf16", model, torch.channels_last, torch.bfloat16),
+            ("torch.compile, folded BN, channels_last (Segmenter(compile=True))", torch.compile(folded),
+             torch.channels_last, None)):
         model = model.to(memory_format=memory_format)
         xx = x.contiguous(memory_format=memory_format)
         amp = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()

@@ -119,3 +119,14 @@ def test_folding_batchnorm_keeps_the_outputs_and_leaves_the_model_alone():
         assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2 * 7  # 7 double convs at depth 3
+
+
+def test_compiled_segmenter_predicts_what_the_eager_one_does(tmp_path):
+    from genseg.inference import load_segmenter
+    from genseg.serve.testing import make_untrained_segmenter
+
+    run = make_untrained_segmenter(tmp_path / "run", size=32, base_channels=4, depth=2)
+    images = np.random.default_rng(0).random((2, 1, 32, 32)).astype(np.float32)
+    eager = load_segmenter(run, device="cpu").predict(images)
+    compiled = load_segmenter(run, device="cpu", compile=True).predict(images)
+    assert np.abs(eager - compiled).max() < 1e-5
