@@ -248,20 +248,26 @@ def segment(inputs, checkpoint, out, threshold, compile_):
               help="Most instances (from one or several concurrent requests) run through the model at once.")
 @click.option("--max-instances", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most instances one request may carry; more gets a 413 JSON error.")
-def serve(checkpoint, host, port, max_batch, max_instances):
+@click.option("--compile", "compile_", is_flag=True,
+              help="torch.compile the network (~1.4-1.6x faster on CPU); health stays 503 while it compiles "
+                   "(about a minute) and turns 200 once the first batches have run.")
+def serve(checkpoint, host, port, max_batch, max_instances, compile_):
     """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
 
     POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
     "mask_format": "png_b64"|"rle"|"none", "return_probabilities": false}} to $AIP_PREDICT_ROUTE (/predict);
     GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200.
     """
+    import logging
     import os
 
     import uvicorn
 
     from .serve.app import create_app
 
-    app = create_app(checkpoint, max_batch=max_batch, max_instances=max_instances)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's look
+
+    app = create_app(checkpoint, max_batch=max_batch, max_instances=max_instances, compile=compile_)
     port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
