@@ -151,6 +151,12 @@ def _seg_training_options(command):
         click.option("--min-nn-ratio", type=float,
                      help="Keep synthetic slices whose quality_nn_ratio (distance to nearest real / typical) is at "
                           "least this; drops near-copies."),
+        click.option("--init-from", type=click.Path(),
+                     help="Fine-tune: start from this trained segmenter (train-seg run directory, its model/, or a "
+                          "saved pipeline folder). A different image size needs nothing; 1 <-> 3 input channels "
+                          "adapt the first convolution (logged); width/depth must match."),
+        click.option("--freeze", type=click.Choice(["none", "encoder", "encoder+bottleneck"]),
+                     help="With --init-from: keep these parts at the source's weights (BatchNorm statistics too)."),
         click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present."),
     ]
     for option in reversed(options):
