@@ -245,7 +245,10 @@ def segment(inputs, checkpoint, out, threshold, compile_):
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=str),
               help="Segmentation run directory (or its model/ folder). Default: $AIP_STORAGE_URI (a local path or "
-                   "gs://bucket/prefix, the latter with `pip install 'genseg[gcs]'`).")
+                   "gs://bucket/prefix, the latter with `pip install 'genseg[gcs]'`; a run or a pipeline folder).")
+@click.option("--pipeline", "pipeline_dir", type=click.Path(path_type=str),
+              help="Saved GenSegPipeline folder (genseg pipeline --save-pipeline): segments like --checkpoint and "
+                   "also answers generate requests.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; 0.0.0.0 inside a container.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
@@ -257,12 +260,16 @@ def segment(inputs, checkpoint, out, threshold, compile_):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network (~1.4-1.6x faster on CPU); health stays 503 while it compiles "
                    "(about a minute) and turns 200 once the first batches have run.")
-def serve(checkpoint, host, port, max_batch, max_instances, compile_):
+@click.option("--max-generate", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most slices one generate request may ask for (responses stay within Vertex AI's size limit).")
+def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compile_, max_generate):
     """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
 
     POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
     "mask_format": "png_b64"|"rle"|"none", "return_probabilities": false}} to $AIP_PREDICT_ROUTE (/predict);
-    GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200.
+    GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200. With a pipeline,
+    {"instances": [{}], "parameters": {"generate": N, "class": K, "steps": S, "seed": X}} returns N generated
+    slices with their masks.
     """
     import logging
     import os
@@ -273,7 +280,8 @@ def serve(checkpoint, host, port, max_batch, max_instances, compile_):
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's look
 
-    app = create_app(checkpoint, max_batch=max_batch, max_instances=max_instances, compile=compile_)
+    app = create_app(checkpoint, pipeline_path=pipeline_dir, max_batch=max_batch, max_instances=max_instances,
+                     max_generate=max_generate, compile=compile_)
     port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 

@@ -82,11 +82,12 @@ class GenSegPipeline(SliceDiffusionPipeline):
         gen, seg = int(self.unet.config.sample_size), int(self.segmenter.config.sample_size)
         return "" if gen == seg else f"generated {gen}x{gen} slices resized to the segmenter's {seg}x{seg} and back"
 
-    def predictor(self) -> Segmenter:
-        """A BatchNorm-folded inference copy of the registered segmenter, rebuilt only when the module changes."""
+    def predictor(self, **options) -> Segmenter:
+        """A BatchNorm-folded inference copy of the registered segmenter, rebuilt only when the module changes;
+        `options` (batch_size, compile, ...) of `Segmenter` apply when it is built."""
         if self._segmenter_cache is None or self._segmenter_cache[0] != id(self.segmenter):
             self._segmenter_cache = (id(self.segmenter), Segmenter(self.segmenter, threshold=self.config.threshold,
-                                                                   device=self._execution_device))
+                                                                   device=self._execution_device, **options))
         return self._segmenter_cache[1]
 
     def segment(self, images: np.ndarray) -> np.ndarray:
