@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,14 @@ def test_frozen_parts_stay_unchanged_while_the_rest_trains(grey, source_run, tmp
         assert not torch.equal(after["downs.1.1.0.weight"], before["downs.1.1.0.weight"])
     record = json.loads((tmp_path / "run" / "run.json").read_text())["init_from"]
     assert record["freeze"] == part and 0 < record["frozen_parameters"] < record["total_parameters"]
+    if part == "encoder":  # a resumed run keeps the same parts frozen (weights come from its checkpoint)
+        resumed = train_segmenter(SegTrainConfig(**{**asdict(cfg), "epochs": 3}), grey, tmp_path / "run", resume=True)
+        assert resumed.metrics["epochs_run"] == 3
+        later = resumed.model.state_dict()
+        assert all(torch.equal(later[k], before[k]) for k in later if k.startswith(frozen) and "num_batches" not in k)
+        assert not torch.equal(later["outc.weight"], after["outc.weight"])
+        with pytest.raises(ConfigError, match=r"changed settings \['freeze'\]"):
+            train_segmenter(SegTrainConfig(**{**asdict(cfg), "freeze": "none"}), grey, tmp_path / "run", resume=True)
 
 
 def test_cli_fine_tunes_from_a_pipeline_folder_and_logs_it(grey, source_run, tmp_path, genseg_cli):
@@ -177,3 +186,46 @@ def test_bad_sources_and_settings_fail_before_training(grey, source_run, rgb_run
                                "--out", str(tmp_path / "cli-run")])
     assert bad.exit_code == 2 and "Error: --init-from:" in bad.output and "diffusion run" in bad.output
     assert not (tmp_path / "cli-run").exists()
+
+
+def script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def test_study_smoke_mode_runs(tmp_path):
+    """scripts/study_transfer.py --smoke: brain pretraining, ultrasound adaptation, table and figure."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_transfer.py"), "--smoke", "--out",
+                           str(tmp_path / "study")], env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| training images | arm | test Dice (all)" in done.stdout
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {(r["arm"], r["n"]) for r in results["runs"]} == {(arm, n) for arm in ("scratch", "fine-tuned")
+                                                             for n in (5, results["train_available"])}
+    for r in results["runs"]:
+        run = tmp_path / "study" / "runs" / f"{r['arm']}-n{r['n']}-seed{r['seed']}"
+        started = json.loads((run / "run.json").read_text())
+        assert started["real_train_slices"] == r["n"]
+        assert ("init_from" in started) == (r["arm"] == "fine-tuned")
+    assert (tmp_path / "study" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_brats_modalities_script_smoke_mode(tmp_path, make_brats_case):
+    """scripts/reproduce_brats_modalities.sh --smoke on generated NIfTI cases: four runs and the table."""
+    for k in range(1, 7):
+        make_brats_case(tmp_path / "brats", f"BraTS20_Training_{k:03d}")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_brats_modalities.sh"), "--smoke",
+                           str(tmp_path / "brats"), str(tmp_path / "out")], env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| t") or line.startswith("| flair")]
+    assert [row.split("|")[1].strip() for row in rows] == ["t1", "t2", "t1ce", "flair"]
+    assert [row.split("|")[5].strip() for row in rows] == ["0.8203", "0.8307", "0.7799", "0.8312"]
+    for modality in ("t1", "t2", "t1ce", "flair"):
+        from genseg.data.prepared import read_metadata
+
+        assert read_metadata(tmp_path / "out" / f"brats-{modality}.h5")["attrs"]["modality"] == modality
+        assert (tmp_path / "out" / f"seg-{modality}" / "model" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "out" / "brats_modalities.md").read_text().count("\n") == 6
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_brats_modalities.sh"), str(tmp_path / "none")],
+                         env=script_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "BraTS folder not found" in bad.stderr
