@@ -145,6 +145,11 @@ def _class_shares(labels: np.ndarray) -> dict[str, float]:
             for i, c in zip(ids, counts)}
 
 
+def _class_order(result: dict) -> list[str]:
+    present = set(result["class_histogram"]["synthetic"]) | set(result["class_histogram"]["real"])
+    return [name for name in CLASS_NAMES.values() if name in present] + sorted(present - set(CLASS_NAMES.values()))
+
+
 def _seeded_subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if len(rows) <= limit:
         return rows
@@ -296,11 +301,12 @@ def _figure(result: dict, path: Path) -> Path:
                                     {"synthetic": result["nn_ratio_histogram"]["synthetic"],
                                      "real held-out": result["nn_ratio_histogram"]["real"]}),
         "tumour area share": (result["tumour_size_histogram"]["bins"],
-                              {k: result["tumour_size_histogram"][k] for k in ("synthetic", "real")}),
+                              {"synthetic": result["tumour_size_histogram"]["synthetic"],
+                               "real train": result["tumour_size_histogram"]["real"]}),
     }
-    classes = sorted(set(result["class_histogram"]["synthetic"]) | set(result["class_histogram"]["real"]))
-    panels["class"] = (classes, {k: [result["class_histogram"][k].get(c, 0.0) for c in classes]
-                                 for k in ("synthetic", "real")})
+    classes = _class_order(result)
+    panels["class"] = (classes, {name: [result["class_histogram"][k].get(c, 0.0) for c in classes]
+                                 for name, k in (("synthetic", "synthetic"), ("real train", "real"))})
     if result["agreement_histogram"] is not None:
         panels["mask vs segmenter Dice"] = (result["agreement_histogram"]["bins"],
                                             {"synthetic": result["agreement_histogram"]["synthetic"]})
@@ -331,7 +337,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"| share of slices with tumour | {fmt(shares['synthetic'])} | {fmt(shares['real'])} |",
         f"| mean tumour area share (tumour slices) | {fmt(areas['synthetic'])} | {fmt(areas['real'])} |",
     ]
-    for name in sorted(set(result["class_histogram"]["synthetic"]) | set(result["class_histogram"]["real"])):
+    for name in _class_order(result):
         lines.append(f"| class {name} share | {fmt(result['class_histogram']['synthetic'].get(name, 0.0))} | "
                      f"{fmt(result['class_histogram']['real'].get(name, 0.0))} |")
     lines += ["", f"KID features: {result['feature_network']}",
