@@ -86,16 +86,19 @@ class Segmenter:
 
 def load_segmenter(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                    compile: bool = False) -> Segmenter:
-    """A Segmenter from a train-seg run directory or its model/ folder; CheckpointError if it is neither."""
+    """A Segmenter from a train-seg run directory, its model/ folder, or a saved pipeline folder (its segmenter/);
+    CheckpointError if it is none of them."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
-    if (path / "unet").is_dir() or (path / "scheduler").is_dir():
-        raise CheckpointError(f"{path}: is a diffusion run (unet/ + scheduler/), not a segmentation run; pass a "
-                              f"train-seg run directory")
     threshold = 0.5
     model_dir = path
-    if (path / "config.yaml").exists() and not (path / "config.json").exists():
+    if (path / "model_index.json").exists() and (path / "segmenter").is_dir():
+        model_dir = path / "segmenter"  # a saved generate-then-segment pipeline: its registered segmenter module
+    elif (path / "unet").is_dir() or (path / "scheduler").is_dir() or (path / "model_index.json").exists():
+        raise CheckpointError(f"{path}: is a diffusion run or pipeline (unet/, scheduler/ or model_index.json) "
+                              f"without a segmenter/, not a segmentation model; pass a train-seg run directory")
+    if model_dir == path and (path / "config.yaml").exists() and not (path / "config.json").exists():
         threshold = load_config(SegTrainConfig, path / "config.yaml").threshold
         model_dir = path / "model"
         if not model_dir.is_dir():

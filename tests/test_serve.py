@@ -247,3 +247,24 @@ def test_micro_batcher_is_first_come_first_served_and_bounded():
         assert [float(o[0, 0]) for o in outputs] == [2 * float(im[0, 0, 0]) for im in images]
     assert all(len(b) <= 3 for b in batches)
     assert sum(batches, []) == [0, 1, 10, 11, 12, 13, 20]  # arrival order, nothing dropped
+
+
+def test_compiled_server_is_ready_only_after_compiling_and_predicts_like_eager(run_dir):
+    """--compile: the warm-up compile happens before health turns 200, and the compiled network's answers
+    match the eager segmenter's probabilities."""
+    image = brain_like(5, SIZE)
+    with ServerProcess(run_dir, max_batch=2, extra_args=["--compile"], startup_timeout=240) as srv:
+        assert "compiled" in srv.output()
+        started = time.perf_counter()
+        status, body = post_json(srv.port, "/predict", {"instances": [image.tolist()],
+                                                         "parameters": {"return_probabilities": True}})
+        first_request_s = time.perf_counter() - started
+    assert status == 200
+    eager = load_segmenter(run_dir, device="cpu")
+    from genseg.inference import prepare_input
+
+    expected = eager.predict(prepare_input(image.astype(np.float32), 1, SIZE)[None])[0]
+    step = SIZE // 32
+    pooled = expected.reshape(32, step, 32, step).mean(axis=(1, 3))
+    assert np.abs(np.asarray(body["predictions"][0]["probabilities"]) - pooled).max() < 2e-3
+    assert first_request_s < 20  # nothing left to compile inside the first request

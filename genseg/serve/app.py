@@ -30,7 +30,7 @@ log = logging.getLogger("genseg.serve")
 
 
 def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 16, max_instances: int = 64,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, compile: bool = False) -> FastAPI:
     health_route = os.environ.get("AIP_HEALTH_ROUTE", "/health")
     predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
     source = model_path or os.environ.get("AIP_STORAGE_URI")
@@ -40,8 +40,12 @@ def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 
 
     def load() -> None:
         try:
-            state["segmenter"] = load_segmenter(resolve_model_uri(str(source)))
-            log.info("model loaded from %s", source)
+            segmenter = load_segmenter(resolve_model_uri(str(source)), batch_size=max_batch, compile=compile)
+            if compile:  # compile now, for the batch shapes requests will bring, not inside the first requests
+                for n in sorted({1, max_batch}):
+                    segmenter.predict(np.zeros((n, segmenter.channels, segmenter.size, segmenter.size), np.float32))
+            state["segmenter"] = segmenter
+            log.info("model loaded from %s%s", source, " and compiled" if compile else "")
         except Exception as exc:  # noqa: BLE001 - reported by the health route, not a crash
             state["failed"] = str(exc)
             log.error("could not load the model: %s", exc)

@@ -31,6 +31,7 @@ from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator
 from .mixing import MixSampler, Tagged, select_synthetic, subsample_patients
+from .transfer import FREEZE_PARTS, initial_model, keep_frozen_eval
 
 RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples"}
 
@@ -62,6 +63,8 @@ class SegTrainConfig:
     min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
     min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
     plot_samples: int = 4  # slices per split in the sample grids
+    init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
+    freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
 
     def __post_init__(self):
         checks = [
@@ -73,6 +76,9 @@ class SegTrainConfig:
             (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
             (self.patience is None or self.patience > 0, "patience must be positive (or null to disable)"),
+            (self.freeze in FREEZE_PARTS, f"freeze: unknown part {self.freeze!r}; choose one of {list(FREEZE_PARTS)}"),
+            (self.freeze == "none" or self.init_from is not None,
+             f"freeze {self.freeze!r} needs init_from (--init-from): a network trained from scratch has nothing to keep"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -203,13 +209,18 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
         raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
     acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed)
     set_seed(cfg.seed)
-    model = SegmentationUNet(in_channels=seg_data.channels, base_channels=cfg.base_channels, depth=cfg.depth,
-                             sample_size=cfg.size)
+    init = initial_model(cfg, seg_data.channels, load=not resume)  # a bad --init-from / --freeze fails here
+    model = init.model
+    if init.info is not None:
+        seg_data.info["init_from"] = init.info
+    for message in init.messages:
+        acc.print(message)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     loader = DataLoader(seg_data.train, batch_size=cfg.batch_size, sampler=seg_data.sampler,
                         num_workers=cfg.num_workers)
-    trainer = Trainer(acc, model, torch.optim.Adam(model.parameters(), lr=cfg.lr), loader, out,
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainer = Trainer(acc, model, torch.optim.Adam(trainable, lr=cfg.lr), loader, out,
                       monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience)
     val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
     seg_data.info["precision"] = effective_precision(acc)
@@ -223,6 +234,7 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     seen = torch.zeros(2, device=acc.device)  # real, synthetic slices trained on this epoch
 
     def compute_loss(model, batch):
+        keep_frozen_eval(init.frozen)  # the trainer's model.train() each epoch must not wake frozen BatchNorms
         seen[0] += (~batch["synthetic"]).sum()
         seen[1] += batch["synthetic"].sum()
         images = batch["image"].contiguous(memory_format=memory_format)
