@@ -10,15 +10,16 @@ Three views, each next to a real-vs-real reference so the number means something
   NEAR_COPY_RATIO (0.5: half the typical distance between different patients' slices); the same threshold
   applied to the held-out real slices is reported as the false-alarm reference.
 - Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, mean +- sd over random subsets,
-  genseg.metrics.kid) between synthetic and real training images, and between held-out real and real training
-  images as the floor. Features: with a segmenter, its encoder's bottleneck, global-average-pooled (a network
+  genseg.metrics.kid) between synthetic and real training images, and between held-out (val/test) real and real
+  training images as the floor (None when the real file has no held-out slices). Features: with a segmenter, its encoder's bottleneck, global-average-pooled (a network
   trained on this domain); without one, a fixed-seed *randomly initialised* small CNN (random_feature_network),
   a much weaker proxy: random features react to intensity, texture and layout, not to anatomy. KIDs from
   different feature networks are not comparable with each other, only with the reference beside them.
   At most `max_real_features` real slices per role (seeded choice) are encoded, all synthetic ones are.
 - Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
   the generated image (both empty = 1, genseg/metrics.py), plus tumour-size (mask area share) and class
-  histograms of synthetic vs real training slices.
+  histograms of synthetic vs real training slices. Skipped for image-mode samples (metadata mask_source
+  "none"): their empty masks are placeholders, not generated masks.
 
 Results are written into the synthetic file as per-slice datasets `quality_nn_ratio` and (with a segmenter)
 `quality_agreement`, which `train-seg --min-nn-ratio / --min-agreement` filter on, and the summary as the file
@@ -113,6 +114,9 @@ def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Ca
             part = rows[start:start + chunk]
             images = images_ds[part].astype(np.float32)
             masks = masks_ds[part] > 0
+            if images.min() < -1e-3 or images.max() > 1 + 1e-3 or not np.isfinite(images).all():
+                raise DataError(path, f"images of rows {part[0]}..{part[-1]} are outside [0, 1] (or not finite); "
+                                      f"the prepared format stores normalised images")
             side = images.shape[-1]
             pooled = F.adaptive_avg_pool2d(torch.from_numpy(images), min(side, NN_SIDE)) if side > NN_SIDE \
                 else torch.from_numpy(images)
@@ -193,7 +197,9 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                      "real train", progress)
     held = _measure(real, held_rows, _seeded_subset(held_rows, max_real_features, seed + 1), extract, None,
                     "real held-out", progress) if len(held_rows) else None
-    syn = _measure(synthetic, np.arange(n), np.arange(n), extract, segmenter, "synthetic", progress)
+    masks_generated = (syn_meta["attrs"].get("metadata") or {}).get("mask_source") != "none"
+    syn = _measure(synthetic, np.arange(n), np.arange(n), extract, segmenter if masks_generated else None,
+                   "synthetic", progress)
 
     # (a) memorisation
     train_patients = real_meta["patients"][train_rows]
@@ -222,7 +228,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         if held is not None and len(held.features) >= 2 else (None, None)
 
     # (c) agreement and histograms
-    agreement = syn.agreement if segmenter is not None else None
+    agreement = syn.agreement if segmenter is not None and masks_generated else None
     syn_tumour, real_tumour = syn.area[syn.area > 0], train.area[train.area > 0]
     size_bins, syn_sizes = _histogram(syn.area, SIZE_EDGES, empty_bin=True)
     _, real_sizes = _histogram(train.area, SIZE_EDGES, empty_bin=True)
@@ -260,6 +266,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                                  "synthetic": _histogram(agreement, AGREEMENT_EDGES)[1]}
                                 if agreement is not None else None),
         "threshold": segmenter.threshold if segmenter is not None else None,
+        "masks_generated": masks_generated,  # false for image-mode samples: their empty masks are placeholders
         "tumour_slice_share": {"synthetic": round(float((syn.area > 0).mean()), 4),
                                "real": round(float((train.area > 0).mean()), 4)},
         "tumour_area_share_mean": {"synthetic": float(syn_tumour.mean()) if len(syn_tumour) else None,

@@ -48,10 +48,11 @@ def fresh_phantoms(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.nd
     return images, np.stack([p[1] for p in pairs])
 
 
-def write_synth(path: Path, images: np.ndarray, masks: np.ndarray, labels=None, synthetic: bool = True) -> Path:
+def write_synth(path: Path, images: np.ndarray, masks: np.ndarray, labels=None, synthetic: bool = True,
+                **metadata) -> Path:
     """A synthetic file the way `genseg sample` writes one: the prepared format, marked synthetic, with metadata."""
     with PreparedWriter(path, size=images.shape[-1], channels=images.shape[1], source_format="diffusion",
-                        synthetic=synthetic, metadata=META) as writer:
+                        synthetic=synthetic, metadata={**META, **metadata}) as writer:
         for i, (image, mask) in enumerate(zip(images, masks)):
             label = int(labels[i]) if labels is not None else (2 if mask.any() else 0)
             writer.append(image, mask, label=label, patient=f"synthetic-{i}", source="sample")
@@ -140,6 +141,11 @@ def test_agreement_with_the_segmenters_own_masks(real, seg_run, tmp_path):
         agreement = h5["quality_agreement"][:]
     rows, _ = select_synthetic(flipped, read_metadata(real)["attrs"], min_agreement=0.5)
     np.testing.assert_array_equal(rows, np.flatnonzero(agreement >= 0.5))
+    # image-mode samples carry placeholder empty masks: no agreement is claimed for them
+    image_mode = write_synth(tmp_path / "image_mode.h5", images, np.zeros_like(own), mask_source="none")
+    result = evaluate_synthetic(image_mode, real, segmenter=segmenter, **FAST)
+    assert result["agreement_dice_mean"] is None and result["written"] == ["quality_nn_ratio"]
+    assert result["feature_network"].startswith("segmenter encoder")
 
 
 def test_bad_input_names_the_file(real, seg_run, tmp_path):
@@ -153,6 +159,8 @@ def test_bad_input_names_the_file(real, seg_run, tmp_path):
     rgb = write_synth(tmp_path / "rgb.h5", np.repeat(images, 3, axis=1), masks)
     with pytest.raises(DataError, match="rgb.h5.*3 channel"):
         evaluate_synthetic(rgb, real, **FAST)
+    with pytest.raises(DataError, match="bright.h5.*outside \\[0, 1\\]"):
+        evaluate_synthetic(write_synth(tmp_path / "bright.h5", images * 2 + 0.5, masks), real, **FAST)
     synth = write_synth(tmp_path / "ok.h5", images, masks)
     with PreparedWriter(tmp_path / "testonly.h5", size=32) as writer:  # every slice in the test fold
         for image, mask in zip(images, masks):
