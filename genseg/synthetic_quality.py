@@ -13,9 +13,12 @@ Three views, each next to a real-vs-real reference so the number means something
   genseg.metrics.kid) between synthetic and real training images, and between held-out (val/test) real and real
   training images as the floor (None when the real file has no held-out slices). Features: with a segmenter, its encoder's bottleneck, global-average-pooled (a network
   trained on this domain); without one, a fixed-seed *randomly initialised* small CNN (random_feature_network),
-  a much weaker proxy: random features react to intensity, texture and layout, not to anatomy. KIDs from
-  different feature networks are not comparable with each other, only with the reference beside them.
-  At most `max_real_features` real slices per role (seeded choice) are encoded, all synthetic ones are.
+  a much weaker proxy: random features react to intensity, texture and layout, not to anatomy. All features
+  are divided by one scalar so that the real training features have mean square 1 (x.y / d ~ 1, the regime
+  the cubic kernel was designed for with Inception features; a network with tiny activations would otherwise
+  give KIDs near 0 for anything). KIDs from different feature networks are still not comparable with each
+  other, only with the real reference beside them.
+  At most `max_features` slices per set (synthetic, real training, real held-out; seeded choice) are encoded.
 - Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
   the generated image (both empty = 1, genseg/metrics.py), plus tumour-size (mask area share) and class
   histograms of synthetic vs real training slices. Skipped for image-mode samples (metadata mask_source
@@ -161,7 +164,7 @@ def _seeded_subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str | Path | Segmenter | None = None,
-                       near_copy_ratio: float = NEAR_COPY_RATIO, max_real_features: int = 1000,
+                       near_copy_ratio: float = NEAR_COPY_RATIO, max_features: int = 1000,
                        kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0, write: bool = True,
                        out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Memorisation, KID and (with a segmenter) mask/image agreement of `synthetic` against `real` (module doc).
@@ -193,12 +196,12 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                               f"{channels}")
     extract, feature_network = _feature_extractor(segmenter, channels, seed)
 
-    train = _measure(real, train_rows, _seeded_subset(train_rows, max_real_features, seed), extract, None,
+    train = _measure(real, train_rows, _seeded_subset(train_rows, max_features, seed), extract, None,
                      "real train", progress)
-    held = _measure(real, held_rows, _seeded_subset(held_rows, max_real_features, seed + 1), extract, None,
+    held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, None,
                     "real held-out", progress) if len(held_rows) else None
     masks_generated = (syn_meta["attrs"].get("metadata") or {}).get("mask_source") != "none"
-    syn = _measure(synthetic, np.arange(n), np.arange(n), extract, segmenter if masks_generated else None,
+    syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract, segmenter if masks_generated else None,
                    "synthetic", progress)
 
     # (a) memorisation
@@ -222,9 +225,10 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
     real_ratio = real_nn / typical
     near = ratio < near_copy_ratio
 
-    # (b) KID
-    kid_mean, kid_std = kid(syn.features, train.features, kid_subsets, kid_subset_size, seed)
-    kid_ref = kid(held.features, train.features, kid_subsets, kid_subset_size, seed) \
+    # (b) KID, on features scaled so the real training features have mean square 1 (module doc)
+    scale = float(np.sqrt(np.mean(np.square(train.features, dtype=np.float64)))) or 1.0
+    kid_mean, kid_std = kid(syn.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed)
+    kid_ref = kid(held.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed) \
         if held is not None and len(held.features) >= 2 else (None, None)
 
     # (c) agreement and histograms
