@@ -11,13 +11,13 @@ Three views, each next to a real-vs-real reference so the number means something
   applied to the held-out real slices is reported as the false-alarm reference.
 - Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, mean +- sd over random subsets,
   genseg.metrics.kid) between synthetic and real training images, and between held-out (val/test) real and real
-  training images as the floor (None when the real file has no held-out slices). Features: with a segmenter, its encoder's bottleneck, global-average-pooled (a network
-  trained on this domain); without one, a fixed-seed *randomly initialised* small CNN (random_feature_network),
-  a much weaker proxy: random features react to intensity, texture and layout, not to anatomy. All features
-  are divided by one scalar so that the real training features have mean square 1 (x.y / d ~ 1, the regime
-  the cubic kernel was designed for with Inception features; a network with tiny activations would otherwise
-  give KIDs near 0 for anything). KIDs from different feature networks are still not comparable with each
-  other, only with the real reference beside them.
+  training images as the floor (None when the real file has no held-out slices). Features: with a segmenter,
+  its encoder's bottleneck, global-average-pooled (a network trained on this domain); without one, a
+  fixed-seed *randomly initialised* small CNN (random_feature_network), a much weaker proxy: random features
+  react to intensity, texture and layout, not to anatomy. All features are divided by one scalar so that the
+  real training features have mean square 1, which keeps x.y / d of order 1 whatever the network's activation
+  scale (an untrained or narrow network would otherwise give KIDs near 0 for anything). KIDs from different
+  feature networks are still not comparable with each other, only with the real reference beside them.
   At most `max_features` slices per set (synthetic, real training, real held-out; seeded choice) are encoded.
 - Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
   the generated image (both empty = 1, genseg/metrics.py), plus tumour-size (mask area share) and class
@@ -179,9 +179,9 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         raise DataError(real, "is marked synthetic; --real must be the real prepared dataset the generator was "
                               "trained on")
     train_rows = np.flatnonzero(real_meta["split"] == "train")
-    if not len(train_rows):
-        raise DataError(real, "has no training slices (no slice has split 'train'); memorisation is measured "
-                              "against the real training set")
+    if len(train_rows) < 2:
+        raise DataError(real, f"has {'no' if not len(train_rows) else 'only one'} training slice (split 'train'); "
+                              f"memorisation and KID are measured against the real training set")
     held_rows = np.flatnonzero(real_meta["split"] != "train")
     syn_meta = check_synthetic(synthetic, real_meta["attrs"])
     n = syn_meta["num_slices"]
@@ -201,8 +201,8 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
     held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, None,
                     "real held-out", progress) if len(held_rows) else None
     masks_generated = (syn_meta["attrs"].get("metadata") or {}).get("mask_source") != "none"
-    syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract, segmenter if masks_generated else None,
-                   "synthetic", progress)
+    syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract,
+                   segmenter if masks_generated else None, "synthetic", progress)
 
     # (a) memorisation
     train_patients = real_meta["patients"][train_rows]
