@@ -293,16 +293,19 @@ def _write_quality(path: Path, ratio: np.ndarray, agreement: np.ndarray | None, 
     about = {"quality_nn_ratio": "nearest real training slice distance / median real-to-real distance "
                                  "(genseg evaluate-synthetic); small = near-copy",
              "quality_agreement": "Dice of the generated mask vs the segmenter's prediction on the image"}
-    with atomic_path(path) as tmp:
-        shutil.copy2(path, tmp)
-        with h5py.File(tmp, "a") as h5:
-            for name, data in values.items():
-                if name in h5:
-                    del h5[name]
-                h5.create_dataset(name, data=np.asarray(data, np.float32))
-                h5[name].attrs.update({"description": about[name], "real": summary["real"],
-                                       "segmenter": summary["segmenter"] or ""})
-            h5.attrs["quality"] = json.dumps({k: v for k, v in summary.items() if k not in ("written", "figure")})
+    try:
+        with atomic_path(path) as tmp:
+            shutil.copy2(path, tmp)
+            with h5py.File(tmp, "a") as h5:
+                for name, data in values.items():
+                    if name in h5:
+                        del h5[name]
+                    h5.create_dataset(name, data=np.asarray(data, np.float32))
+                    h5[name].attrs.update({"description": about[name], "real": summary["real"],
+                                           "segmenter": summary["segmenter"] or ""})
+                h5.attrs["quality"] = json.dumps({k: v for k, v in summary.items() if k not in ("written", "figure")})
+    except OSError as exc:
+        raise DataError(path, f"cannot write the quality datasets ({exc}); pass --no-write to only report") from None
     return list(values)
 
 

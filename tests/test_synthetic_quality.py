@@ -90,6 +90,11 @@ def test_copies_of_training_slices_are_near_copies(real, tmp_path):
     # train-seg's filter reads what was written: only the fresh slices survive --min-nn-ratio 0.5
     rows, provenance = select_synthetic(synth, read_metadata(real)["attrs"], min_nn_ratio=0.5)
     assert rows.tolist() == list(range(6, 12)) and provenance["metadata"] == META
+    # evaluating again replaces the datasets (same numbers, no duplicates)
+    again = evaluate_synthetic(synth, real, near_copy_ratio=0.1, **FAST)
+    assert again["near_copies"] == 6 and again["near_copy_threshold"] == 0.1
+    with h5py.File(synth, "r") as h5:
+        np.testing.assert_array_equal(h5["quality_nn_ratio"][:], ratio)
     # --min-agreement needs a segmenter's evaluation first
     with pytest.raises(DataError, match="quality_agreement"):
         select_synthetic(synth, read_metadata(real)["attrs"], min_agreement=0.5)
