@@ -426,3 +426,35 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, cla
                            guidance=guidance, seed=seed, batch_size=batch_size, force=force)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
+
+
+# --- synthetic quality ---
+
+
+@main.command("evaluate-synthetic")
+@click.argument("synthetic", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--real", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="The real prepared dataset the generator was trained on (its split 'train' is the reference).")
+@click.option("--segmenter", type=click.Path(path_type=str),
+              help="train-seg run directory: its encoder gives the KID features and its predictions the mask/image "
+                   "agreement. Without it KID uses a fixed random CNN (a weaker proxy) and agreement is skipped.")
+@click.option("--near-copy-ratio", type=click.FloatRange(0, min_open=True), default=0.5, show_default=True,
+              help="Flag a synthetic slice as a near-copy when its nearest-neighbour ratio is below this.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=str),
+              help="Folder for the histogram PNG (default: next to SYNTHETIC).")
+@click.option("--no-write", is_flag=True, help="Only report; leave SYNTHETIC unchanged.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for KID subsets and the random CNN.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def evaluate_synthetic_cmd(synthetic, real, segmenter, near_copy_ratio, out_dir, no_write, seed, as_json):
+    """Quality of a synthetic dataset: near-copies of real training slices (nearest-neighbour ratio), KID against
+    real data next to the real-vs-real KID, and with --segmenter the Dice between generated masks and the
+    segmenter's predictions, plus tumour-size and class histograms. Unless --no-write, the per-slice
+    quality_nn_ratio / quality_agreement that `train-seg --min-nn-ratio / --min-agreement` filter on are written
+    into SYNTHETIC (an edited copy atomically replaces it)."""
+    import json
+
+    from .synthetic_quality import evaluate_synthetic, markdown_table
+
+    result = evaluate_synthetic(synthetic, real, segmenter, near_copy_ratio=near_copy_ratio, seed=seed,
+                                write=not no_write, out_dir=out_dir, progress=not as_json)
+    click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))

@@ -55,6 +55,23 @@ class Segmenter:
     @torch.no_grad()
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]."""
+        x = self._check(images)
+        out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
+               for batch in x.split(self.batch_size)]
+        probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
+        return probs.float().cpu().numpy()
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Bottleneck features of the encoder, global-average-pooled: (N, D) float32 for preprocessed images
+        (the feature space `genseg evaluate-synthetic` measures KID in)."""
+        x = self._check(images)
+        out = [self.network.encode(batch.to(self.device).contiguous(memory_format=self.memory_format))[-1].mean((2, 3))
+               for batch in x.split(self.batch_size)]
+        width = self.model.config.base_channels * 2 ** self.model.config.depth
+        return (torch.cat(out) if out else torch.zeros(0, width)).float().cpu().numpy()
+
+    def _check(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(images, dtype=torch.float32)
         expected = (self.channels, self.size, self.size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -64,10 +81,7 @@ class Segmenter:
         if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
             raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
                              f"got values in [{x.min():.3g}, {x.max():.3g}]")
-        out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
-               for batch in x.split(self.batch_size)]
-        probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
-        return probs.float().cpu().numpy()
+        return x
 
 
 def load_segmenter(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16,

@@ -12,6 +12,11 @@ Conventions (binary masks; predictions are thresholded probabilities, `>= thresh
 - Per-patient Dice pools all of a patient's slices (sum of overlaps over sum of sizes, a volume Dice);
   patients with no tumour and no prediction anywhere score 1.
 - fp_rate: share of tumour-free slices (empty ground truth) on which the prediction has at least one pixel.
+
+Synthetic-data measures (used by `genseg evaluate-synthetic`, genseg/synthetic_quality.py):
+- `nearest_neighbour_distances`: per query, the smallest RMS pixel difference to a reference set (memorisation).
+- `kid`: Kernel Inception Distance (Binkowski et al. 2018) on any feature vectors: the unbiased MMD^2 with the
+  cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets; mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .data.records import CLASS_NAMES
@@ -114,3 +120,59 @@ def summarize(scores: dict[str, np.ndarray], labels: Sequence[int], patients: Se
         "fp_rate": _mean(false_alarms.astype(np.float64)),
         "tumour_free_slices": int(tumour_free.sum()),
     }
+
+
+def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, query_groups: np.ndarray | None = None,
+                                reference_groups: np.ndarray | None = None, chunk: int = 512) -> np.ndarray:
+    """For every query row, the RMS difference (L2 / sqrt(dim)) to its nearest reference row.
+
+    Rows are flattened. With groups (e.g. patient ids), references of the query's own group are skipped, so a
+    real slice is never matched with itself or its neighbouring slices; a query with no other group gets inf.
+    """
+    q = torch.as_tensor(np.asarray(queries, np.float32).reshape(len(queries), -1))
+    r = torch.as_tensor(np.asarray(references, np.float32).reshape(len(references), -1))
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"queries have {q.shape[1]} values per row, references {r.shape[1]}")
+    if not len(r):
+        raise ValueError("no reference rows")
+    grouped = query_groups is not None and reference_groups is not None
+    if grouped:
+        _, codes = np.unique(np.concatenate([np.asarray(query_groups, str), np.asarray(reference_groups, str)]),
+                             return_inverse=True)
+        q_codes, r_codes = torch.as_tensor(codes[: len(q)]), torch.as_tensor(codes[len(q):])
+    out = []
+    for start in range(0, len(q), chunk):
+        d = torch.cdist(q[start:start + chunk].double(), r.double())
+        if grouped:
+            d[q_codes[start:start + chunk, None] == r_codes[None, :]] = float("inf")
+        out.append(d.min(dim=1).values)
+    dist = torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return (dist / math.sqrt(q.shape[1])).numpy()
+
+
+def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """KID between two feature sets (N, D): mean and standard deviation over `num_subsets` random subsets.
+
+    Each subset draws min(subset_size, N_a, N_b) rows of each set without replacement and computes the unbiased
+    MMD^2 (diagonal kernel terms left out), so the expected value is 0 for two samples of one distribution and
+    can come out slightly negative. The three kernel matrices are computed once (float64) and subsets index
+    them, so keep each set to a few thousand rows. Needs at least 2 rows per set.
+    """
+    a = torch.as_tensor(np.asarray(features_a, np.float64))
+    b = torch.as_tensor(np.asarray(features_b, np.float64))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected two (N, D) feature sets of equal D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    dim = a.shape[1]
+    k_aa, k_bb, k_ab = ((u @ v.T / dim + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(num_subsets):  # a subset = a 0/1 weight vector: its kernel sums are quadratic forms
+        x = torch.zeros(len(a), dtype=torch.float64).index_fill_(0, torch.randperm(len(a), generator=g)[:m], 1)
+        y = torch.zeros(len(b), dtype=torch.float64).index_fill_(0, torch.randperm(len(b), generator=g)[:m], 1)
+        within = x @ k_aa @ x - x @ k_aa.diagonal() + y @ k_bb @ y - y @ k_bb.diagonal()
+        values.append(float(within / (m * (m - 1)) - 2 * (x @ k_ab @ y) / m**2))
+    return float(np.mean(values)), float(np.std(values))

@@ -123,3 +123,29 @@ def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return Path(path)
+
+
+def plot_bars(panels: dict[str, tuple[Sequence[str], dict[str, Sequence[float]]]], path: str | Path,
+              ylabel: str = "share of slices", title: str = "") -> Path:
+    """Grouped bar charts side by side, one per panel: {panel title: (category names, {series: values})},
+    e.g. histograms of synthetic vs real data."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=110)
+    for k, (panel, (categories, series)) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        width = 0.8 / max(1, len(series))
+        positions = np.arange(len(categories))
+        for j, (name, values) in enumerate(series.items()):
+            ax.bar(positions + (j - (len(series) - 1) / 2) * width, values, width, label=name)
+        ax.set_xticks(positions, list(categories), rotation=45, ha="right", fontsize=7)
+        ax.set_title(panel, fontsize=9)
+        ax.set_ylabel(ylabel if k == 0 else "")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

@@ -74,14 +74,20 @@ class SegmentationUNet(ModelMixin, ConfigMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, out_channels, H, W) for images (N, in_channels, H, W)."""
-        self._check_input(x)
-        skips = [self.inc(x)]
-        for down in self.downs:
-            skips.append(down(skips[-1]))
+        skips = self.encode(x)
         x = skips.pop()
         for up in self.ups:
             x = up(x, skips.pop())
         return self.outc(x)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, one per level, finest first; the last is the bottleneck (the skips the
+        decoder uses, and features for synthetic-data quality measures)."""
+        self._check_input(x)
+        levels = [self.inc(x)]
+        for down in self.downs:
+            levels.append(down(levels[-1]))
+        return levels
 
     def fold_batchnorm(self) -> "SegmentationUNet":
         """An inference copy with every BatchNorm folded into the conv before it (same outputs to float

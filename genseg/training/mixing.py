@@ -80,15 +80,9 @@ def subsample_patients(patients: np.ndarray, fraction: float, seed: int) -> np.n
     return np.isin(patients.astype(str), chosen)
 
 
-def select_synthetic(path: str | Path, real_attrs: dict, min_agreement: float | None = None,
-                     min_nn_ratio: float | None = None) -> tuple[np.ndarray, dict]:
-    """Rows of a synthetic file usable with the real data, and a provenance record for the run's log.
-
-    The file must be marked synthetic and match the real data's image size and channels. `min_agreement`
-    keeps slices whose `quality_agreement` (generated mask vs segmenter Dice; NaN = unknown fails) is at
-    least that; `min_nn_ratio` keeps slices whose `quality_nn_ratio` is at least that (small = near-copy of a
-    real training slice). Both datasets are written by `genseg evaluate-synthetic`.
-    """
+def check_synthetic(path: str | Path, real_attrs: dict) -> dict:
+    """`read_metadata` of a synthetic file, after checking it is marked synthetic and matches the real data's
+    image size and channels (DataError naming the file otherwise)."""
     meta = read_metadata(path)
     attrs = meta["attrs"]
     if not attrs.get("synthetic", False):
@@ -100,6 +94,19 @@ def select_synthetic(path: str | Path, real_attrs: dict, min_agreement: float | 
         raise DataError(path, f"synthetic images are {ours[0]}x{ours[0]} with {ours[1]} channel(s), but the real "
                               f"data is {theirs[0]}x{theirs[0]} with {theirs[1]} channel(s); sample at the real "
                               f"data's size or prepare the real data at {ours[0]}")
+    return meta
+
+
+def select_synthetic(path: str | Path, real_attrs: dict, min_agreement: float | None = None,
+                     min_nn_ratio: float | None = None) -> tuple[np.ndarray, dict]:
+    """Rows of a synthetic file usable with the real data, and a provenance record for the run's log.
+
+    The file must be marked synthetic and match the real data's image size and channels. `min_agreement`
+    keeps slices whose `quality_agreement` (generated mask vs segmenter Dice; NaN = unknown fails) is at
+    least that; `min_nn_ratio` keeps slices whose `quality_nn_ratio` is at least that (small = near-copy of a
+    real training slice). Both datasets are written by `genseg evaluate-synthetic`.
+    """
+    meta = check_synthetic(path, real_attrs)
     keep = np.ones(meta["num_slices"], dtype=bool)
     filters = {"min_agreement": (min_agreement, "quality_agreement"), "min_nn_ratio": (min_nn_ratio, "quality_nn_ratio")}
     with open_prepared(path) as h5:
@@ -114,7 +121,7 @@ def select_synthetic(path: str | Path, real_attrs: dict, min_agreement: float | 
     rows = np.flatnonzero(keep)
     provenance = {
         "path": str(path),
-        "metadata": attrs.get("metadata"),
+        "metadata": meta["attrs"].get("metadata"),
         "num_slices": meta["num_slices"],
         "num_kept": int(len(rows)),
         "min_agreement": min_agreement,

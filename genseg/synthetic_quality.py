@@ -1,0 +1,364 @@
+"""How good is a synthetic dataset? (`genseg evaluate-synthetic SYNTH.h5 --real DATASET.h5 [--segmenter RUN]`)
+
+Three views, each next to a real-vs-real reference so the number means something:
+- Memorisation. Images are average-pooled to at most 32x32 (robust to pixel noise, cheap) and compared by RMS
+  pixel difference (L2 / sqrt(pixels), images in [0, 1]). Every synthetic slice gets the distance to its nearest
+  real *training* slice (what the generator saw). The reference is the real-to-real distance: each held-out real
+  slice (split val/test; when there are none, each training slice with its own patient's slices left out) to
+  the training set. `nn_ratio` = synthetic distance / median real-to-real distance: ~1 means "as far from the
+  training set as an unseen real patient", 0 an exact copy. A slice is a near-copy when its ratio is below
+  NEAR_COPY_RATIO (0.5: half the typical distance between different patients' slices); the same threshold
+  applied to the held-out real slices is reported as the false-alarm reference.
+- Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, mean +- sd over random subsets,
+  genseg.metrics.kid) between synthetic and real training images, and between held-out (val/test) real and real
+  training images as the floor (None when the real file has no held-out slices). Features: with a segmenter,
+  its encoder's bottleneck, global-average-pooled (a network trained on this domain); without one, a
+  fixed-seed *randomly initialised* small CNN (random_feature_network), a much weaker proxy: random features
+  react to intensity, texture and layout, not to anatomy. All features are divided by one scalar so that the
+  real training features have mean square 1, which keeps x.y / d of order 1 whatever the network's activation
+  scale (an untrained or narrow network would otherwise give KIDs near 0 for anything). KIDs from different
+  feature networks are still not comparable with each other, only with the real reference beside them.
+  At most `max_features` slices per set (synthetic, real training, real held-out; seeded choice) are encoded.
+- Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
+  the generated image (both empty = 1, genseg/metrics.py), plus tumour-size (mask area share) and class
+  histograms of synthetic vs real training slices. Skipped for image-mode samples (metadata mask_source
+  "none"): their empty masks are placeholders, not generated masks.
+
+Results are written into the synthetic file as per-slice datasets `quality_nn_ratio` and (with a segmenter)
+`quality_agreement`, which `train-seg --min-nn-ratio / --min-agreement` filter on, and the summary as the file
+attribute `quality` (JSON). The write is crash-safe: the file is copied to a temporary sibling, the copy is
+edited, and the copy atomically replaces the original (genseg.io.atomic_path), so a crash leaves the old file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data.prepared import read_metadata
+from .data.records import CLASS_NAMES
+from .errors import CheckpointError, DataError
+from .inference import Segmenter, load_segmenter
+from .io import atomic_path
+from .metrics import dice_from_counts, kid, nearest_neighbour_distances, overlap_counts
+from .training.mixing import check_synthetic
+from .viz import plot_bars
+
+NEAR_COPY_RATIO = 0.5
+NN_SIDE = 32  # images are average-pooled to at most this side before nearest-neighbour search
+RANDOM_CNN_SIDE = 64  # the random CNN sees images resized to this side (its receptive field is ~half of it)
+SIZE_EDGES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # tumour area-share histogram edges (slices with tumour)
+RATIO_EDGES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+AGREEMENT_EDGES = tuple(np.round(np.linspace(0.1, 0.9, 9), 1))
+
+
+def random_feature_network(channels: int, seed: int = 0) -> nn.Module:
+    """Untrained fixed-seed CNN: four stride-2 3x3 convolutions (32-64-128-256, ReLU, Kaiming-normal weights so
+    activations keep their scale), global average pooling -> 256 features. Same seed, same features."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for cin, cout in zip((channels, 32, 64, 128), (32, 64, 128, 256)):
+        conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=g)
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+
+
+def _feature_extractor(segmenter: Segmenter | None, channels: int, seed: int) -> tuple[Callable, str]:
+    if segmenter is not None:
+        cfg = segmenter.model.config
+        width = cfg.base_channels * 2**cfg.depth
+        return segmenter.features, (f"segmenter encoder bottleneck, global-average-pooled ({width}-d) of "
+                                    f"{segmenter.source or 'the given segmenter'}")
+    net = random_feature_network(channels, seed)
+
+    @torch.no_grad()
+    def features(images: np.ndarray) -> np.ndarray:
+        x = F.interpolate(torch.as_tensor(images), size=(RANDOM_CNN_SIDE, RANDOM_CNN_SIDE), mode="bilinear",
+                          antialias=True, align_corners=False)
+        return net(x).numpy()
+
+    return features, (f"random CNN (untrained, seed {seed}, 4 conv layers, 256-d, input {RANDOM_CNN_SIDE}px): "
+                      f"a weaker proxy than a trained encoder; pass --segmenter for domain features")
+
+
+class _Pass:
+    """Everything measured on one set of slices, read in chunks so RAM stays bounded."""
+
+    def __init__(self):
+        self.pooled, self.features, self.area, self.agreement = [], [], [], []
+
+    def done(self) -> "_Pass":
+        for key in ("pooled", "features", "area", "agreement"):
+            parts = getattr(self, key)
+            setattr(self, key, np.concatenate(parts) if parts else np.zeros(0))
+        return self
+
+
+def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Callable,
+             segmenter: Segmenter | None, desc: str, progress: bool, chunk: int = 128) -> _Pass:
+    """Pooled images and mask areas of `rows`, features of `feature_rows` (a subset), and with a segmenter the
+    mask/prediction Dice of every row."""
+    out = _Pass()
+    wanted = set(feature_rows.tolist())
+    with h5py.File(path, "r") as h5:
+        images_ds, masks_ds = h5["images"], h5["masks"]
+        for start in tqdm(range(0, len(rows), chunk), desc=desc, disable=not progress or len(rows) <= chunk):
+            part = rows[start:start + chunk]
+            images = images_ds[part].astype(np.float32)
+            masks = masks_ds[part] > 0
+            if images.min() < -1e-3 or images.max() > 1 + 1e-3 or not np.isfinite(images).all():
+                raise DataError(path, f"images of rows {part[0]}..{part[-1]} are outside [0, 1] (or not finite); "
+                                      f"the prepared format stores normalised images")
+            side = images.shape[-1]
+            pooled = F.adaptive_avg_pool2d(torch.from_numpy(images), min(side, NN_SIDE)) if side > NN_SIDE \
+                else torch.from_numpy(images)
+            out.pooled.append(pooled.reshape(len(part), -1).numpy())
+            out.area.append(masks.mean(axis=(1, 2)))
+            pick = np.array([r in wanted for r in part.tolist()], dtype=bool)
+            if pick.any():
+                out.features.append(extract(images[pick]))
+            if segmenter is not None:
+                pred = segmenter.predict(images) >= segmenter.threshold
+                out.agreement.append(dice_from_counts(*overlap_counts(pred, masks)))
+    return out.done()
+
+
+def _histogram(values: np.ndarray, edges: tuple, empty_bin: bool = False) -> tuple[list[str], list[float]]:
+    """Bin names and shares of `values`; with `empty_bin`, zeros get a bin of their own ("none")."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    names = [f"<{edges[0]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])] + [f">={edges[-1]:g}"]
+    positive = values[values > 0] if empty_bin else values
+    counts = np.bincount(np.searchsorted(edges, positive, side="right"), minlength=len(edges) + 1)
+    if empty_bin:
+        names, counts = ["none"] + names, np.concatenate([[np.sum(values == 0)], counts])
+    return names, (counts / max(1, len(values))).round(4).tolist()
+
+
+def _class_shares(labels: np.ndarray) -> dict[str, float]:
+    ids, counts = np.unique(labels, return_counts=True)
+    return {CLASS_NAMES.get(int(i), str(int(i))): round(float(c / max(1, len(labels))), 4)
+            for i, c in zip(ids, counts)}
+
+
+def _class_order(result: dict) -> list[str]:
+    present = set(result["class_histogram"]["synthetic"]) | set(result["class_histogram"]["real"])
+    return [name for name in CLASS_NAMES.values() if name in present] + sorted(present - set(CLASS_NAMES.values()))
+
+
+def _seeded_subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+
+
+def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str | Path | Segmenter | None = None,
+                       near_copy_ratio: float = NEAR_COPY_RATIO, max_features: int = 1000,
+                       kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0, write: bool = True,
+                       out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Memorisation, KID and (with a segmenter) mask/image agreement of `synthetic` against `real` (module doc).
+
+    Writes `quality_nn_ratio` / `quality_agreement` and the `quality` attribute into the synthetic file unless
+    `write` is False, and a PNG of the histograms to `out_dir` (default: next to the synthetic file).
+    Returns the summary dict (JSON-serialisable).
+    """
+    synthetic, real = Path(synthetic), Path(real)
+    real_meta = read_metadata(real)
+    if real_meta["attrs"].get("synthetic", False):
+        raise DataError(real, "is marked synthetic; --real must be the real prepared dataset the generator was "
+                              "trained on")
+    train_rows = np.flatnonzero(real_meta["split"] == "train")
+    if len(train_rows) < 2:
+        raise DataError(real, f"has {'no' if not len(train_rows) else 'only one'} training slice (split 'train'); "
+                              f"memorisation and KID are measured against the real training set")
+    held_rows = np.flatnonzero(real_meta["split"] != "train")
+    syn_meta = check_synthetic(synthetic, real_meta["attrs"])
+    n = syn_meta["num_slices"]
+    if n < 2:
+        raise DataError(synthetic, f"holds {n} slice(s); the distribution distance needs at least 2")
+    size, channels = int(real_meta["attrs"]["size"]), int(real_meta["attrs"]["channels"])
+    if segmenter is not None and not isinstance(segmenter, Segmenter):
+        segmenter = load_segmenter(segmenter)
+    if segmenter is not None and (segmenter.size, segmenter.channels) != (size, channels):
+        raise CheckpointError(f"{segmenter.source}: the segmenter expects {segmenter.size}x{segmenter.size} images "
+                              f"with {segmenter.channels} channel(s), {synthetic} holds {size}x{size} with "
+                              f"{channels}")
+    extract, feature_network = _feature_extractor(segmenter, channels, seed)
+
+    train = _measure(real, train_rows, _seeded_subset(train_rows, max_features, seed), extract, None,
+                     "real train", progress)
+    held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, None,
+                    "real held-out", progress) if len(held_rows) else None
+    masks_generated = (syn_meta["attrs"].get("metadata") or {}).get("mask_source") != "none"
+    syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract,
+                   segmenter if masks_generated else None, "synthetic", progress)
+
+    # (a) memorisation
+    train_patients = real_meta["patients"][train_rows]
+    if held is not None:
+        real_nn = nearest_neighbour_distances(held.pooled, train.pooled)
+        reference_kind = "held-out (val/test) real slices to the training set"
+    else:
+        real_nn = nearest_neighbour_distances(train.pooled, train.pooled, train_patients, train_patients)
+        reference_kind = "training slices to the other patients' training slices"
+    real_nn = real_nn[np.isfinite(real_nn)]
+    if not len(real_nn):
+        raise DataError(real, "needs held-out slices or at least two training patients for the real-to-real "
+                              "nearest-neighbour reference")
+    typical = float(np.median(real_nn))
+    if typical <= 0:
+        raise DataError(real, "real slices of different patients are pixel-identical (median nearest-neighbour "
+                              "distance 0); the memorisation ratio is undefined")
+    syn_nn = nearest_neighbour_distances(syn.pooled, train.pooled)
+    ratio = syn_nn / typical
+    real_ratio = real_nn / typical
+    near = ratio < near_copy_ratio
+
+    # (b) KID, on features scaled so the real training features have mean square 1 (module doc)
+    scale = float(np.sqrt(np.mean(np.square(train.features, dtype=np.float64)))) or 1.0
+    kid_mean, kid_std = kid(syn.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed)
+    kid_ref = kid(held.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed) \
+        if held is not None and len(held.features) >= 2 else (None, None)
+
+    # (c) agreement and histograms
+    agreement = syn.agreement if segmenter is not None and masks_generated else None
+    syn_tumour, real_tumour = syn.area[syn.area > 0], train.area[train.area > 0]
+    size_bins, syn_sizes = _histogram(syn.area, SIZE_EDGES, empty_bin=True)
+    _, real_sizes = _histogram(train.area, SIZE_EDGES, empty_bin=True)
+    ratio_bins, syn_ratios = _histogram(ratio, RATIO_EDGES)
+    result: dict[str, Any] = {
+        "synthetic": str(synthetic),
+        "real": str(real),
+        "segmenter": segmenter.source if segmenter is not None else None,
+        "generator": syn_meta["attrs"].get("metadata"),
+        "num_synthetic": n,
+        "num_real_train": int(len(train_rows)),
+        "num_real_heldout": int(len(held_rows)),
+        "nn_image_side": int(np.sqrt(syn.pooled.shape[1] / channels)),
+        "nn_reference": reference_kind,
+        "nn_real_median_distance": typical,
+        "nn_synthetic_median_distance": float(np.median(syn_nn)),
+        "nn_ratio_median": float(np.median(ratio)),
+        "nn_ratio_min": float(ratio.min()),
+        "near_copy_threshold": near_copy_ratio,
+        "near_copies": int(near.sum()),
+        "near_copy_percent": round(100 * float(near.mean()), 2),
+        "real_near_copy_percent": round(100 * float((real_ratio < near_copy_ratio).mean()), 2),
+        "nn_ratio_histogram": {"bins": ratio_bins, "synthetic": syn_ratios,
+                               "real": _histogram(real_ratio, RATIO_EDGES)[1]},
+        "feature_network": feature_network,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_real_reference": kid_ref[0],
+        "kid_real_reference_std": kid_ref[1],
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": min(kid_subset_size, len(syn.features), len(train.features)),
+        "agreement_dice_mean": float(agreement.mean()) if agreement is not None else None,
+        "agreement_dice_median": float(np.median(agreement)) if agreement is not None else None,
+        "agreement_histogram": ({"bins": _histogram(agreement, AGREEMENT_EDGES)[0],
+                                 "synthetic": _histogram(agreement, AGREEMENT_EDGES)[1]}
+                                if agreement is not None else None),
+        "threshold": segmenter.threshold if segmenter is not None else None,
+        "masks_generated": masks_generated,  # false for image-mode samples: their empty masks are placeholders
+        "tumour_slice_share": {"synthetic": round(float((syn.area > 0).mean()), 4),
+                               "real": round(float((train.area > 0).mean()), 4)},
+        "tumour_area_share_mean": {"synthetic": float(syn_tumour.mean()) if len(syn_tumour) else None,
+                                   "real": float(real_tumour.mean()) if len(real_tumour) else None},
+        "tumour_size_histogram": {"bins": size_bins, "synthetic": syn_sizes, "real": real_sizes},
+        "class_histogram": {"synthetic": _class_shares(syn_meta["labels"]),
+                            "real": _class_shares(real_meta["labels"][train_rows])},
+    }
+    out_dir = Path(out_dir) if out_dir is not None else synthetic.parent
+    result["figure"] = str(_figure(result, out_dir / f"{synthetic.stem}_quality.png"))
+    result["written"] = _write_quality(synthetic, ratio, agreement, result) if write else []
+    return result
+
+
+def _write_quality(path: Path, ratio: np.ndarray, agreement: np.ndarray | None, summary: dict) -> list[str]:
+    """Per-slice datasets and the `quality` attribute, via an edited copy that atomically replaces the file."""
+    values = {"quality_nn_ratio": ratio}
+    if agreement is not None:
+        values["quality_agreement"] = agreement
+    about = {"quality_nn_ratio": "nearest real training slice distance / median real-to-real distance "
+                                 "(genseg evaluate-synthetic); small = near-copy",
+             "quality_agreement": "Dice of the generated mask vs the segmenter's prediction on the image"}
+    try:
+        with atomic_path(path) as tmp:
+            shutil.copy2(path, tmp)
+            with h5py.File(tmp, "a") as h5:
+                for name, data in values.items():
+                    if name in h5:
+                        del h5[name]
+                    h5.create_dataset(name, data=np.asarray(data, np.float32))
+                    h5[name].attrs.update({"description": about[name], "real": summary["real"],
+                                           "segmenter": summary["segmenter"] or ""})
+                h5.attrs["quality"] = json.dumps({k: v for k, v in summary.items() if k not in ("written", "figure")})
+    except OSError as exc:
+        raise DataError(path, f"cannot write the quality datasets ({exc}); pass --no-write to only report") from None
+    return list(values)
+
+
+def _figure(result: dict, path: Path) -> Path:
+    panels = {
+        "nearest-neighbour ratio": (result["nn_ratio_histogram"]["bins"],
+                                    {"synthetic": result["nn_ratio_histogram"]["synthetic"],
+                                     "real held-out": result["nn_ratio_histogram"]["real"]}),
+        "tumour area share": (result["tumour_size_histogram"]["bins"],
+                              {"synthetic": result["tumour_size_histogram"]["synthetic"],
+                               "real train": result["tumour_size_histogram"]["real"]}),
+    }
+    classes = _class_order(result)
+    panels["class"] = (classes, {name: [result["class_histogram"][k].get(c, 0.0) for c in classes]
+                                 for name, k in (("synthetic", "synthetic"), ("real train", "real"))})
+    if result["agreement_histogram"] is not None:
+        panels["mask vs segmenter Dice"] = (result["agreement_histogram"]["bins"],
+                                            {"synthetic": result["agreement_histogram"]["synthetic"]})
+    return plot_bars(panels, path, title=f"{Path(result['synthetic']).name} vs {Path(result['real']).name}")
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The headline numbers, synthetic next to the real reference."""
+
+    def fmt(v, scale: float = 1.0) -> str:
+        return "n/a" if v is None else f"{v * scale:.4g}"
+
+    kid_ref = (f"{fmt(result['kid_real_reference'], 1e3)} ± {fmt(result['kid_real_reference_std'], 1e3)}"
+               if result["kid_real_reference"] is not None else "n/a")
+    shares = result["tumour_slice_share"]
+    areas = result["tumour_area_share_mean"]
+    lines = [
+        f"Synthetic quality of {result['synthetic']} ({result['num_synthetic']} slices) against {result['real']} "
+        f"({result['num_real_train']} training, {result['num_real_heldout']} held-out slices)", "",
+        "| measure | synthetic | real reference |", "|---|---|---|",
+        f"| nearest-neighbour ratio, median (1 = as far as an unseen real patient) | "
+        f"{fmt(result['nn_ratio_median'])} | 1 |",
+        f"| near-copies (ratio < {result['near_copy_threshold']:g}) | {result['near_copies']} "
+        f"({result['near_copy_percent']:g} %) | {result['real_near_copy_percent']:g} % |",
+        f"| KID x 1000 (mean ± sd) | {fmt(result['kid_mean'], 1e3)} ± {fmt(result['kid_std'], 1e3)} | {kid_ref} |",
+        f"| mask vs segmenter Dice, mean (median) | {fmt(result['agreement_dice_mean'])} "
+        f"({fmt(result['agreement_dice_median'])}) | n/a |",
+        f"| share of slices with tumour | {fmt(shares['synthetic'])} | {fmt(shares['real'])} |",
+        f"| mean tumour area share (tumour slices) | {fmt(areas['synthetic'])} | {fmt(areas['real'])} |",
+    ]
+    for name in _class_order(result):
+        lines.append(f"| class {name} share | {fmt(result['class_histogram']['synthetic'].get(name, 0.0))} | "
+                     f"{fmt(result['class_histogram']['real'].get(name, 0.0))} |")
+    lines += ["", f"KID features: {result['feature_network']}",
+              f"Nearest-neighbour reference: {result['nn_reference']}; images pooled to "
+              f"{result['nn_image_side']}px, RMS pixel distance",
+              f"Figure: {result['figure']}"]
+    if result["written"]:
+        lines.append(f"Wrote {', '.join(result['written'])} into {result['synthetic']} (for train-seg "
+                     f"--min-nn-ratio / --min-agreement)")
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""evaluate-synthetic: near-copies are caught, KID separates like from unlike, mask/image agreement is exact when
+the masks are the segmenter's own predictions, the per-slice results are what train-seg filters on, and bad input
+gets errors naming the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401 (autouse fixture)
+
+from genseg.data.prepared import PreparedWriter, read_metadata
+from genseg.data.records import preprocess_pair
+from genseg.errors import CheckpointError, DataError
+from genseg.inference import load_segmenter
+from genseg.metrics import kid
+from genseg.synthetic_quality import evaluate_synthetic, markdown_table, random_feature_network
+from genseg.training.mixing import select_synthetic
+from genseg.training.seg import SegTrainConfig, train_segmenter
+
+FAST = dict(kid_subsets=20, progress=False)
+META = {"model": "test-ddpm", "scheduler": "dpmsolver", "steps": 20, "seed": 7, "class": None}
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    return write_phantoms(tmp_path_factory.mktemp("real") / "real.h5", n=40, size=32, patients=10)
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory, real) -> Path:
+    """A segmenter trained for a few epochs on the real phantoms: its predictions are neither empty nor perfect."""
+    run = tmp_path_factory.mktemp("seg") / "run"
+    cfg = SegTrainConfig(size=32, base_channels=8, depth=2, batch_size=4, epochs=12, lr=1e-2, patience=None,
+                         loss="bce+dice", hflip=False, max_rotation=0.0, plot_samples=1)
+    train_segmenter(cfg, real, run)
+    return run
+
+
+def fresh_phantoms(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """New phantoms (images (n, 1, S, S) as stored in float16, masks), never seen in the real file."""
+    rng = np.random.default_rng(seed)
+    pairs = [preprocess_pair(*phantom(rng, size, tumour=i % 4 != 0), size) for i in range(n)]
+    images = np.stack([p[0] for p in pairs]).astype(np.float16).astype(np.float32)
+    return images, np.stack([p[1] for p in pairs])
+
+
+def write_synth(path: Path, images: np.ndarray, masks: np.ndarray, labels=None, synthetic: bool = True,
+                **metadata) -> Path:
+    """A synthetic file the way `genseg sample` writes one: the prepared format, marked synthetic, with metadata."""
+    with PreparedWriter(path, size=images.shape[-1], channels=images.shape[1], source_format="diffusion",
+                        synthetic=synthetic, metadata={**META, **metadata}) as writer:
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            label = int(labels[i]) if labels is not None else (2 if mask.any() else 0)
+            writer.append(image, mask, label=label, patient=f"synthetic-{i}", source="sample")
+        return writer.close(folds=np.ones(len(images), dtype=np.int8))
+
+
+def real_train_slices(real: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(read_metadata(real)["split"] == "train")[:k]
+    with h5py.File(real, "r") as h5:
+        return h5["images"][rows].astype(np.float32), h5["masks"][rows]
+
+
+def test_copies_of_training_slices_are_near_copies(real, tmp_path):
+    copies, copy_masks = real_train_slices(real, 6)
+    fresh, fresh_masks = fresh_phantoms(6, seed=123)
+    synth = write_synth(tmp_path / "synth.h5", np.concatenate([copies, fresh]),
+                        np.concatenate([copy_masks, fresh_masks]))
+    pixels_before = h5py.File(synth, "r")["images"][:]
+
+    result = evaluate_synthetic(synth, real, **FAST)
+    with h5py.File(synth, "r") as h5:
+        ratio = h5["quality_nn_ratio"][:]
+        assert "quality_agreement" not in h5  # no segmenter: agreement unknown, not invented
+        np.testing.assert_array_equal(h5["images"][:], pixels_before)
+        assert json.loads(h5.attrs["quality"])["near_copies"] == 6
+    assert np.all(ratio[:6] < 1e-3), ratio
+    assert np.all(ratio[6:] > 0.6), ratio
+    assert result["near_copies"] == 6 and result["near_copy_percent"] == 50.0
+    assert result["real_near_copy_percent"] < 20  # held-out real slices are not flagged
+    assert result["agreement_dice_mean"] is None and result["written"] == ["quality_nn_ratio"]
+    assert result["feature_network"].startswith("random CNN")
+    assert Path(result["figure"]).stat().st_size > 0
+    table = markdown_table(result)
+    assert "| near-copies (ratio < 0.5) | 6 (50 %)" in table and "KID x 1000" in table and "random CNN" in table
+    # train-seg's filter reads what was written: only the fresh slices survive --min-nn-ratio 0.5
+    rows, provenance = select_synthetic(synth, read_metadata(real)["attrs"], min_nn_ratio=0.5)
+    assert rows.tolist() == list(range(6, 12)) and provenance["metadata"] == META
+    # evaluating again replaces the datasets (same numbers, no duplicates)
+    again = evaluate_synthetic(synth, real, near_copy_ratio=0.1, **FAST)
+    assert again["near_copies"] == 6 and again["near_copy_threshold"] == 0.1
+    with h5py.File(synth, "r") as h5:
+        np.testing.assert_array_equal(h5["quality_nn_ratio"][:], ratio)
+    # --min-agreement needs a segmenter's evaluation first
+    with pytest.raises(DataError, match="quality_agreement"):
+        select_synthetic(synth, read_metadata(real)["attrs"], min_agreement=0.5)
+
+
+def test_kid_self_is_zero_and_noise_is_far():
+    net = random_feature_network(1, seed=0)
+    a, _ = fresh_phantoms(48, seed=1)
+    b, _ = fresh_phantoms(48, seed=2)
+    noise = np.random.default_rng(3).uniform(0, 1, a.shape).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        fa, fb, fn = (net(torch.from_numpy(x)).numpy() for x in (a, b, noise))
+    self_kid, _ = kid(fa, fa, num_subsets=20, subset_size=32)
+    same_kid, _ = kid(fa, fb, num_subsets=20, subset_size=32)
+    noise_kid, noise_sd = kid(fa, fn, num_subsets=20, subset_size=32)
+    assert noise_kid > 20 * max(abs(self_kid), abs(same_kid)) and noise_kid > 5 * noise_sd
+    # fixed seed = fixed features
+    np.testing.assert_array_equal(random_feature_network(1, seed=0)(torch.from_numpy(a)).detach().numpy(), fa)
+
+
+def test_kid_of_noise_exceeds_the_real_reference(real, tmp_path):
+    images, masks = fresh_phantoms(24, seed=5)
+    noise = np.random.default_rng(0).uniform(0, 1, images.shape).astype(np.float32)
+    good = evaluate_synthetic(write_synth(tmp_path / "good.h5", images, masks), real, write=False, **FAST)
+    bad = evaluate_synthetic(write_synth(tmp_path / "noise.h5", noise, masks), real, write=False, **FAST)
+    assert bad["kid_mean"] > 10 * abs(good["kid_mean"]) and bad["kid_mean"] > 10 * abs(bad["kid_real_reference"])
+    assert good["kid_mean"] < good["kid_real_reference"] + 3 * good["kid_real_reference_std"] + 3 * good["kid_std"]
+    assert not h5py.File(tmp_path / "good.h5", "r").attrs.get("quality")  # write=False leaves the file alone
+
+
+def test_agreement_with_the_segmenters_own_masks(real, seg_run, tmp_path):
+    segmenter = load_segmenter(seg_run)
+    images, truth = fresh_phantoms(16, seed=9)
+    own = (segmenter.predict(images) >= segmenter.threshold).astype(np.uint8)
+    assert own.any() and not own.all()  # a real test: the predictions are neither empty nor everything
+    synth = write_synth(tmp_path / "own.h5", images, own, labels=np.arange(16) % 4)
+    result = evaluate_synthetic(synth, real, segmenter=seg_run, **FAST)
+    assert result["agreement_dice_mean"] == 1.0
+    assert result["feature_network"].startswith("segmenter encoder")
+    assert result["written"] == ["quality_nn_ratio", "quality_agreement"]
+    assert sum(result["class_histogram"]["synthetic"].values()) == pytest.approx(1.0)
+    assert result["tumour_slice_share"]["synthetic"] == pytest.approx(np.mean(own.any(axis=(1, 2))))
+    # inverted masks disagree: the measure can fail
+    flipped = write_synth(tmp_path / "flipped.h5", images, 1 - own)
+    worse = evaluate_synthetic(flipped, real, segmenter=segmenter, **FAST)
+    assert worse["agreement_dice_mean"] < 0.5
+    with h5py.File(flipped, "r") as h5:
+        agreement = h5["quality_agreement"][:]
+    rows, _ = select_synthetic(flipped, read_metadata(real)["attrs"], min_agreement=0.5)
+    np.testing.assert_array_equal(rows, np.flatnonzero(agreement >= 0.5))
+    # image-mode samples carry placeholder empty masks: no agreement is claimed for them
+    image_mode = write_synth(tmp_path / "image_mode.h5", images, np.zeros_like(own), mask_source="none")
+    result = evaluate_synthetic(image_mode, real, segmenter=segmenter, **FAST)
+    assert result["agreement_dice_mean"] is None and result["written"] == ["quality_nn_ratio"]
+    assert result["feature_network"].startswith("segmenter encoder")
+
+
+def test_bad_input_names_the_file(real, seg_run, tmp_path):
+    images, masks = fresh_phantoms(4, seed=11)
+    not_synth = write_synth(tmp_path / "plain.h5", images, masks, synthetic=False)
+    with pytest.raises(DataError, match="plain.h5.*not marked synthetic"):
+        evaluate_synthetic(not_synth, real, **FAST)
+    big, big_masks = fresh_phantoms(4, seed=11, size=64)
+    with pytest.raises(DataError, match="big.h5.*64x64"):
+        evaluate_synthetic(write_synth(tmp_path / "big.h5", big, big_masks), real, **FAST)
+    rgb = write_synth(tmp_path / "rgb.h5", np.repeat(images, 3, axis=1), masks)
+    with pytest.raises(DataError, match="rgb.h5.*3 channel"):
+        evaluate_synthetic(rgb, real, **FAST)
+    with pytest.raises(DataError, match="bright.h5.*outside \\[0, 1\\]"):
+        evaluate_synthetic(write_synth(tmp_path / "bright.h5", images * 2 + 0.5, masks), real, **FAST)
+    synth = write_synth(tmp_path / "ok.h5", images, masks)
+    with PreparedWriter(tmp_path / "testonly.h5", size=32) as writer:  # every slice in the test fold
+        for image, mask in zip(images, masks):
+            writer.append(image, mask, label=2, patient="p", source="s")
+        no_train = writer.close(folds=np.ones(4, dtype=np.int8))
+    with pytest.raises(DataError, match="testonly.h5.*no training slice"):
+        evaluate_synthetic(synth, no_train, **FAST)
+    with pytest.raises(DataError, match="ok.h5.*synthetic"):
+        evaluate_synthetic(real, synth, **FAST)  # swapped arguments
+    with pytest.raises(CheckpointError, match="missing-run.*not found"):
+        evaluate_synthetic(synth, real, segmenter=tmp_path / "missing-run", **FAST)
+
+
+def test_cli_json_round_trip(real, genseg_cli, tmp_path):
+    copies, copy_masks = real_train_slices(real, 2)
+    fresh, fresh_masks = fresh_phantoms(4, seed=21)
+    synth = write_synth(tmp_path / "synth.h5", np.concatenate([copies, fresh]),
+                        np.concatenate([copy_masks, fresh_masks]))
+    done = genseg_cli("evaluate-synthetic", synth, "--real", real, "--json", "--out-dir", tmp_path / "figs")
+    result = json.loads(done.stdout)
+    assert {"num_synthetic", "nn_ratio_median", "near_copies", "kid_mean", "kid_std", "kid_real_reference",
+            "feature_network", "agreement_dice_mean"} <= set(result)
+    assert result["num_synthetic"] == 6 and result["near_copies"] == 2 and result["agreement_dice_mean"] is None
+    assert Path(result["figure"]).parent == tmp_path / "figs"
+    assert h5py.File(synth, "r")["quality_nn_ratio"].shape == (6,)
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+
+    failed = CliRunner().invoke(main, ["evaluate-synthetic", str(real), "--real", str(real)])  # in-process: fast
+    assert failed.exit_code == 2 and "real.h5" in failed.stderr and "not marked synthetic" in failed.stderr
