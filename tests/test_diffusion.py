@@ -166,6 +166,8 @@ def test_class_conditional_samples_carry_the_class(conditional_run, tmp_path):
     guided = pipe(2, class_labels=[1, 3], guidance_scale=3.0, num_inference_steps=3, generator=0, progress=False)
     plain = pipe(2, class_labels=[1, 3], num_inference_steps=3, generator=0, progress=False)
     assert guided.labels.tolist() == [1, 3] and not np.array_equal(guided.images, plain.images)
+    free = pipe(2, num_inference_steps=3, generator=0, progress=False)  # no class: the null class
+    assert free.labels is None and not np.array_equal(free.images, plain.images)
 
 
 def test_image_mode_has_no_masks(data, tmp_path):
