@@ -18,7 +18,7 @@ import torch
 from .data.prepared import PreparedDataset, PreparedWriter
 from .errors import ConfigError, DataError
 from .models.diffusion import build_scheduler, make_sampling_scheduler
-from .pipeline.diffusion import SliceDiffusionOutput, load_diffusion, model_channels
+from .pipeline.diffusion import SliceDiffusionOutput, load_diffusion
 
 
 def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler: str = "dpmsolver", steps: int = 20,
@@ -31,26 +31,13 @@ def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler:
         raise ConfigError(f"--num must be at least 1, got {num}")
     if steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
+    out = Path(out)
     pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
     result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps, generator=seed,
                   batch_size=batch_size, save_intermediates=save_intermediates, progress=progress)
-    run_info = _run_info(Path(run_dir))
-    image_channels, joint = model_channels(pipe.unet)
-    metadata = {"model": str(Path(run_dir).resolve()), "scheduler": scheduler, "steps": steps, "seed": seed,
-                "class": class_label, "guidance": guidance, "mode": "joint" if joint else "image",
-                "mask_source": "generated" if joint else "none", "trained_on": run_info.get("data"),
-                "class_names": run_info.get("class_names") or {}}
-    size = int(pipe.unet.config.sample_size)
-    out = Path(out)
-    with PreparedWriter(out, size=size, channels=image_channels, source_format="synthetic", synthetic=True,
-                        modality=run_info.get("modality", "unknown"), metadata=metadata) as writer:
-        masks = result.masks if joint else np.zeros((num, size, size), np.uint8)
-        for i in range(num):
-            label = int(result.labels[i]) if result.labels is not None else (0 if joint and not masks[i].any() else -1)
-            writer.append(result.images[i], masks[i], label=label, patient=f"synth-{i:05d}",
-                          source=f"{out.name}#{i}")
-        writer.close(num_folds=5, seed=seed)
+    write_samples(result, out, run_dir, {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label,
+                                         "guidance": guidance}, split_seed=seed)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
@@ -58,9 +45,26 @@ def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler:
     return out
 
 
-def _run_info(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | Path, settings: dict,
+                  split_seed: int = 0) -> Path:
+    """A pipeline's output as a synthetic prepared file; `settings` (sampler, steps, seed, ...) go into metadata."""
+    run_dir, out = Path(run_dir), Path(out)
+    info_path = run_dir / "run.json"
+    run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    joint = result.masks is not None
+    num, size = len(result.images), result.images.shape[-1]
+    channels = 1 if result.images.ndim == 3 else result.images.shape[1]
+    metadata = {"model": str(run_dir.resolve()), **settings, "mode": "joint" if joint else "image",
+                "mask_source": "generated" if joint else "none", "trained_on": run_info.get("data"),
+                "class_names": run_info.get("class_names") or {}}
+    masks = result.masks if joint else np.zeros((num, size, size), np.uint8)
+    with PreparedWriter(out, size=size, channels=channels, source_format="synthetic", synthetic=True,
+                        modality=run_info.get("modality", "unknown"), metadata=metadata) as writer:
+        for i in range(num):
+            label = int(result.labels[i]) if result.labels is not None else (0 if joint and not masks[i].any() else -1)
+            writer.append(result.images[i], masks[i], label=label, patient=f"synth-{i:05d}",
+                          source=f"{out.name}#{i}")
+        return writer.close(num_folds=5, seed=split_seed)
 
 
 def write_pngs(result: SliceDiffusionOutput, folder: Path) -> Path:

@@ -23,11 +23,11 @@ from PIL import Image
 from genseg.config import config_from_dict
 from genseg.data.info import dataset_info
 from genseg.data.prepared import PreparedDataset, read_metadata
-from genseg.errors import CheckpointError, ConfigError
+from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, build_unet, make_sampling_scheduler
 from genseg.pipeline import SliceDiffusionPipeline, load_diffusion
-from genseg.sampling import sample_to_file
-from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
+from genseg.sampling import forward_process_figure, sample_to_file
+from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,6 +166,8 @@ def test_class_conditional_samples_carry_the_class(conditional_run, tmp_path):
     guided = pipe(2, class_labels=[1, 3], guidance_scale=3.0, num_inference_steps=3, generator=0, progress=False)
     plain = pipe(2, class_labels=[1, 3], num_inference_steps=3, generator=0, progress=False)
     assert guided.labels.tolist() == [1, 3] and not np.array_equal(guided.images, plain.images)
+    free = pipe(2, num_inference_steps=3, generator=0, progress=False)  # no class: the null class
+    assert free.labels is None and not np.array_equal(free.images, plain.images)
 
 
 def test_image_mode_has_no_masks(data, tmp_path):
@@ -207,20 +209,38 @@ def test_bad_inputs(overfit_run, conditional_run, data, tmp_path):
         DiffusionModelConfig(sample_size=16, block_out_channels=(32, 64), attention_resolutions=(4,))
 
 
-def test_forward_process_figure_and_cli(genseg_cli, overfit_run, data, tmp_path):
+def test_forward_process_figure(data, tmp_path):
+    out = forward_process_figure(data, 2, tmp_path / "fwd.png")
+    fig = np.asarray(Image.open(out).convert("L"), dtype=np.float32)
+    assert fig.shape[1] >= 8 * 16  # x_0 and seven noise levels
+    with pytest.raises(DataError, match="--index 99 is out of range 0..7"):
+        forward_process_figure(data, 99, tmp_path / "f.png")
+
+
+def test_cli_commands(genseg_cli, overfit_run, data, tmp_path):
+    """One real `genseg sample` process as a user runs it; the other commands in-process via click's runner."""
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+
     run, _ = overfit_run
-    genseg_cli("forward-process", "--data", data, "--index", 2, "--out", tmp_path / "fwd.png")
-    fig = np.asarray(Image.open(tmp_path / "fwd.png").convert("L"), dtype=np.float32)
-    assert fig.shape[1] > 6 * 16
-    bad = genseg_cli("forward-process", "--data", data, "--index", 99, "--out", tmp_path / "f.png", returncode=2)
-    assert "--index 99 is out of range 0..7" in bad.stderr
     done = genseg_cli("sample", "--checkpoint", run, "--num", 2, "--out", tmp_path / "cli.h5", "--steps", 3,
-                      "--scheduler", "ddim", "--save-intermediates")
+                      "--scheduler", "ddim", "--save-intermediates", "--png-dir", tmp_path / "png")
     assert "wrote 2 synthetic slices" in done.stdout and (tmp_path / "cli_reverse.png").is_file()
-    info = genseg_cli("data", "info", tmp_path / "cli.h5", "--json")
-    assert json.loads(info.stdout)["synthetic"] is True
-    err = genseg_cli("sample", "--checkpoint", data.parent, "--num", 1, "--out", tmp_path / "e.h5", returncode=2)
-    assert "not a diffusion run" in err.stderr and "Traceback" not in err.stderr
+    assert read_metadata(tmp_path / "cli.h5")["attrs"]["metadata"]["scheduler"] == "ddim"
+    runner = CliRunner()
+    info = runner.invoke(main, ["data", "info", str(tmp_path / "cli.h5"), "--json"])
+    assert info.exit_code == 0 and json.loads(info.output)["synthetic"] is True
+    fwd = runner.invoke(main, ["forward-process", "--data", str(data), "--out", str(tmp_path / "f.png"),
+                               "--checkpoint", str(run)])
+    assert fwd.exit_code == 0 and (tmp_path / "f.png").is_file()
+    for args, message in [(["--checkpoint", str(data.parent)], "not a diffusion run"),
+                          (["--checkpoint", str(run), "--scheduler", "euler"], "unknown scheduler 'euler'"),
+                          (["--checkpoint", str(run), "--steps", "0"], "--steps must be at least 1"),
+                          (["--checkpoint", str(run), "--class", "1"], "unconditional")]:
+        err = runner.invoke(main, ["sample", "--num", "1", "--out", str(tmp_path / "e.h5"), *args])
+        assert err.exit_code == 2 and message in err.output, err.output
+    assert not (tmp_path / "e.h5").exists()
 
 
 def test_kill_and_resume_continues_the_step_count(data, tmp_path):
@@ -251,8 +271,11 @@ def test_kill_and_resume_continues_the_step_count(data, tmp_path):
     steps = [int(r["step"]) for r in _log(run) if r["loss"]]
     assert steps == list(range(5, target + 1, 5))  # no restart from 0, no duplicates after the kill
     assert (run / "model_index.json").is_file()
-    err = subprocess.run(args[:-1] + ["--resume", "--lr", "0.1", "--cpu"], env=env, capture_output=True, text=True)
-    assert err.returncode == 2 and "cannot resume with changed settings ['lr']" in err.stderr
+    changed = resolve_config(config, {"lr": 0.1}, run, resume=True)
+    with pytest.raises(ConfigError, match=r"cannot resume with changed settings \['lr'\]"):
+        train_diffusion(changed, data, run, resume=True, cpu=True)
+    with pytest.raises(ConfigError, match="already holds a training run; pass --resume"):
+        train_diffusion(changed, data, run, cpu=True)
 
 
 def _log(run: Path) -> list[dict]:

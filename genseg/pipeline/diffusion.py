@@ -140,6 +140,8 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         x = randn_tensor(shape, generator=generators, device=device, dtype=unet.dtype) * scheduler.init_noise_sigma
         scheduler.set_timesteps(steps, device=device)
         guided = labels is not None and guidance_scale != 1.0
+        if labels is None and num_classes(unet):  # a class-conditional model samples freely with its null class
+            labels = torch.full((len(generators),), num_classes(unet), dtype=torch.long)
         if labels is not None:
             labels = labels.to(device)
             if guided:  # conditional and unconditional halves in one forward pass
