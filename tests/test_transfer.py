@@ -126,35 +126,35 @@ def test_frozen_parts_stay_unchanged_while_the_rest_trains(grey, source_run, tmp
             train_segmenter(SegTrainConfig(**{**asdict(cfg), "freeze": "none"}), grey, tmp_path / "run", resume=True)
 
 
-def test_cli_fine_tunes_from_a_pipeline_folder_and_logs_it(grey, source_run, tmp_path, genseg_cli):
-    """A saved pipeline folder (model_index.json, unet/, scheduler/, segmenter/) is a source too."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+def tiny_generator() -> tuple:
+    """A tiny joint (image + mask) diffusers UNet2DModel and its scheduler, as train-diffusion builds them."""
+    from genseg.models.diffusion import DiffusionModelConfig, build_scheduler, build_unet
 
-    pipe = tmp_path / "pipe"
-    unet = UNet2DModel(sample_size=32, in_channels=2, out_channels=2, block_out_channels=(8, 16), norm_num_groups=4,
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(pipe)
-    source_model(source_run).save_pretrained(pipe / "segmenter")
-    index = json.loads((pipe / "model_index.json").read_text())
-    (pipe / "model_index.json").write_text(json.dumps({**index, "segmenter": ["genseg.models.unet",
-                                                                               "SegmentationUNet"]}))
+    cfg = DiffusionModelConfig(sample_size=32, block_out_channels=(8, 16), norm_num_groups=4)
+    return build_unet(cfg), build_scheduler(cfg)
+
+
+def test_cli_fine_tunes_from_a_pipeline_folder_and_logs_it(grey, source_run, tmp_path, genseg_cli):
+    """A saved GenSegPipeline folder (model_index.json, unet/, scheduler/, segmenter/) is a source too."""
+    from genseg.pipeline.genseg import GenSegPipeline
+
+    unet, scheduler = tiny_generator()
+    GenSegPipeline(unet=unet, scheduler=scheduler, segmenter=source_model(source_run)).save_pretrained(tmp_path / "pipe")
     (tmp_path / "c.yaml").write_text("base_channels: 4\ndepth: 2\nplot_samples: 1\n")
     done = genseg_cli("train-seg", "--data", grey, "--config", tmp_path / "c.yaml", "--size", "32", "--epochs", "1",
-                      "--init-from", pipe, "--freeze", "encoder", "--out", tmp_path / "run")
+                      "--init-from", tmp_path / "pipe", "--freeze", "encoder", "--out", tmp_path / "run")
     assert "init-from" in done.stdout and "freeze encoder" in done.stdout and "nothing to adapt" in done.stdout
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["init_from"] == str(pipe) and saved["freeze"] == "encoder"
+    assert saved["init_from"] == str(tmp_path / "pipe") and saved["freeze"] == "encoder"
 
 
 def diffusion_folders(root: Path) -> dict[str, Path]:
-    """A bare diffusers UNet2DModel folder and a diffusion run / pipeline without a segmenter."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    """A bare diffusers UNet2DModel folder and a diffusion run folder (a SliceDiffusionPipeline: no segmenter)."""
+    from genseg.pipeline.diffusion import SliceDiffusionPipeline
 
-    unet = UNet2DModel(sample_size=32, in_channels=2, out_channels=2, block_out_channels=(8, 16), norm_num_groups=4,
-                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    unet, scheduler = tiny_generator()
     unet.save_pretrained(root / "bare-unet")
-    unet.save_pretrained(root / "diffusion-run" / "unet")
-    DDPMScheduler().save_pretrained(root / "diffusion-run" / "scheduler")
+    SliceDiffusionPipeline(unet=unet, scheduler=scheduler).save_pretrained(root / "diffusion-run")
     return {"bare": root / "bare-unet", "run": root / "diffusion-run"}
 
 
