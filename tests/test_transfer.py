@@ -22,7 +22,7 @@ from genseg.cli import main
 from genseg.data.prepared import read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.unet import SegmentationUNet
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
 from genseg.training.transfer import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,14 @@ def test_frozen_parts_stay_unchanged_while_the_rest_trains(grey, source_run, tmp
         assert not torch.equal(later["outc.weight"], after["outc.weight"])
         with pytest.raises(ConfigError, match=r"changed settings \['freeze'\]"):
             train_segmenter(SegTrainConfig(**{**asdict(cfg), "freeze": "none"}), grey, tmp_path / "run", resume=True)
+
+
+def test_cross_validate_fine_tunes_every_fold(grey, source_run, tmp_path):
+    cfg = SegTrainConfig(**TINY, init_from=str(source_run), freeze="encoder+bottleneck")
+    summary = cross_validate(cfg, grey, tmp_path / "cv", folds=[1])
+    assert summary["folds"] == [1]
+    record = json.loads((tmp_path / "cv" / "fold-1" / "run.json").read_text())["init_from"]
+    assert record["source"] == str(source_run.resolve()) and record["freeze"] == "encoder+bottleneck"
 
 
 def tiny_generator() -> tuple:
