@@ -83,6 +83,7 @@ def test_copies_of_training_slices_are_near_copies(real, tmp_path):
     assert result["near_copies"] == 6 and result["near_copy_percent"] == 50.0
     assert result["real_near_copy_percent"] < 20  # held-out real slices are not flagged
     assert result["agreement_dice_mean"] is None and result["written"] == ["quality_nn_ratio"]
+    assert result["agreement_real_reference"] is None
     assert result["feature_network"].startswith("random CNN")
     assert Path(result["figure"]).stat().st_size > 0
     table = markdown_table(result)
@@ -135,6 +136,7 @@ def test_agreement_with_the_segmenters_own_masks(real, seg_run, tmp_path):
     synth = write_synth(tmp_path / "own.h5", images, own, labels=np.arange(16) % 4)
     result = evaluate_synthetic(synth, real, segmenter=seg_run, **FAST)
     assert result["agreement_dice_mean"] == 1.0
+    assert 0.0 < result["agreement_real_reference"] < 1.0  # the segmenter's Dice on held-out real slices
     assert result["feature_network"].startswith("segmenter encoder")
     assert result["written"] == ["quality_nn_ratio", "quality_agreement"]
     assert sum(result["class_histogram"]["synthetic"].values()) == pytest.approx(1.0)
