@@ -245,7 +245,10 @@ def segment(inputs, checkpoint, out, threshold, compile_):
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=str),
               help="Segmentation run directory (or its model/ folder). Default: $AIP_STORAGE_URI (a local path or "
-                   "gs://bucket/prefix, the latter with `pip install 'genseg[gcs]'`).")
+                   "gs://bucket/prefix, the latter with `pip install 'genseg[gcs]'`; a run or a pipeline folder).")
+@click.option("--pipeline", "pipeline_dir", type=click.Path(path_type=str),
+              help="Saved GenSegPipeline folder (genseg pipeline --save-pipeline): segments like --checkpoint and "
+                   "also answers generate requests.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on; 0.0.0.0 inside a container.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
@@ -257,12 +260,16 @@ def segment(inputs, checkpoint, out, threshold, compile_):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network (~1.4-1.6x faster on CPU); health stays 503 while it compiles "
                    "(about a minute) and turns 200 once the first batches have run.")
-def serve(checkpoint, host, port, max_batch, max_instances, compile_):
+@click.option("--max-generate", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Most slices one generate request may ask for (responses stay within Vertex AI's size limit).")
+def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compile_, max_generate):
     """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
 
     POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
     "mask_format": "png_b64"|"rle"|"none", "return_probabilities": false}} to $AIP_PREDICT_ROUTE (/predict);
-    GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200.
+    GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200. With a pipeline,
+    {"instances": [{}], "parameters": {"generate": N, "class": K, "steps": S, "seed": X}} returns N generated
+    slices with their masks.
     """
     import logging
     import os
@@ -273,7 +280,8 @@ def serve(checkpoint, host, port, max_batch, max_instances, compile_):
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's look
 
-    app = create_app(checkpoint, max_batch=max_batch, max_instances=max_instances, compile=compile_)
+    app = create_app(checkpoint, pipeline_path=pipeline_dir, max_batch=max_batch, max_instances=max_instances,
+                     max_generate=max_generate, compile=compile_)
     port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
 
@@ -291,6 +299,133 @@ def export_onnx_cmd(checkpoint, out, opset):
 
     path = export_onnx(checkpoint, out, opset=opset)
     click.echo(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+# --- diffusion ---
+
+
+@main.command("train-diffusion")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Prepared real dataset (genseg prepare).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config (configs/diffusion-cpu-small.yaml, configs/diffusion-paper.yaml); flags override it.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: checkpoints/diffusion-DATE-TIME).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (step count kept).")
+@click.option("--max-steps", type=int, help="Total optimizer steps (a resumed run trains up to this many).")
+@click.option("--batch-size", type=int, help="Training batch size per process.")
+@click.option("--lr", type=float, help="Peak AdamW learning rate (after the warm-up).")
+@click.option("--seed", type=int, help="Seed for weights, noise and data order.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
+              help="Precision via accelerate; measure bf16 on CPU first (it was ~20x slower here).")
+@click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present.")
+def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
+    """Train a DDPM (diffusers UNet2DModel) on prepared slices; RUN_DIR becomes a diffusers pipeline folder
+    (model_index.json, unet/ with EMA weights, scheduler/) plus log.csv, checkpoints/ and samples/ grids."""
+    from .training.diffusion import resolve_config, train_diffusion
+
+    cfg = resolve_config(config_path, overrides, out, resume)
+    result = train_diffusion(cfg, data, out, resume=resume, cpu=cpu)
+    click.echo(f"{result.metrics}\nrun: {result.run_dir}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="train-diffusion run directory.")
+@click.option("--num", required=True, type=int, help="Number of slices to generate.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
+@click.option("--scheduler", default="dpmsolver", show_default=True,
+              help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule.")
+@click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps (ddpm: up to 1000).")
+@click.option("--class", "class_label", type=int, help="Tumour class to generate (class-conditional models only).")
+@click.option("--guidance", default=1.0, show_default=True, type=float,
+              help="Classifier-free guidance scale with --class (1 = none).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices.")
+@click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once.")
+@click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
+@click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
+def sample(checkpoint, num, out, scheduler, steps, class_label, guidance, seed, batch_size, png_dir,
+           save_intermediates):
+    """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run."""
+    from .sampling import sample_to_file
+
+    path = sample_to_file(checkpoint, num, out, scheduler=scheduler, steps=steps, class_label=class_label,
+                          guidance=guidance, seed=seed, batch_size=batch_size, png_dir=png_dir,
+                          save_intermediates=save_intermediates)
+    click.echo(f"wrote {num} synthetic slices to {path}")
+
+
+@main.command("forward-process")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Prepared dataset.")
+@click.option("--index", default=0, show_default=True, type=int, help="Row of the slice to noise.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--checkpoint", type=click.Path(), help="Use this diffusion run's noise schedule.")
+@click.option("--beta-schedule", type=click.Choice(["linear", "scaled_linear", "squaredcos_cap_v2"]),
+              default="squaredcos_cap_v2", show_default=True, help="Schedule when no --checkpoint is given.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise.")
+def forward_process(data, index, out, checkpoint, beta_schedule, seed):
+    """Figure of the forward (noising) process: x_t of one slice at several t, from clean to pure noise."""
+    from .sampling import forward_process_figure
+
+    click.echo(f"wrote {forward_process_figure(data, index, out, checkpoint, beta_schedule, seed=seed)}")
+
+
+# --- pipeline ---
+
+
+def _generation_options(command):
+    """Sampler options shared by the commands that generate slices."""
+    options = [
+        click.option("--scheduler", default="dpmsolver", show_default=True,
+                     help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule."),
+        click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps (ddpm: up to 1000)."),
+        click.option("--class", "class_label", type=int, help="Tumour class to generate (class-conditional models only)."),
+        click.option("--guidance", default=1.0, show_default=True, type=float,
+                     help="Classifier-free guidance scale with --class (1 = none)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices."),
+        click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.option("--pipeline", "pipeline_dir", type=click.Path(file_okay=False),
+              help="Saved GenSegPipeline folder (unet/, scheduler/, segmenter/).")
+@click.option("--diffusion", type=click.Path(file_okay=False), help="train-diffusion run directory (with --segmenter).")
+@click.option("--segmenter", type=click.Path(file_okay=False), help="train-seg run directory (with --diffusion).")
+@click.option("--num", default=16, show_default=True, type=int, help="Slices to generate and segment.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
+@_generation_options
+@click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
+              help="Segment these real files (.mat, NIfTI, DICOM, PNG/JPG) with the pipeline's segmenter instead "
+                   "of generating; repeat the option for several files.")
+@click.option("--save-pipeline", type=click.Path(file_okay=False),
+              help="Also save the assembled pipeline as one diffusers folder here (reload with --pipeline).")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, class_label, guidance, seed, batch_size,
+             inputs, save_pipeline, force):
+    """Generate slices with the diffusion model and segment them, end to end.
+
+    Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
+    mode), OUT/contact_sheet.png, OUT/summary.json (per slice: tumour area, mean probability, generated-vs-
+    predicted Dice) and OUT/report.md. With no model options it uses the shipped demo pipeline.
+    """
+    from .pipeline.run import load_pipeline, run_pipeline, segment_inputs
+
+    pipe = load_pipeline(pipeline_dir, diffusion, segmenter)
+    if save_pipeline:
+        pipe.save_pretrained(save_pipeline)
+        click.echo(f"saved the pipeline to {save_pipeline}")
+    if inputs:
+        report = segment_inputs(pipe, inputs, out)
+        click.echo(f"segmented {len(inputs) - len(report['failed'])} file(s) into {out}")
+        for failure in report["failed"]:
+            click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
+        return
+    summary = run_pipeline(pipe, out, num=num, scheduler=scheduler, steps=steps, class_label=class_label,
+                           guidance=guidance, seed=seed, batch_size=batch_size, force=force)
+    click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
+               f"wrote {out}/report.md")
 
 
 # --- synthetic quality ---

@@ -67,7 +67,7 @@ def brain_like(seed: int, side: int = 96) -> np.ndarray:
 
 
 def test_health_and_custom_routes(server):
-    assert request(server.port, "GET", "/v1/health") == (200, {"status": "ready"})
+    assert request(server.port, "GET", "/v1/health") == (200, {"status": "ready", "generate": False})
     assert request(server.port, "GET", "/health")[0] == 404  # the AIP routes replaced the defaults
 
 
@@ -179,6 +179,8 @@ COLOUR[..., 0] = 200
     ({**GOOD, "parameters": {"threshold": 2}}, 400, None, "threshold"),
     ({**GOOD, "parameters": {"output_path": "/tmp/x"}}, 400, None, "unknown parameter"),
     ({"instances": GOOD["instances"] * 9}, 413, None, "at most 8"),
+    ({"instances": [], "parameters": {"generate": 2}}, 400, None, "segments only"),
+    ({"instances": [{}], "parameters": {"generate": 1, "seed": 1}}, 400, None, "pipeline"),
 ])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, body, status, index, words):
     got_status, got = predict(server, body)

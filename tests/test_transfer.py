@@ -8,17 +8,20 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401 (autouse fixture)
 
+from genseg.cli import main
 from genseg.errors import CheckpointError, ConfigError
 from genseg.models.unet import SegmentationUNet
 from genseg.training.seg import SegTrainConfig, train_segmenter
-from genseg.training.transfer import adapt_first_conv, initial_model
+from genseg.training.transfer import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=1, patience=None, hflip=False, max_rotation=0.0,
@@ -36,6 +39,15 @@ def source_run(grey, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("src") / "run"
     train_segmenter(SegTrainConfig(**{**TINY, "epochs": 2}), grey, run)
     return run
+
+
+@pytest.fixture(scope="module")
+def rgb_run(tmp_path_factory) -> Path:
+    """A 3-channel source run."""
+    root = tmp_path_factory.mktemp("rgb")
+    colour = write_phantoms(root / "rgb.h5", n=30, size=32, patients=10, channels=3)
+    train_segmenter(SegTrainConfig(**TINY), colour, root / "run")
+    return root / "run"
 
 
 def source_model(run: Path) -> SegmentationUNet:
@@ -68,10 +80,8 @@ def test_one_to_many_channels_keeps_the_grey_response(source_run, channels):
     assert f"from 1 to {channels}" in init.info["channel_adaptation"]
 
 
-def test_three_to_one_channel_sums_the_kernel_and_keeps_the_grey_response(grey, tmp_path):
-    colour = write_phantoms(tmp_path / "rgb.h5", n=30, size=32, patients=10, channels=3)
-    run = tmp_path / "rgb-run"
-    train_segmenter(SegTrainConfig(**TINY), colour, run)
+def test_three_to_one_channel_sums_the_kernel_and_keeps_the_grey_response(grey, rgb_run, tmp_path):
+    run = rgb_run
     rgb_model = source_model(run)
     init = initial_model(SegTrainConfig(**TINY, init_from=str(run)), channels=1)
     torch.testing.assert_close(init.model.inc[0].weight, rgb_model.inc[0].weight.sum(1, keepdim=True))
@@ -104,6 +114,14 @@ def test_frozen_parts_stay_unchanged_while_the_rest_trains(grey, source_run, tmp
         assert not torch.equal(after["downs.1.1.0.weight"], before["downs.1.1.0.weight"])
     record = json.loads((tmp_path / "run" / "run.json").read_text())["init_from"]
     assert record["freeze"] == part and 0 < record["frozen_parameters"] < record["total_parameters"]
+    if part == "encoder":  # a resumed run keeps the same parts frozen (weights come from its checkpoint)
+        resumed = train_segmenter(SegTrainConfig(**{**asdict(cfg), "epochs": 3}), grey, tmp_path / "run", resume=True)
+        assert resumed.metrics["epochs_run"] == 3
+        later = resumed.model.state_dict()
+        assert all(torch.equal(later[k], before[k]) for k in later if k.startswith(frozen) and "num_batches" not in k)
+        assert not torch.equal(later["outc.weight"], after["outc.weight"])
+        with pytest.raises(ConfigError, match=r"changed settings \['freeze'\]"):
+            train_segmenter(SegTrainConfig(**{**asdict(cfg), "freeze": "none"}), grey, tmp_path / "run", resume=True)
 
 
 def test_cli_fine_tunes_from_a_pipeline_folder_and_logs_it(grey, source_run, tmp_path, genseg_cli):
@@ -138,8 +156,11 @@ def diffusion_folders(root: Path) -> dict[str, Path]:
     return {"bare": root / "bare-unet", "run": root / "diffusion-run"}
 
 
-def test_bad_sources_and_settings_fail_before_training(grey, source_run, tmp_path, genseg_cli):
+def test_bad_sources_and_settings_fail_before_training(grey, source_run, rgb_run, tmp_path):
     folders = diffusion_folders(tmp_path)
+    two = write_phantoms(tmp_path / "two.h5", n=30, size=32, patients=10, channels=2)
+    with pytest.raises(ConfigError, match="cannot adapt a model with 3 input channels to data with 2"):
+        train_segmenter(SegTrainConfig(**TINY, init_from=str(rgb_run)), two, tmp_path / "run")
     cases = [
         (dict(init_from=str(tmp_path / "nothing")), CheckpointError, "nothing: not found"),
         (dict(init_from=str(folders["bare"])), CheckpointError, "holds a UNet2DModel, not a genseg SegmentationUNet"),
@@ -155,13 +176,56 @@ def test_bad_sources_and_settings_fail_before_training(grey, source_run, tmp_pat
         with pytest.raises(error, match=match):
             train_segmenter(SegTrainConfig(**{**TINY, **overrides}), grey, tmp_path / "run")
         assert not (tmp_path / "run").exists(), overrides  # nothing written: failed before training
-    with pytest.raises(ConfigError, match="cannot adapt a model with 3 input channels to data with 2"):
-        adapt_first_conv(torch.ones(4, 3, 3, 3), 2)
-    bad = genseg_cli("train-seg", "--data", grey, "--freeze", "decoder", "--init-from", source_run, returncode=2)
-    assert "Invalid value for '--freeze'" in bad.stderr
+    runner = CliRunner()  # the real click commands, in-process: bad flags fail in the CLI layer within ms
+    bad = runner.invoke(main, ["train-seg", "--data", str(grey), "--freeze", "decoder", "--init-from", str(source_run)])
+    assert bad.exit_code == 2 and "Invalid value for '--freeze'" in bad.output
     (tmp_path / "bad.yaml").write_text("freeze: decoder\n")
-    bad = genseg_cli("train-seg", "--data", grey, "--config", tmp_path / "bad.yaml", returncode=2)
-    assert "freeze: 'decoder' is not one of" in bad.stderr
-    bad = genseg_cli("train-seg", "--data", grey, "--size", "32", "--init-from", folders["run"],
-                     "--out", tmp_path / "cli-run", returncode=2)
-    assert "Error: --init-from:" in bad.stderr and "diffusion run" in bad.stderr
+    bad = runner.invoke(main, ["train-seg", "--data", str(grey), "--config", str(tmp_path / "bad.yaml")])
+    assert bad.exit_code == 2 and "freeze: 'decoder' is not one of" in bad.output
+    bad = runner.invoke(main, ["train-seg", "--data", str(grey), "--size", "32", "--init-from", str(folders["run"]),
+                               "--out", str(tmp_path / "cli-run")])
+    assert bad.exit_code == 2 and "Error: --init-from:" in bad.output and "diffusion run" in bad.output
+    assert not (tmp_path / "cli-run").exists()
+
+
+def script_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def test_study_smoke_mode_runs(tmp_path):
+    """scripts/study_transfer.py --smoke: brain pretraining, ultrasound adaptation, table and figure."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_transfer.py"), "--smoke", "--out",
+                           str(tmp_path / "study")], env=script_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| training images | arm | test Dice (all)" in done.stdout
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert {(r["arm"], r["n"]) for r in results["runs"]} == {(arm, n) for arm in ("scratch", "fine-tuned")
+                                                             for n in (5, results["train_available"])}
+    for r in results["runs"]:
+        run = tmp_path / "study" / "runs" / f"{r['arm']}-n{r['n']}-seed{r['seed']}"
+        started = json.loads((run / "run.json").read_text())
+        assert started["real_train_slices"] == r["n"]
+        assert ("init_from" in started) == (r["arm"] == "fine-tuned")
+    assert (tmp_path / "study" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_brats_modalities_script_smoke_mode(tmp_path, make_brats_case):
+    """scripts/reproduce_brats_modalities.sh --smoke on generated NIfTI cases: four runs and the table."""
+    for k in range(1, 7):
+        make_brats_case(tmp_path / "brats", f"BraTS20_Training_{k:03d}")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_brats_modalities.sh"), "--smoke",
+                           str(tmp_path / "brats"), str(tmp_path / "out")], env=script_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| t") or line.startswith("| flair")]
+    assert [row.split("|")[1].strip() for row in rows] == ["t1", "t2", "t1ce", "flair"]
+    assert [row.split("|")[5].strip() for row in rows] == ["0.8203", "0.8307", "0.7799", "0.8312"]
+    for modality in ("t1", "t2", "t1ce", "flair"):
+        from genseg.data.prepared import read_metadata
+
+        assert read_metadata(tmp_path / "out" / f"brats-{modality}.h5")["attrs"]["modality"] == modality
+        assert (tmp_path / "out" / f"seg-{modality}" / "model" / "diffusion_pytorch_model.safetensors").exists()
+    assert (tmp_path / "out" / "brats_modalities.md").read_text().count("\n") == 6
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_brats_modalities.sh"), str(tmp_path / "none")],
+                         env=script_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "BraTS folder not found" in bad.stderr

@@ -1,7 +1,9 @@
 """The HTTP app: Vertex AI custom-container contract over FastAPI.
 
 Routes come from AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE (defaults /health, /predict); the model from the
-given path or AIP_STORAGE_URI. Health answers 503 while the model loads and 200 once it is ready. Every
+given path or AIP_STORAGE_URI: a segmentation run, or a saved GenSegPipeline folder, which also enables
+generate requests (`parameters.generate = N`). Health answers 503 while the model loads and 200 once it is
+ready. Every
 error is a JSON body {"error": {"message", "instance"?}} with a 4xx status; nothing leaks a traceback or a
 path, and no request can name a file for the server to read or write.
 """
@@ -13,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +23,49 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from ..errors import DataError, GensegError
+from ..errors import ConfigError, DataError, GensegError
 from ..inference import load_segmenter, prepare_input, resize_mask
+from ..metrics import dice_iou
 from .batcher import MicroBatcher
-from .codec import MASK_FORMATS, RequestError, decode_instance, describe_prediction
+from .codec import MASK_FORMATS, RequestError, decode_instance, describe_prediction, encode_mask, png_b64
 
 MAX_BODY_BYTES = 1_500_000  # Vertex AI's public-endpoint limit
+PREDICT_PARAMETERS = {"threshold", "mask_format", "return_probabilities"}
+GENERATE_PARAMETERS = PREDICT_PARAMETERS | {"generate", "class", "steps", "seed", "scheduler", "guidance"}
+MAX_GENERATE_STEPS = 1000
 log = logging.getLogger("genseg.serve")
 
 
-def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 16, max_instances: int = 64,
+def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: str | os.PathLike | None = None,
+               max_batch: int = 16, max_instances: int = 64, max_generate: int = 8,
                max_body_bytes: int = MAX_BODY_BYTES, compile: bool = False) -> FastAPI:
     health_route = os.environ.get("AIP_HEALTH_ROUTE", "/health")
     predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
-    source = model_path or os.environ.get("AIP_STORAGE_URI")
+    if model_path and pipeline_path:
+        raise GensegError("give --checkpoint (a segmentation run) or --pipeline (a saved pipeline), not both")
+    source = pipeline_path or model_path or os.environ.get("AIP_STORAGE_URI")
     if not source:
-        raise GensegError("no model given: pass --checkpoint RUN_DIR or set AIP_STORAGE_URI")
-    state: dict[str, Any] = {"segmenter": None, "failed": None}
+        raise GensegError("no model given: pass --checkpoint RUN_DIR, --pipeline DIR or set AIP_STORAGE_URI")
+    state: dict[str, Any] = {"segmenter": None, "pipeline": None, "failed": None}
+    generating = threading.Lock()  # one generation at a time: the sampler is swapped per request
 
     def load() -> None:
         try:
-            segmenter = load_segmenter(resolve_model_uri(str(source)), batch_size=max_batch, compile=compile)
+            path = resolve_model_uri(str(source))
+            if pipeline_path or (path / "model_index.json").is_file():  # AIP_STORAGE_URI may hold either kind
+                from ..pipeline.genseg import GenSegPipeline
+
+                pipe = GenSegPipeline.load(path)
+                state["train_scheduler_config"] = pipe.scheduler.config
+                segmenter = pipe.predictor(batch_size=max_batch, compile=compile)
+            else:
+                pipe, segmenter = None, load_segmenter(path, batch_size=max_batch, compile=compile)
             if compile:  # compile now, for the batch shapes requests will bring, not inside the first requests
                 for n in sorted({1, max_batch}):
                     segmenter.predict(np.zeros((n, segmenter.channels, segmenter.size, segmenter.size), np.float32))
-            state["segmenter"] = segmenter
-            log.info("model loaded from %s%s", source, " and compiled" if compile else "")
+            state["pipeline"], state["segmenter"] = pipe, segmenter
+            log.info("model loaded from %s%s%s", source, " and compiled" if compile else "",
+                     "; generate requests enabled" if pipe is not None else "")
         except Exception as exc:  # noqa: BLE001 - reported by the health route, not a crash
             state["failed"] = str(exc)
             log.error("could not load the model: %s", exc)
@@ -75,7 +95,7 @@ def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 
     @app.get(health_route)
     async def health() -> JSONResponse:
         if state["segmenter"] is not None:
-            return JSONResponse({"status": "ready"})
+            return JSONResponse({"status": "ready", "generate": state["pipeline"] is not None})
         if state["failed"]:
             return JSONResponse({"status": "failed", "message": "the model could not be loaded; see the server log"},
                                 status_code=503)
@@ -88,7 +108,9 @@ def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 
             raise RequestError("the model is not loaded yet", status=503)
         body = await _read_body(request, max_body_bytes)
         instances, parameters = _parse(body, max_instances)
-        threshold, mask_format, return_probabilities = _parameters(parameters)
+        if "generate" in parameters:
+            return JSONResponse({"predictions": await asyncio.to_thread(_generate_locked, instances, parameters)})
+        threshold, mask_format, return_probabilities = _parameters(parameters, PREDICT_PARAMETERS)
         raw, inputs = await asyncio.to_thread(_prepare, instances, segmenter.channels, segmenter.size)
         to_run = [x for x in inputs if x is not None]
         results = iter(await batcher.submit(to_run) if to_run else [])
@@ -100,7 +122,64 @@ def create_app(model_path: str | os.PathLike | None = None, *, max_batch: int = 
                                                    return_probabilities))
         return JSONResponse({"predictions": predictions})
 
+    def _generate_locked(instances: list, parameters: dict) -> list[dict[str, Any]]:
+        pipe = state["pipeline"]
+        if pipe is None:
+            raise RequestError("this server segments only: generate requests need a pipeline (genseg serve "
+                               "--pipeline DIR)")
+        if any(instance != {} for instance in instances):
+            raise RequestError('a generate request takes no image instances: send "instances": [] or [{}]')
+        with generating:
+            return _generate(pipe, state["train_scheduler_config"], parameters, max_generate)
+
     return app
+
+
+def _generate(pipe, train_scheduler_config, parameters: dict, max_generate: int) -> list[dict[str, Any]]:
+    """Sample `generate` slices with the pipeline and describe each like a segmentation prediction, plus the
+    generated image (8-bit PNG) and, in joint mode, the generator's own mask and its Dice with the prediction."""
+    from ..models.diffusion import make_sampling_scheduler
+
+    threshold, mask_format, return_probabilities = _parameters(parameters, GENERATE_PARAMETERS)
+    num = _whole_number(parameters, "generate", 1, max_generate)
+    steps = _whole_number(parameters, "steps", 1, MAX_GENERATE_STEPS, default=20)
+    seed = _whole_number(parameters, "seed", 0, 2**31 - 1, default=0)
+    class_label = _whole_number(parameters, "class", 0, 10**6, default=None)
+    guidance = parameters.get("guidance", 1.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance <= 50:
+        raise RequestError(f"guidance must be a number in (0, 50], got {guidance!r}")
+    try:
+        pipe.scheduler = make_sampling_scheduler(str(parameters.get("scheduler", "dpmsolver")), train_scheduler_config)
+        result = pipe(num, class_labels=class_label, guidance_scale=float(guidance), num_inference_steps=steps,
+                      generator=seed, progress=False)
+    except ConfigError as exc:  # unknown scheduler, class out of range, class of an unconditional model ...
+        raise RequestError(str(exc)) from None
+    size = int(pipe.unet.config.sample_size)
+    predictions = []
+    for i, (image, probabilities) in enumerate(zip(result.images, result.probabilities)):
+        predicted = (probabilities >= threshold).astype(np.uint8)
+        prediction = describe_prediction(predicted, probabilities, size, threshold, mask_format, return_probabilities)
+        prediction.update({"index": i, "seed": seed, "image": {"format": "png_b64", "data": png_b64(image)}})
+        if result.labels is not None:
+            prediction["class"] = int(result.labels[i])
+        if result.generated_masks is not None:
+            generated = result.generated_masks[i]
+            if mask_format != "none":
+                prediction["generated_mask"] = encode_mask(generated, mask_format)
+            prediction["dice_generated_vs_predicted"] = float(dice_iou(predicted[None], generated[None])[0][0])
+        predictions.append(prediction)
+    return predictions
+
+
+def _whole_number(parameters: dict, name: str, low: int, high: int, default: int | None = ...) -> int | None:
+    value = parameters.get(name, default)
+    if value is ...:
+        raise RequestError(f"{name} is required")
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+    return value
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -124,17 +203,17 @@ def _parse(body: bytes, max_instances: int) -> tuple[list, dict]:
     if not isinstance(payload, dict) or "instances" not in payload:
         raise RequestError('the body must be a JSON object with an "instances" list')
     instances, parameters = payload["instances"], payload.get("parameters") or {}
-    if not isinstance(instances, list) or not instances:
+    if not isinstance(parameters, dict):
+        raise RequestError('"parameters" must be an object')
+    if not isinstance(instances, list) or not (instances or "generate" in parameters):
         raise RequestError('"instances" must be a non-empty list')
     if len(instances) > max_instances:
         raise RequestError(f"at most {max_instances} instances per request, got {len(instances)}", status=413)
-    if not isinstance(parameters, dict):
-        raise RequestError('"parameters" must be an object')
     return instances, parameters
 
 
-def _parameters(parameters: dict) -> tuple[float, str, bool]:
-    unknown = set(parameters) - {"threshold", "mask_format", "return_probabilities"}
+def _parameters(parameters: dict, allowed: set[str]) -> tuple[float, str, bool]:
+    unknown = set(parameters) - allowed
     if unknown:
         raise RequestError(f"unknown parameter(s) {sorted(unknown)}")
     threshold = parameters.get("threshold", 0.5)

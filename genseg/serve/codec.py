@@ -109,10 +109,22 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     return np.repeat(values, rle["counts"]).astype(np.uint8).reshape(rle["size"])
 
 
-def png_b64(mask: np.ndarray) -> str:
+def png_b64(image: np.ndarray) -> str:
+    """A binary mask (uint8/bool: 0 or 255) or a [0, 1] float image (8-bit grey) as base64 PNG bytes."""
+    image = np.asarray(image)
+    pixels = (np.clip(image, 0, 1) * 255).round() if image.dtype.kind == "f" else (image > 0) * 255
     buffer = io.BytesIO()
-    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG", optimize=True)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def encode_mask(mask: np.ndarray, mask_format: str) -> dict[str, Any] | None:
+    """A binary mask in the requested response format (None for "none")."""
+    if mask_format == "png_b64":
+        return {"format": "png_b64", "data": png_b64(np.asarray(mask, dtype=bool))}
+    if mask_format == "rle":
+        return {"format": "rle", **rle_encode(mask)}
+    return None
 
 
 def describe_prediction(mask: np.ndarray, probabilities: np.ndarray | None, model_size: int, threshold: float,
@@ -134,10 +146,8 @@ def describe_prediction(mask: np.ndarray, probabilities: np.ndarray | None, mode
         "image_size": list(mask.shape),
         "input_size": [model_size, model_size],
     }
-    if mask_format == "png_b64":
-        prediction["mask"] = {"format": "png_b64", "data": png_b64(mask)}
-    elif mask_format == "rle":
-        prediction["mask"] = {"format": "rle", **rle_encode(mask)}
+    if mask_format != "none":
+        prediction["mask"] = encode_mask(mask, mask_format)
     if return_probabilities:
         step = max(1, model_size // 32)  # block means down to about 32 x 32 keep responses small
         side = model_size // step

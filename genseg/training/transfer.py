@@ -115,7 +115,6 @@ def initial_model(cfg, channels: int, load: bool = True) -> InitResult:
     result = InitResult(model)
     if cfg.init_from is None:
         return result
-    frozen_modules(model, cfg.freeze)  # unknown part: fail before reading anything
     if load:
         source = load_source(cfg.init_from)
         src_cfg = dict(source.config)

@@ -1,0 +1,111 @@
+"""The diffusion model factory: a diffusers `UNet2DModel` and its noise schedules, built from one config.
+
+Channels: `image` mode models the prepared image channels alone (masks come later from a segmenter); `joint`
+mode appends the tumour mask as one more channel, so every sample is a labelled image/mask pair. The UNet's
+sinusoidal timestep embedding is the paper's "positional embedding".
+
+Class conditioning (`num_classes` K > 0): the model gets K + 1 class embeddings; ids 0..K-1 are the prepared
+file's labels (0 = no tumour, 1 meningioma, 2 glioma, 3 pituitary for K = 4) and id K is the *null* class,
+trained by dropping labels (and standing for unknown labels, -1), which classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, SchedulerMixin,
+                       UNet2DModel)
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DiffusionModelConfig:
+    """Shape of the denoiser and its training noise schedule (the `model:` section of configs/diffusion-*.yaml)."""
+
+    sample_size: int = 64  # image side; must equal the prepared file's size
+    image_channels: int = 1  # channels of the prepared images (1 grey, 3 colour)
+    mode: Literal["joint", "image"] = "joint"  # joint: image + mask channel; image: image only
+    block_out_channels: tuple[int, ...] = (32, 64, 96, 128)  # one resolution level each, halving the size
+    layers_per_block: int = 1
+    attention_resolutions: tuple[int, ...] = ()  # sides (px) whose levels get self-attention, e.g. (16,)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every entry of block_out_channels
+    dropout: float = 0.0
+    num_classes: int = 0  # 0 = unconditional; K = class-conditional on labels 0..K-1 (+ null class K)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        checks = [
+            (levels >= 1 and all(c > 0 for c in self.block_out_channels), "block_out_channels must be positive"),
+            (self.sample_size > 0 and self.sample_size % 2 ** (levels - 1) == 0,
+             f"sample_size {self.sample_size} must be a multiple of 2**(levels - 1) = {2 ** (levels - 1)}"),
+            (all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+             f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels {self.block_out_channels}"),
+            (set(self.attention_resolutions) <= set(self.resolutions),
+             f"attention_resolutions {self.attention_resolutions} must be among the level sizes {self.resolutions}"),
+            (self.layers_per_block >= 1 and self.num_train_timesteps >= 2, "layers_per_block >= 1, timesteps >= 2"),
+            (self.image_channels >= 1 and self.num_classes >= 0, "image_channels >= 1 and num_classes >= 0"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(f"diffusion model: {problem}")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        return tuple(self.sample_size // 2**i for i in range(len(self.block_out_channels)))
+
+    @property
+    def channels(self) -> int:
+        """Channels the UNet sees: the image channels, plus the mask in joint mode."""
+        return self.image_channels + (self.mode == "joint")
+
+    @property
+    def null_class(self) -> int | None:
+        return self.num_classes if self.num_classes else None
+
+
+def build_unet(cfg: DiffusionModelConfig) -> UNet2DModel:
+    """A fresh UNet2DModel; levels whose side is in `attention_resolutions` use the attention blocks."""
+    attn = [size in cfg.attention_resolutions for size in cfg.resolutions]
+    return UNet2DModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        dropout=cfg.dropout,
+        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
+    )
+
+
+def build_scheduler(cfg: DiffusionModelConfig) -> DDPMScheduler:
+    """The training (forward-process) schedule; samplers are derived from its config."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type, clip_sample=False)
+
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+_OVERRIDES = {"dpmsolver": {"algorithm_type": "dpmsolver++", "solver_order": 2},
+              "pndm": {"skip_prk_steps": True}}  # PLMS only: PRK warm-up steps would triple the model calls
+
+
+def make_sampling_scheduler(name: str, train_scheduler_config) -> SchedulerMixin:
+    """Sampler `name` sharing the trained noise schedule and prediction type (diffusers' `from_config`)."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(train_scheduler_config, **_OVERRIDES.get(name, {}))

@@ -1,0 +1,186 @@
+"""`SliceDiffusionPipeline`: sample MRI slices (with tumour masks in joint mode) from a trained UNet2DModel.
+
+The stock `DDPMPipeline` passes no class labels, so this thin pipeline runs diffusers' own
+`scheduler.step` loop with optional class conditioning and classifier-free guidance.
+
+Conventions: the model works in [-1, 1]; outputs are back in the prepared-file range, images float32 in
+[0, 1] and masks uint8 {0, 1} (mask channel > 0), so a segmenter trained on prepared data reads them directly.
+The mode is read off the UNet: 1 or 3 channels = image only (grey / colour), 2 or 4 = image + mask (joint).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, ConfigError
+
+INTERMEDIATE_SNAPSHOTS = 10  # x_t kept per call with save_intermediates (evenly spaced over the steps)
+
+
+@dataclass
+class SliceDiffusionOutput(BaseOutput):
+    """images (N, H, W) float32 in [0, 1] ((N, C, H, W) for colour); masks (N, H, W) uint8 {0, 1} or None in
+    image mode; labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as (N, channels, H, W)
+    float32 in [0, 1])] from noise to the last step, or None."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    labels: np.ndarray | None
+    intermediates: list[tuple[int, np.ndarray]] | None
+
+
+def model_channels(unet: UNet2DModel) -> tuple[int, bool]:
+    """(image channels, joint) of a UNet trained by genseg: 1/3 channels image-only, 2/4 image + mask."""
+    channels = int(unet.config.in_channels)
+    if channels not in (1, 2, 3, 4):
+        raise CheckpointError(f"UNet with {channels} input channels is not a genseg slice model (1-4 channels)")
+    return (channels if channels in (1, 3) else channels - 1), channels in (2, 4)
+
+
+def num_classes(unet: UNet2DModel) -> int:
+    """Classes the UNet was conditioned on (0 = unconditional); its last class embedding is the null class."""
+    embeds = unet.config.num_class_embeds
+    return int(embeds) - 1 if embeds else 0
+
+
+class SliceDiffusionPipeline(DiffusionPipeline):
+    """unet + scheduler; swap the sampler with `pipe.scheduler = make_sampling_scheduler(name, config)`."""
+
+    def __init__(self, unet: UNet2DModel, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    def _labels(self, class_labels, num_images: int) -> torch.Tensor | None:
+        k = num_classes(self.unet)
+        if class_labels is None:
+            return None
+        if k == 0:
+            raise ConfigError("class conditioning was asked of an unconditional model (trained with num_classes 0); "
+                              "sample without --class")
+        labels = torch.as_tensor([class_labels] * num_images if np.isscalar(class_labels) else list(class_labels))
+        if labels.ndim != 1 or len(labels) != num_images:
+            raise ConfigError(f"class_labels: give one class or {num_images}, got {len(labels)}")
+        bad = sorted({int(c) for c in labels if not 0 <= int(c) < k})
+        if bad:
+            raise ConfigError(f"class {bad} outside the trained range 0..{k - 1}")
+        return labels.long()
+
+    @staticmethod
+    def _generators(generator, num_images: int) -> list[torch.Generator]:
+        """One CPU generator per image, so an image depends on (seed, its index) and not on the batch size."""
+        if isinstance(generator, torch.Generator):
+            seeds = torch.randint(0, 2**62, (num_images,), generator=generator).tolist()
+        elif isinstance(generator, (list, tuple)):
+            if len(generator) != num_images:
+                raise ConfigError(f"{len(generator)} generators for {num_images} images")
+            return list(generator)
+        else:
+            base = 0 if generator is None else int(generator)
+            seeds = [base * 100_003 + i for i in range(num_images)]
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @torch.no_grad()
+    def __call__(self, num_images: int = 1, *, class_labels: int | Sequence[int] | None = None,
+                 guidance_scale: float = 1.0, num_inference_steps: int | None = None,
+                 generator: torch.Generator | int | list | None = None, batch_size: int | None = None,
+                 save_intermediates: bool = False, progress: bool = True) -> SliceDiffusionOutput:
+        """Generate `num_images` slices. `num_inference_steps` defaults to the training timesteps (full DDPM);
+        `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`."""
+        if num_images < 1:
+            raise ConfigError(f"number of images must be at least 1, got {num_images}")
+        steps = num_inference_steps or self.scheduler.config.num_train_timesteps
+        if steps < 1:
+            raise ConfigError(f"steps must be at least 1, got {steps}")
+        if steps > self.scheduler.config.num_train_timesteps:
+            raise ConfigError(f"steps {steps} exceed the {self.scheduler.config.num_train_timesteps} training timesteps")
+        if guidance_scale <= 0:
+            raise ConfigError(f"guidance scale must be positive, got {guidance_scale}")
+        labels = self._labels(class_labels, num_images)
+        if guidance_scale != 1.0 and labels is None:
+            raise ConfigError("classifier-free guidance (guidance != 1) needs a class to guide towards")
+        image_channels, joint = model_channels(self.unet)
+        generators = self._generators(generator, num_images)
+        batch_size = batch_size or num_images
+        if batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+        chunks, snapshots = [], []
+        bar = tqdm(total=num_images * steps, desc="sampling", unit="img-step", disable=not progress)
+        for start in range(0, num_images, batch_size):
+            stop = min(start + batch_size, num_images)
+            x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
+                                     guidance_scale, steps, save_intermediates, bar)
+            chunks.append(x)
+            snapshots.append(snaps)
+        bar.close()
+        x = torch.cat(chunks).float().cpu().numpy()
+        images = np.clip((x[:, :image_channels] + 1) / 2, 0, 1).astype(np.float32)
+        images = images[:, 0] if image_channels == 1 else images
+        masks = (x[:, image_channels] > 0).astype(np.uint8) if joint else None
+        intermediates = None
+        if save_intermediates:
+            intermediates = [(t, np.concatenate([s[i][1] for s in snapshots])) for i, (t, _) in enumerate(snapshots[0])]
+        return SliceDiffusionOutput(images=images, masks=masks,
+                                    labels=None if labels is None else labels.numpy().astype(np.int64),
+                                    intermediates=intermediates)
+
+    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar):
+        unet, scheduler, device = self.unet, self.scheduler, self._execution_device
+        size = unet.config.sample_size
+        shape = (len(generators), unet.config.in_channels, size, size)
+        x = randn_tensor(shape, generator=generators, device=device, dtype=unet.dtype) * scheduler.init_noise_sigma
+        scheduler.set_timesteps(steps, device=device)
+        guided = labels is not None and guidance_scale != 1.0
+        if labels is None and num_classes(unet):  # a class-conditional model samples freely with its null class
+            labels = torch.full((len(generators),), num_classes(unet), dtype=torch.long)
+        if labels is not None:
+            labels = labels.to(device)
+            if guided:  # conditional and unconditional halves in one forward pass
+                labels = torch.cat([labels, torch.full_like(labels, num_classes(unet))])
+        timesteps = scheduler.timesteps
+        keep = set(np.linspace(0, len(timesteps) - 1, min(INTERMEDIATE_SNAPSHOTS, len(timesteps))).round().astype(int))
+        # stochastic samplers take the generators; deterministic ones (PNDM) have no such argument
+        extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        snaps = []
+        for i, t in enumerate(timesteps):
+            model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            out = unet(model_in, t, class_labels=labels).sample
+            if guided:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            x = scheduler.step(out, t, x, **extra).prev_sample
+            if save_intermediates and i in keep:
+                snaps.append((int(t), np.clip((x.float().cpu().numpy() + 1) / 2, 0, 1)))
+            bar.update(len(generators))
+        return x, snaps
+
+
+def is_diffusion_run(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "model_index.json").is_file() and (path / "unet").is_dir() and (path / "scheduler").is_dir()
+
+
+def load_diffusion(run_dir: str | Path, device: str | torch.device | None = None) -> SliceDiffusionPipeline:
+    """The EMA generator saved by `train-diffusion` (a diffusers folder); CheckpointError if it is not one."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found")
+    if not is_diffusion_run(path):
+        hint = " (it looks like a segmentation run)" if (path / "model").is_dir() else ""
+        raise CheckpointError(f"{path}: not a diffusion run{hint}: expected model_index.json, unet/ and scheduler/ "
+                              f"as written by `genseg train-diffusion`")
+    try:
+        pipe = SliceDiffusionPipeline.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise CheckpointError(f"{path}: cannot load the diffusion pipeline ({exc})") from None
+    model_channels(pipe.unet)
+    return pipe.to(device) if device is not None else pipe

@@ -1,0 +1,114 @@
+"""`GenSegPipeline`: generate slices with the diffusion model, then segment them with the registered U-Net.
+
+One diffusers folder holds all three parts (`unet/`, `scheduler/`, `segmenter/`, `model_index.json`), so
+`save_pretrained` / `from_pretrained` move the whole generate-then-segment chain, and each part still loads
+with plain diffusers (`UNet2DModel.from_pretrained(DIR, subfolder="unet")`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.utils import BaseOutput
+
+from ..errors import CheckpointError, ConfigError
+from ..inference import Segmenter, load_segmenter
+from ..models.unet import SegmentationUNet
+from .diffusion import SliceDiffusionPipeline, load_diffusion, model_channels
+
+PARTS = ("unet", "scheduler", "segmenter")
+
+
+@dataclass
+class GenSegOutput(BaseOutput):
+    """images (N, H, W) float32 in [0, 1]; generated_masks (N, H, W) uint8 from the joint model or None in image
+    mode; predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
+    labels (N,) int or None."""
+
+    images: np.ndarray
+    generated_masks: np.ndarray | None
+    predicted_masks: np.ndarray
+    probabilities: np.ndarray
+    labels: np.ndarray | None
+
+
+def check_compatible(unet: UNet2DModel, segmenter: SegmentationUNet) -> None:
+    """The segmenter must read the generator's images: same channels (sizes may differ: images are resized)."""
+    image_channels, _ = model_channels(unet)
+    if int(segmenter.config.in_channels) != image_channels:
+        raise ConfigError(f"the segmenter reads {segmenter.config.in_channels}-channel images but the diffusion "
+                          f"model generates {image_channels}-channel ones; pair models trained on the same modality")
+
+
+class GenSegPipeline(SliceDiffusionPipeline):
+    """unet + scheduler (generation, inherited) + segmenter. A segmenter trained at another size than the
+    generator's is fed bilinearly resized images and its probabilities are resized back (stated in reports)."""
+
+    def __init__(self, unet: UNet2DModel, scheduler, segmenter: SegmentationUNet, threshold: float = 0.5):
+        DiffusionPipeline.__init__(self)
+        check_compatible(unet, segmenter)
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold must lie in (0, 1), got {threshold}")
+        self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter)
+        self.register_to_config(threshold=float(threshold))
+        self._segmenter_cache: tuple[int, Segmenter] | None = None
+
+    @classmethod
+    def from_runs(cls, diffusion: str | Path, segmenter: str | Path) -> "GenSegPipeline":
+        """Pair a `train-diffusion` run with a `train-seg` run (the segmenter's threshold comes from its run)."""
+        generator = load_diffusion(diffusion)
+        seg = load_segmenter(segmenter, device="cpu")
+        return cls(unet=generator.unet, scheduler=generator.scheduler, segmenter=seg.model, threshold=seg.threshold)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GenSegPipeline":
+        """`from_pretrained` with a clear error for a folder that is not a complete GenSegPipeline."""
+        path = Path(path)
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise CheckpointError(f"{path}: not a saved pipeline (no model_index.json)")
+        missing = [part for part in PARTS if not (path / part).is_dir()]
+        if missing:
+            raise CheckpointError(f"{path}: pipeline folder is missing {', '.join(missing)}/")
+        return cls.from_pretrained(path, use_safetensors=True)
+
+    @property
+    def size_note(self) -> str:
+        gen, seg = int(self.unet.config.sample_size), int(self.segmenter.config.sample_size)
+        return "" if gen == seg else f"generated {gen}x{gen} slices resized to the segmenter's {seg}x{seg} and back"
+
+    def predictor(self, **options) -> Segmenter:
+        """A BatchNorm-folded inference copy of the registered segmenter, rebuilt only when the module changes;
+        `options` (batch_size, compile, ...) of `Segmenter` apply when it is built."""
+        if self._segmenter_cache is None or self._segmenter_cache[0] != id(self.segmenter):
+            self._segmenter_cache = (id(self.segmenter), Segmenter(self.segmenter, threshold=self.config.threshold,
+                                                                   device=self._execution_device, **options))
+        return self._segmenter_cache[1]
+
+    def segment(self, images: np.ndarray) -> np.ndarray:
+        """Tumour probabilities (N, H, W) for images (N, H, W) or (N, C, H, W) in [0, 1] at any size."""
+        predictor = self.predictor()
+        x = torch.as_tensor(np.asarray(images, np.float32))
+        x = x[:, None] if x.ndim == 3 else x
+        size = x.shape[-2:]
+        if tuple(size) != (predictor.size, predictor.size):
+            x = F.interpolate(x, size=(predictor.size, predictor.size), mode="bilinear", antialias=True,
+                              align_corners=False).clamp(0, 1)
+        probabilities = torch.as_tensor(predictor.predict(x))
+        if tuple(probabilities.shape[-2:]) != tuple(size):
+            probabilities = F.interpolate(probabilities[:, None], size=tuple(size), mode="bilinear",
+                                          align_corners=False)[:, 0]
+        return probabilities.numpy()
+
+    def __call__(self, num_images: int = 1, **sampling) -> GenSegOutput:
+        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`) and segment them."""
+        generated = super().__call__(num_images, **sampling)
+        probabilities = self.segment(generated.images)
+        return GenSegOutput(images=generated.images, generated_masks=generated.masks,
+                            predicted_masks=(probabilities >= self.config.threshold).astype(np.uint8),
+                            probabilities=probabilities.astype(np.float32), labels=generated.labels)

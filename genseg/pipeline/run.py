@@ -1,0 +1,149 @@
+"""`genseg pipeline`: load a GenSegPipeline, generate and segment N slices (or segment real files), and write
+what a person looks at — PNGs, overlays, a contact sheet — next to `summary.json` and a short report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, GensegError
+from ..io import atomic_path
+from ..metrics import dice_iou
+from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
+from .genseg import GenSegOutput, GenSegPipeline
+
+DEMO_PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "demo" / "pipeline"
+CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
+
+
+def load_pipeline(pipeline: str | Path | None = None, diffusion: str | Path | None = None,
+                  segmenter: str | Path | None = None) -> GenSegPipeline:
+    """A saved pipeline folder, or a diffusion run + a segmentation run, or (given nothing) the shipped demo."""
+    if pipeline is not None:
+        if diffusion is not None or segmenter is not None:
+            raise ConfigError("give either --pipeline DIR or --diffusion RUN_DIR with --segmenter RUN_DIR, not both")
+        return GenSegPipeline.load(pipeline)
+    if diffusion is None and segmenter is None:
+        if not (DEMO_PIPELINE / "model_index.json").is_file():
+            raise ConfigError(f"no models given and no shipped demo pipeline at {DEMO_PIPELINE}; pass --pipeline DIR "
+                              f"or --diffusion RUN_DIR --segmenter RUN_DIR")
+        return GenSegPipeline.load(DEMO_PIPELINE)
+    if diffusion is None or segmenter is None:
+        raise ConfigError("--diffusion and --segmenter go together (or pass --pipeline DIR)")
+    return GenSegPipeline.from_runs(diffusion, segmenter)
+
+
+def slice_summaries(result: GenSegOutput) -> list[dict[str, Any]]:
+    """Per slice: predicted tumour area and share, mean probability inside the predicted mask, and in joint
+    mode the generated mask's area and its Dice with the prediction (both empty = 1, as everywhere in genseg)."""
+    predicted = result.predicted_masks.astype(bool)
+    area = predicted.reshape(len(predicted), -1).sum(1)
+    rows = []
+    for i in range(len(predicted)):
+        inside = result.probabilities[i][predicted[i]]
+        row = {"index": i, "tumour_area_px": int(area[i]), "tumour_share": float(area[i] / predicted[i].size),
+               "mean_probability": float(inside.mean()) if inside.size else 0.0}
+        if result.labels is not None:
+            row["class"] = int(result.labels[i])
+        rows.append(row)
+    if result.generated_masks is not None:
+        dice, _ = dice_iou(result.predicted_masks, result.generated_masks)
+        for row, generated, d in zip(rows, result.generated_masks, dice):
+            row["generated_area_px"] = int(generated.sum())
+            row["dice_generated_vs_predicted"] = float(d)
+    return rows
+
+
+def write_pipeline_outputs(result: GenSegOutput, out: str | Path, settings: dict[str, Any], force: bool = False
+                           ) -> dict[str, Any]:
+    """Write slices/NNNN.png, NNNN_overlay.png (predicted mask green, generated mask red in joint mode),
+    contact_sheet.png, summary.json and report.md into `out`, all at once (a folder that appears complete)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
+    rows = slice_summaries(result)
+    summary = {"settings": settings, "num_slices": len(rows), "slices": rows, **_aggregate(rows)}
+    with atomic_path(out, is_dir=True) as tmp:
+        (tmp / "slices").mkdir()
+        tiles = []
+        for i, image in enumerate(result.images):
+            tile = overlay(image, result.predicted_masks[i], PREDICTION_COLOR)
+            if result.generated_masks is not None:
+                tile = overlay(tile, result.generated_masks[i], MASK_COLOR, alpha=0.0)  # outline only
+            save_png(image, tmp / "slices" / f"{i:04d}.png")
+            save_png(tile, tmp / "slices" / f"{i:04d}_overlay.png")
+            if i < CONTACT_SHEET_MAX:
+                tiles.append(tile)
+        titles = [_caption(row) for row in rows[:CONTACT_SHEET_MAX]]
+        save_grid(tiles, tmp / "contact_sheet.png", ncols=8, titles=titles)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "report.md").write_text(_report(summary, result.generated_masks is not None))
+    return summary
+
+
+def _caption(row: dict[str, Any]) -> str:
+    text = f"#{row['index']} {100 * row['tumour_share']:.1f}%"
+    if "dice_generated_vs_predicted" in row:
+        text += f" D{row['dice_generated_vs_predicted']:.2f}"
+    return text
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    with_tumour = [r for r in rows if r["tumour_area_px"]]
+    totals = {"slices_with_predicted_tumour": len(with_tumour),
+              "mean_tumour_share": float(np.mean([r["tumour_share"] for r in rows]))}
+    if rows and "dice_generated_vs_predicted" in rows[0]:
+        totals["mean_dice_generated_vs_predicted"] = float(np.mean([r["dice_generated_vs_predicted"] for r in rows]))
+    return totals
+
+
+def _report(summary: dict[str, Any], joint: bool) -> str:
+    s = summary["settings"]
+    lines = [
+        "# genseg pipeline report", "",
+        f"Generated {summary['num_slices']} slices with the {s['scheduler']} scheduler in {s['steps']} steps "
+        f"(seed {s['seed']}, class {s['class']}, guidance {s['guidance']}) and segmented them "
+        f"(threshold {s['threshold']}). Wall time {s['seconds']:.1f} s.",
+    ]
+    if s.get("size_note"):
+        lines.append(f"Note: {s['size_note']}.")
+    lines += ["", f"- slices with a predicted tumour: {summary['slices_with_predicted_tumour']} of {summary['num_slices']}",
+              f"- mean predicted tumour share: {100 * summary['mean_tumour_share']:.2f} %"]
+    if joint:
+        lines.append(f"- mean Dice of generated vs predicted mask: {summary['mean_dice_generated_vs_predicted']:.3f} "
+                     "(how well the segmenter agrees with the mask the generator drew)")
+    lines += ["", "![contact sheet](contact_sheet.png)", "",
+              "Overlays: predicted mask tinted and outlined in green" + ("; generated mask outlined in red." if joint else "."),
+              ""]
+    return "\n".join(lines)
+
+
+def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, scheduler: str = "dpmsolver", steps: int = 20,
+                 class_label: int | None = None, guidance: float = 1.0, seed: int = 0, batch_size: int = 16,
+                 force: bool = False) -> dict[str, Any]:
+    """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder."""
+    from ..models.diffusion import make_sampling_scheduler
+
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1, got {num}")
+    if Path(out).exists() and not force:  # before spending minutes on sampling
+        raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
+    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
+    started = time.perf_counter()
+    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps,
+                  generator=seed, batch_size=batch_size)
+    settings = {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label, "guidance": guidance,
+                "threshold": pipe.config.threshold, "size_note": pipe.size_note,
+                "seconds": time.perf_counter() - started}
+    return write_pipeline_outputs(result, out, settings, force=force)
+
+
+def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs."""
+    from ..inference import segment_files
+
+    return segment_files(inputs, pipe.predictor(), out)

@@ -1,0 +1,132 @@
+"""`genseg sample` and the process figures: synthetic slices from a diffusion run, written in the prepared
+HDF5 format (same schema as `genseg prepare`, marked synthetic) so every consumer reads them like real data.
+
+Each synthetic slice is its own "patient" (synth-00000, ...), so patient-wise folds are simply slice-wise. Labels:
+the requested class when the model is class-conditional, else 0 for a slice whose generated mask is empty and
+-1 (unknown) otherwise. In image mode no masks are generated: the file holds empty masks and its metadata says
+`mask_source: none`, so they must be segmented before training on them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.prepared import PreparedDataset, PreparedWriter
+from .errors import ConfigError, DataError
+from .models.diffusion import build_scheduler, make_sampling_scheduler
+from .pipeline.diffusion import SliceDiffusionOutput, load_diffusion
+
+
+def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler: str = "dpmsolver", steps: int = 20,
+                   class_label: int | None = None, guidance: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
+                   progress: bool = True) -> Path:
+    """Sample `num` slices with `scheduler` at `steps` steps into the prepared file `out` (plus PNGs / a reverse
+    process strip `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on `batch_size`."""
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1, got {num}")
+    if steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    out = Path(out)
+    pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
+    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps, generator=seed,
+                  batch_size=batch_size, save_intermediates=save_intermediates, progress=progress)
+    write_samples(result, out, run_dir, {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label,
+                                         "guidance": guidance}, split_seed=seed)
+    if png_dir is not None:
+        write_pngs(result, Path(png_dir))
+    if save_intermediates:
+        reverse_process_figure(result, out.with_name(out.stem + "_reverse.png"))
+    return out
+
+
+def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | Path, settings: dict,
+                  split_seed: int = 0) -> Path:
+    """A pipeline's output as a synthetic prepared file; `settings` (sampler, steps, seed, ...) go into metadata."""
+    run_dir, out = Path(run_dir), Path(out)
+    info_path = run_dir / "run.json"
+    run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    joint = result.masks is not None
+    num, size = len(result.images), result.images.shape[-1]
+    channels = 1 if result.images.ndim == 3 else result.images.shape[1]
+    metadata = {"model": str(run_dir.resolve()), **settings, "mode": "joint" if joint else "image",
+                "mask_source": "generated" if joint else "none", "trained_on": run_info.get("data"),
+                "class_names": run_info.get("class_names") or {}}
+    masks = result.masks if joint else np.zeros((num, size, size), np.uint8)
+    with PreparedWriter(out, size=size, channels=channels, source_format="synthetic", synthetic=True,
+                        modality=run_info.get("modality", "unknown"), metadata=metadata) as writer:
+        for i in range(num):
+            label = int(result.labels[i]) if result.labels is not None else (0 if joint and not masks[i].any() else -1)
+            writer.append(result.images[i], masks[i], label=label, patient=f"synth-{i:05d}",
+                          source=f"{out.name}#{i}")
+        return writer.close(num_folds=5, seed=split_seed)
+
+
+def write_pngs(result: SliceDiffusionOutput, folder: Path) -> Path:
+    """synth-00000.png (+ _mask.png, 0/255, the BUSI layout `genseg segment` and `prepare` read) and grid.png."""
+    from .viz import overlay, save_grid, save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tiles = []
+    for i, image in enumerate(result.images):
+        save_png(image, folder / f"synth-{i:05d}.png")
+        if result.masks is not None:
+            save_png(result.masks[i] * np.uint8(255), folder / f"synth-{i:05d}_mask.png")
+            tiles.append(overlay(image, result.masks[i]))
+        else:
+            tiles.append(image)
+    titles = [f"class {c}" for c in result.labels] if result.labels is not None else None
+    return save_grid(tiles, folder / "grid.png", ncols=int(np.ceil(np.sqrt(len(tiles)))), titles=titles)
+
+
+def reverse_process_figure(result: SliceDiffusionOutput, path: Path, rows: int = 4) -> Path:
+    """Denoising strips: one row per sample (at most `rows`), x_t from noise to the last step, then the result."""
+    from .viz import overlay, save_grid
+
+    if not result.intermediates:
+        raise ValueError("no intermediates: sample with save_intermediates=True")
+    n = min(rows, len(result.images))
+    tiles, titles = [], []
+    for i in range(n):
+        for t, x in result.intermediates:
+            tiles.append(x[i, 0])
+            titles.append(f"t={t}")
+        final = result.images[i] if result.images.ndim == 3 else result.images[i, 0]
+        tiles.append(overlay(final, result.masks[i]) if result.masks is not None else final)
+        titles.append("sample")
+    return save_grid(tiles, path, ncols=len(result.intermediates) + 1, titles=titles)
+
+
+FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+def forward_process_figure(data: str | Path, index: int, out: str | Path, run_dir: str | Path | None = None,
+                           beta_schedule: str = "squaredcos_cap_v2", num_train_timesteps: int = 1000,
+                           seed: int = 0) -> Path:
+    """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps for t from 0 to T (clean to noise) of slice `index` of a prepared
+    file; the schedule is the run's when `run_dir` is given, else `beta_schedule` over `num_train_timesteps`."""
+    from .models.diffusion import DiffusionModelConfig
+    from .viz import save_grid
+
+    dataset = PreparedDataset(data)
+    if not 0 <= index < len(dataset):
+        raise DataError(data, f"has {len(dataset)} slices; --index {index} is out of range 0..{len(dataset) - 1}")
+    if run_dir is not None:
+        scheduler = load_diffusion(run_dir).scheduler
+    else:
+        scheduler = build_scheduler(DiffusionModelConfig(beta_schedule=beta_schedule,
+                                                         num_train_timesteps=num_train_timesteps))
+    x0 = dataset[index]["image"][None] * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    last = scheduler.config.num_train_timesteps - 1
+    steps = sorted({round(f * last) for f in FORWARD_FRACTIONS})
+    tiles = [x0[0, 0].numpy() * 0.5 + 0.5]
+    for t in steps[1:]:
+        xt = scheduler.add_noise(x0, noise, torch.tensor([t]))
+        tiles.append(np.clip(xt[0, 0].numpy() * 0.5 + 0.5, 0, 1))
+    return save_grid(tiles, out, ncols=len(tiles), titles=["x_0"] + [f"t={t}" for t in steps[1:]])

@@ -1,0 +1,278 @@
+"""Diffusion training: a DDPM denoiser on prepared slices, plugged into the shared loop (loop.py).
+
+Each step noises a batch at random timesteps (the forward process) and regresses the UNet's output on the
+noise (`epsilon`) or the velocity (`v_prediction`), optionally with min-SNR weighting and an extra weight on
+the mask channel. An EMA copy of the weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
+
+A run directory is a diffusers pipeline folder plus training files:
+  model_index.json, unet/ (EMA weights, safetensors), scheduler/   -> `load_diffusion`, plain diffusers
+  config.yaml (the resolved DiffusionTrainConfig), run.json (data, precision that ran), log.csv,
+  checkpoints/step-N (accelerate state + EMA, keep-last-K, for --resume), samples/step-N.png grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from torch.utils.data import DataLoader
+
+from ..config import config_from_dict, load_config, save_config
+from ..data.augment import PairedAugment
+from ..data.prepared import PreparedDataset, read_metadata
+from ..errors import CheckpointError, ConfigError, DataError
+from ..io import atomic_path, replace_path
+from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
+from ..pipeline.diffusion import SliceDiffusionPipeline
+from .loop import Hooks, Trainer, effective_precision, make_accelerator
+from .seg import default_run_dir
+
+# Settings that may differ when a run is resumed (they do not change what the saved state means).
+RESUMABLE_KEYS = {"max_steps", "checkpoint_every_steps", "keep_last", "sample_every_steps", "sample_count",
+                  "sample_steps", "log_every_steps", "num_workers"}
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Everything a diffusion run depends on; written to RUN_DIR/config.yaml."""
+
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    split: Literal["train", "all"] = "train"  # slices to learn from: the training split (keeps val/test unseen)
+    max_steps: int = 5000  # optimizer steps
+    batch_size: int = 16
+    lr: float = 2e-3
+    lr_warmup_steps: int = 200
+    lr_schedule: Literal["cosine", "constant_with_warmup", "linear"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999  # ceiling; EMA warm-up ramps the decay up from 0
+    ema_power: float = 0.75  # warm-up speed: decay = 1 - (1 + step)^-power
+    snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); null = plain MSE
+    mask_weight: float = 1.0  # joint mode: loss weight of the mask channel relative to the image channels
+    class_dropout: float = 0.1  # share of labels replaced by the null class (needed for guidance)
+    hflip: bool = True
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_workers: int = 0
+    checkpoint_every_steps: int = 250
+    keep_last: int = 2
+    log_every_steps: int = 10
+    sample_every_steps: int = 500  # 0 = no sample grids during training
+    sample_count: int = 16
+    sample_steps: int = 20  # DPM-Solver++ steps of the grids
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = config_from_dict(DiffusionModelConfig, self.model, "model")
+        checks = [
+            (self.max_steps > 0 and self.batch_size > 0 and self.lr > 0, "max_steps, batch_size and lr must be positive"),
+            (self.grad_accum >= 1 and self.checkpoint_every_steps >= 1 and self.log_every_steps >= 1,
+             "grad_accum, checkpoint_every_steps and log_every_steps must be >= 1"),
+            (0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive (or null)"),
+            (0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}"),
+            (self.sample_every_steps >= 0 and self.sample_count >= 1 and self.sample_steps >= 1,
+             "sample_every_steps >= 0, sample_count >= 1 and sample_steps >= 1"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(problem)
+
+
+def resolve_config(config: str | Path | None, overrides: dict[str, Any], out: str | Path | None,
+                   resume: bool) -> DiffusionTrainConfig:
+    """--config (or, on --resume without one, the run's own config.yaml) plus the flags the user gave."""
+    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
+        config = Path(out) / "config.yaml"
+    return load_config(DiffusionTrainConfig, config, overrides)
+
+
+def _check_data(cfg: DiffusionTrainConfig, data: str | Path) -> dict:
+    attrs = read_metadata(data)["attrs"]
+    m = cfg.model
+    if (int(attrs["size"]), int(attrs["channels"])) != (m.sample_size, m.image_channels):
+        raise ConfigError(f"model sample_size {m.sample_size} / image_channels {m.image_channels} do not match {data} "
+                          f"({attrs['size']}x{attrs['size']}, {attrs['channels']} channel(s)); prepare the data with "
+                          f"--size {m.sample_size} or change model.sample_size in the config")
+    if attrs.get("synthetic"):
+        raise DataError(data, "is a synthetic file; train the generator on real prepared data")
+    return attrs
+
+
+def _check_resume(cfg: DiffusionTrainConfig, out: Path, data: str | Path) -> None:
+    if not (out / "config.yaml").exists():
+        raise CheckpointError(f"{out}: nothing to resume (no config.yaml; is this a train-diffusion run directory?)")
+    saved = dataclasses.asdict(load_config(DiffusionTrainConfig, out / "config.yaml"))
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if saved[k] != v and k not in RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(f"{out}: cannot resume with changed settings {changed} (only {sorted(RESUMABLE_KEYS)} may "
+                          f"change); start a new run with another --out instead")
+    old = json.loads((out / "run.json").read_text())["data"]
+    if old != str(Path(data).resolve()):
+        raise ConfigError(f"{out}: was trained on {old}; resume with the same --data")
+
+
+def to_model_space(batch: dict, joint: bool) -> torch.Tensor:
+    """Prepared [0, 1] images (and 0/1 masks in joint mode) -> the model's [-1, 1] channels."""
+    x = batch["image"] * 2 - 1
+    return torch.cat([x, batch["mask"] * 2 - 1], dim=1) if joint else x
+
+
+def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionTrainConfig
+                   ) -> torch.Tensor:
+    """One denoising-regression loss on a clean batch `x0` in [-1, 1] (module docstring)."""
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, t)
+    target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
+    pred = model(noisy, t, class_labels=labels).sample
+    per_channel = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(2, 3))  # (N, C)
+    if cfg.model.mode == "joint":
+        weights = torch.ones(per_channel.shape[1], device=x0.device)
+        weights[-1] = cfg.mask_weight
+        per_sample = (per_channel * weights).sum(1) / weights.sum()
+    else:
+        per_sample = per_channel.mean(1)
+    if cfg.snr_gamma is not None:
+        snr = compute_snr(noise_scheduler, t)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1 if cfg.model.prediction_type == "v_prediction" else snr)
+        per_sample = per_sample * weight
+    return per_sample.mean()
+
+
+def _conditioning(labels: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.Tensor | None:
+    """Class ids for the UNet: unknown (-1) labels and a `class_dropout` share become the null class."""
+    m = cfg.model
+    if not m.num_classes:
+        return None
+    drop = (labels < 0) | (torch.rand(labels.shape, device=labels.device) < cfg.class_dropout)
+    return torch.where(drop, torch.full_like(labels, m.null_class), labels)
+
+
+def save_pipeline(unet: UNet2DModel, cfg: DiffusionTrainConfig, out: Path) -> None:
+    """Write model_index.json, unet/ and scheduler/ into the run directory, each replaced atomically."""
+    pipe = SliceDiffusionPipeline(unet=unet, scheduler=build_scheduler(cfg.model))
+    with atomic_path(out / ".pipeline", is_dir=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in ("unet", "scheduler"):
+            replace_path(tmp / name, out / name)
+        replace_path(tmp / "model_index.json", out / "model_index.json")
+
+
+def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int) -> Path:
+    """A grid of `count` samples (mask outlined in joint mode), DPM-Solver++ at `steps` steps."""
+    from ..viz import overlay, save_grid
+
+    pipe.scheduler = make_sampling_scheduler("dpmsolver", pipe.scheduler.config)
+    k = pipe.unet.config.num_class_embeds
+    labels = [i % (k - 1) for i in range(count)] if k else None
+    result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed, progress=False)
+    tiles = [overlay(img, m) if m is not None else img
+             for img, m in zip(result.images, result.masks if result.masks is not None else [None] * count)]
+    titles = [f"class {c}" for c in labels] if labels else None
+    return save_grid(tiles, path, ncols=int(np.ceil(np.sqrt(count))), titles=titles)
+
+
+@dataclass
+class DiffusionRunResult:
+    run_dir: Path
+    metrics: dict  # steps, final logged loss, seconds, precision, images/s
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path | None = None, resume: bool = False,
+                    cpu: bool = False) -> DiffusionRunResult:
+    """Train (or with `resume`, continue) a generator on `data` until `cfg.max_steps` optimizer steps."""
+    out = Path(out) if out is not None else default_run_dir("diffusion")
+    attrs = _check_data(cfg, data)
+    if resume:
+        _check_resume(cfg, out, data)
+    elif any((out / "checkpoints").glob("step-*")):
+        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    m = cfg.model
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=cpu, seed=cfg.seed)
+    set_seed(cfg.seed)
+    dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split,
+                              transform=PairedAugment(hflip=cfg.hflip, max_rotation=0.0))
+    if len(dataset) == 0:
+        raise DataError(data, f"has no slices in split {cfg.split!r}")
+    if m.num_classes and dataset.labels.max() >= m.num_classes:
+        raise DataError(data, f"has label {int(dataset.labels.max())}, outside the model's classes 0.."
+                              f"{m.num_classes - 1}; raise model.num_classes")
+    unet = build_unet(m)  # the place a later --init-from would load pretrained weights instead
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                 num_training_steps=cfg.max_steps * acc.num_processes)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+    trainer = Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+                      checkpoint_every_steps=cfg.checkpoint_every_steps, keep_last=cfg.keep_last,
+                      extra_state={"ema": ema})
+    info = {"data": str(Path(data).resolve()), "slices": len(dataset), "precision": effective_precision(acc),
+            "processes": acc.num_processes, "parameters": sum(p.numel() for p in unet.parameters()),
+            "modality": attrs.get("modality", "unknown"), "class_names": (attrs.get("metadata") or {}).get("class_names")}
+    if acc.is_main_process and not resume:
+        save_config(cfg, out / "config.yaml")
+        with atomic_path(out / "run.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
+    if resume:
+        trainer.resume()
+    ema.to(acc.device)
+    noise_scheduler = build_scheduler(m)
+    joint = m.mode == "joint"
+    running = torch.zeros(2, device=acc.device)  # loss sum, batches since the last log row
+
+    def compute_loss(model, batch):
+        loss = diffusion_loss(model, noise_scheduler, to_model_space(batch, joint),
+                              _conditioning(batch["label"], cfg), cfg)
+        running[0] += loss.detach()
+        running[1] += 1
+        return loss
+
+    def ema_unet() -> UNet2DModel:
+        copy = build_unet(m)
+        ema.copy_to(copy.parameters())
+        return copy
+
+    def after_step(state) -> dict | None:
+        ema.step(acc.unwrap_model(trainer.model).parameters())
+        row = None
+        if state.step % cfg.log_every_steps == 0 or state.step == cfg.max_steps:
+            total = acc.gather(running[None]).sum(0)
+            row = {"loss": float(total[0] / total[1].clamp(min=1)), "ema_decay": ema.cur_decay_value}
+            running.zero_()
+        due_save = state.step % cfg.checkpoint_every_steps == 0 or state.step >= cfg.max_steps
+        due_grid = cfg.sample_every_steps and state.step % cfg.sample_every_steps == 0
+        if acc.is_main_process and (due_save or due_grid):
+            unet = ema_unet()
+            if due_save:  # the pipeline folder always holds the newest EMA weights a checkpoint also has
+                save_pipeline(unet, cfg, out)
+            if due_grid:
+                pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(m))
+                sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
+                            cfg.sample_steps, cfg.seed)
+        return row
+
+    state = trainer.fit(compute_loss, max_steps=cfg.max_steps, hooks=Hooks(after_step=after_step),
+                        desc=f"train-diffusion {out.name}")
+    acc.wait_for_everyone()
+    if acc.is_main_process and not (out / "model_index.json").exists():  # resumed a finished run: nothing trained
+        save_pipeline(ema_unet(), cfg, out)
+    rows = [r for r in trainer.log.rows() if r.get("loss")]
+    metrics = {"steps": state.step, "loss": float(rows[-1]["loss"]) if rows else None,
+               "train_seconds": round(state.elapsed_s, 2), "precision": info["precision"],
+               "images_per_s": round(state.step * cfg.batch_size * cfg.grad_accum * acc.num_processes
+                                     / max(state.elapsed_s, 1e-9), 2)}
+    return DiffusionRunResult(out, metrics)
