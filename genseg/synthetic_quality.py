@@ -3,7 +3,8 @@
 Three views, each next to a real-vs-real reference so the number means something:
 - Memorisation. Images are average-pooled to at most 32x32 (robust to pixel noise, cheap) and compared by RMS
   pixel difference (L2 / sqrt(pixels), images in [0, 1]). Every synthetic slice gets the distance to its nearest
-  real *training* slice (what the generator saw). The reference is the real-to-real distance: each held-out real
+  real *training* slice (what the generator saw), mirror images included (diffusion training flips slices, so
+  a memorised slice may come out mirrored). The reference is the real-to-real distance: each held-out real
   slice (split val/test; when there are none, each training slice with its own patient's slices left out) to
   the training set. `nn_ratio` = synthetic distance / median real-to-real distance: ~1 means "as far from the
   training set as an unseen real patient", 0 an exact copy. A slice is a near-copy when its ratio is below
@@ -122,10 +123,9 @@ def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Ca
             if images.min() < -1e-3 or images.max() > 1 + 1e-3 or not np.isfinite(images).all():
                 raise DataError(path, f"images of rows {part[0]}..{part[-1]} are outside [0, 1] (or not finite); "
                                       f"the prepared format stores normalised images")
-            side = images.shape[-1]
-            pooled = F.adaptive_avg_pool2d(torch.from_numpy(images), min(side, NN_SIDE)) if side > NN_SIDE \
-                else torch.from_numpy(images)
-            out.pooled.append(pooled.reshape(len(part), -1).numpy())
+            pooled = torch.from_numpy(images)
+            pooled = F.adaptive_avg_pool2d(pooled, NN_SIDE) if pooled.shape[-1] > NN_SIDE else pooled
+            out.pooled.append(pooled.numpy())
             out.area.append(masks.mean(axis=(1, 2)))
             pick = np.array([r in wanted for r in part.tolist()], dtype=bool)
             if pick.any():
@@ -207,14 +207,15 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
     syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract,
                    segmenter if masks_generated else None, "synthetic", progress)
 
-    # (a) memorisation
+    # (a) memorisation, against the training slices and their mirror images (generators train with flips)
+    references = np.concatenate([train.pooled, train.pooled[..., ::-1]])
     train_patients = real_meta["patients"][train_rows]
     if held is not None:
-        real_nn = nearest_neighbour_distances(held.pooled, train.pooled)
-        reference_kind = "held-out (val/test) real slices to the training set"
+        real_nn = nearest_neighbour_distances(held.pooled, references)
+        reference_kind = "held-out (val/test) real slices to the training set (and its mirror images)"
     else:
-        real_nn = nearest_neighbour_distances(train.pooled, train.pooled, train_patients, train_patients)
-        reference_kind = "training slices to the other patients' training slices"
+        real_nn = nearest_neighbour_distances(train.pooled, references, train_patients, np.tile(train_patients, 2))
+        reference_kind = "training slices to the other patients' training slices (and their mirror images)"
     real_nn = real_nn[np.isfinite(real_nn)]
     if not len(real_nn):
         raise DataError(real, "needs held-out slices or at least two training patients for the real-to-real "
@@ -223,7 +224,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
     if typical <= 0:
         raise DataError(real, "real slices of different patients are pixel-identical (median nearest-neighbour "
                               "distance 0); the memorisation ratio is undefined")
-    syn_nn = nearest_neighbour_distances(syn.pooled, train.pooled)
+    syn_nn = nearest_neighbour_distances(syn.pooled, references)
     ratio = syn_nn / typical
     real_ratio = real_nn / typical
     near = ratio < near_copy_ratio
@@ -248,7 +249,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         "num_synthetic": n,
         "num_real_train": int(len(train_rows)),
         "num_real_heldout": int(len(held_rows)),
-        "nn_image_side": int(np.sqrt(syn.pooled.shape[1] / channels)),
+        "nn_image_side": int(syn.pooled.shape[-1]),
         "nn_reference": reference_kind,
         "nn_real_median_distance": typical,
         "nn_synthetic_median_distance": float(np.median(syn_nn)),

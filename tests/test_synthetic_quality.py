@@ -72,6 +72,7 @@ def real_train_slices(real: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_copies_of_training_slices_are_near_copies(real, tmp_path):
     copies, copy_masks = real_train_slices(real, 6)
+    copies[4:], copy_masks[4:] = copies[4:, ..., ::-1], copy_masks[4:, ..., ::-1]  # mirrored copies count too
     fresh, fresh_masks = fresh_phantoms(6, seed=123)
     synth = write_synth(tmp_path / "synth.h5", np.concatenate([copies, fresh]),
                         np.concatenate([copy_masks, fresh_masks]))
