@@ -3,7 +3,8 @@
 Three views, each next to a real-vs-real reference so the number means something:
 - Memorisation. Images are average-pooled to at most 32x32 (robust to pixel noise, cheap) and compared by RMS
   pixel difference (L2 / sqrt(pixels), images in [0, 1]). Every synthetic slice gets the distance to its nearest
-  real *training* slice (what the generator saw). The reference is the real-to-real distance: each held-out real
+  real *training* slice (what the generator saw), mirror images included (diffusion training flips slices, so
+  a memorised slice may come out mirrored). The reference is the real-to-real distance: each held-out real
   slice (split val/test; when there are none, each training slice with its own patient's slices left out) to
   the training set. `nn_ratio` = synthetic distance / median real-to-real distance: ~1 means "as far from the
   training set as an unseen real patient", 0 an exact copy. A slice is a near-copy when its ratio is below
@@ -20,7 +21,8 @@ Three views, each next to a real-vs-real reference so the number means something
   feature networks are still not comparable with each other, only with the real reference beside them.
   At most `max_features` slices per set (synthetic, real training, real held-out; seeded choice) are encoded.
 - Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
-  the generated image (both empty = 1, genseg/metrics.py), plus tumour-size (mask area share) and class
+  the generated image (both empty = 1, genseg/metrics.py), next to the same Dice on (up to `max_features`)
+  held-out real slices, i.e. what the segmenter reaches on real pairs; plus tumour-size (mask area share) and class
   histograms of synthetic vs real training slices. Skipped for image-mode samples (metadata mask_source
   "none"): their empty masks are placeholders, not generated masks.
 
@@ -106,9 +108,10 @@ class _Pass:
 
 
 def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Callable,
-             segmenter: Segmenter | None, desc: str, progress: bool, chunk: int = 128) -> _Pass:
+             segmenter: Segmenter | None, desc: str, progress: bool, all_agreement: bool = True,
+             chunk: int = 128) -> _Pass:
     """Pooled images and mask areas of `rows`, features of `feature_rows` (a subset), and with a segmenter the
-    mask/prediction Dice of every row."""
+    mask/prediction Dice of every row (`all_agreement`) or of `feature_rows` only."""
     out = _Pass()
     wanted = set(feature_rows.tolist())
     with h5py.File(path, "r") as h5:
@@ -120,17 +123,17 @@ def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Ca
             if images.min() < -1e-3 or images.max() > 1 + 1e-3 or not np.isfinite(images).all():
                 raise DataError(path, f"images of rows {part[0]}..{part[-1]} are outside [0, 1] (or not finite); "
                                       f"the prepared format stores normalised images")
-            side = images.shape[-1]
-            pooled = F.adaptive_avg_pool2d(torch.from_numpy(images), min(side, NN_SIDE)) if side > NN_SIDE \
-                else torch.from_numpy(images)
-            out.pooled.append(pooled.reshape(len(part), -1).numpy())
+            pooled = torch.from_numpy(images)
+            pooled = F.adaptive_avg_pool2d(pooled, NN_SIDE) if pooled.shape[-1] > NN_SIDE else pooled
+            out.pooled.append(pooled.numpy())
             out.area.append(masks.mean(axis=(1, 2)))
             pick = np.array([r in wanted for r in part.tolist()], dtype=bool)
             if pick.any():
                 out.features.append(extract(images[pick]))
-            if segmenter is not None:
-                pred = segmenter.predict(images) >= segmenter.threshold
-                out.agreement.append(dice_from_counts(*overlap_counts(pred, masks)))
+            scored = slice(None) if all_agreement else pick
+            if segmenter is not None and len(images[scored]):
+                pred = segmenter.predict(images[scored]) >= segmenter.threshold
+                out.agreement.append(dice_from_counts(*overlap_counts(pred, masks[scored])))
     return out.done()
 
 
@@ -198,20 +201,21 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
 
     train = _measure(real, train_rows, _seeded_subset(train_rows, max_features, seed), extract, None,
                      "real train", progress)
-    held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, None,
-                    "real held-out", progress) if len(held_rows) else None
+    held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, segmenter,
+                    "real held-out", progress, all_agreement=False) if len(held_rows) else None
     masks_generated = (syn_meta["attrs"].get("metadata") or {}).get("mask_source") != "none"
     syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract,
                    segmenter if masks_generated else None, "synthetic", progress)
 
-    # (a) memorisation
+    # (a) memorisation, against the training slices and their mirror images (generators train with flips)
+    references = np.concatenate([train.pooled, train.pooled[..., ::-1]])
     train_patients = real_meta["patients"][train_rows]
     if held is not None:
-        real_nn = nearest_neighbour_distances(held.pooled, train.pooled)
-        reference_kind = "held-out (val/test) real slices to the training set"
+        real_nn = nearest_neighbour_distances(held.pooled, references)
+        reference_kind = "held-out (val/test) real slices to the training set (and its mirror images)"
     else:
-        real_nn = nearest_neighbour_distances(train.pooled, train.pooled, train_patients, train_patients)
-        reference_kind = "training slices to the other patients' training slices"
+        real_nn = nearest_neighbour_distances(train.pooled, references, train_patients, np.tile(train_patients, 2))
+        reference_kind = "training slices to the other patients' training slices (and their mirror images)"
     real_nn = real_nn[np.isfinite(real_nn)]
     if not len(real_nn):
         raise DataError(real, "needs held-out slices or at least two training patients for the real-to-real "
@@ -220,7 +224,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
     if typical <= 0:
         raise DataError(real, "real slices of different patients are pixel-identical (median nearest-neighbour "
                               "distance 0); the memorisation ratio is undefined")
-    syn_nn = nearest_neighbour_distances(syn.pooled, train.pooled)
+    syn_nn = nearest_neighbour_distances(syn.pooled, references)
     ratio = syn_nn / typical
     real_ratio = real_nn / typical
     near = ratio < near_copy_ratio
@@ -245,7 +249,7 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         "num_synthetic": n,
         "num_real_train": int(len(train_rows)),
         "num_real_heldout": int(len(held_rows)),
-        "nn_image_side": int(np.sqrt(syn.pooled.shape[1] / channels)),
+        "nn_image_side": int(syn.pooled.shape[-1]),
         "nn_reference": reference_kind,
         "nn_real_median_distance": typical,
         "nn_synthetic_median_distance": float(np.median(syn_nn)),
@@ -266,6 +270,9 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         "kid_subset_size": min(kid_subset_size, len(syn.features), len(train.features)),
         "agreement_dice_mean": float(agreement.mean()) if agreement is not None else None,
         "agreement_dice_median": float(np.median(agreement)) if agreement is not None else None,
+        # the same Dice on real held-out slices (the segmenter's own test Dice): what realistic pairs would reach
+        "agreement_real_reference": float(held.agreement.mean()) if held is not None and len(held.agreement)
+        else None,
         "agreement_histogram": ({"bins": _histogram(agreement, AGREEMENT_EDGES)[0],
                                  "synthetic": _histogram(agreement, AGREEMENT_EDGES)[1]}
                                 if agreement is not None else None),
@@ -347,7 +354,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"({result['near_copy_percent']:g} %) | {result['real_near_copy_percent']:g} % |",
         f"| KID x 1000 (mean ± sd) | {fmt(result['kid_mean'], 1e3)} ± {fmt(result['kid_std'], 1e3)} | {kid_ref} |",
         f"| mask vs segmenter Dice, mean (median) | {fmt(result['agreement_dice_mean'])} "
-        f"({fmt(result['agreement_dice_median'])}) | n/a |",
+        f"({fmt(result['agreement_dice_median'])}) | {fmt(result['agreement_real_reference'])} |",
         f"| share of slices with tumour | {fmt(shares['synthetic'])} | {fmt(shares['real'])} |",
         f"| mean tumour area share (tumour slices) | {fmt(areas['synthetic'])} | {fmt(areas['real'])} |",
     ]

@@ -72,7 +72,8 @@ def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, samp
         curve.append({"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 2),
                       "loss": loss_at(rows, state["step"]), "seconds_per_sample": round(sample_s, 3),
                       **{k: quality[k] for k in ("kid_mean", "kid_std", "kid_real_reference", "nn_ratio_median",
-                                                 "near_copy_percent", "agreement_dice_mean", "tumour_slice_share",
+                                                 "near_copy_percent", "agreement_dice_mean", "agreement_real_reference",
+                                                 "tumour_slice_share",
                                                  "feature_network")}})
         print(table(curve[-1:], header=not curve[:-1]), flush=True)
     return curve
@@ -83,11 +84,12 @@ def table(curve: list[dict], header: bool = True) -> str:
         return "n/a" if v is None else f"{v * scale:.4g}"
 
     lines = ["| step | minutes | loss | KID x1000 | real KID x1000 | NN ratio median | near-copies % | "
-             "mask/seg Dice | tumour slices syn/real | s/sample |", "|" + "---|" * 10] if header else []
+             "mask/seg Dice (real) | tumour slices syn/real | s/sample |", "|" + "---|" * 10] if header else []
     for r in curve:
         lines.append(f"| {r['step']} | {r['minutes']} | {fmt(r['loss'])} | {fmt(r['kid_mean'], 1e3)} ± "
                      f"{fmt(r['kid_std'], 1e3)} | {fmt(r['kid_real_reference'], 1e3)} | {fmt(r['nn_ratio_median'])} | "
-                     f"{r['near_copy_percent']:g} | {fmt(r['agreement_dice_mean'])} | "
+                     f"{r['near_copy_percent']:g} | {fmt(r['agreement_dice_mean'])} "
+                     f"({fmt(r['agreement_real_reference'])}) | "
                      f"{fmt(r['tumour_slice_share']['synthetic'])}/{fmt(r['tumour_slice_share']['real'])} | "
                      f"{r['seconds_per_sample']} |")
     return "\n".join(lines)

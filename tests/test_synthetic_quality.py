@@ -10,14 +10,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401 (autouse fixture)
 
+from genseg.config import config_from_dict
 from genseg.data.prepared import PreparedWriter, read_metadata
 from genseg.data.records import preprocess_pair
 from genseg.errors import CheckpointError, DataError
 from genseg.inference import load_segmenter
 from genseg.metrics import kid
+from genseg.models.diffusion import build_unet
+from genseg.sampling import sample_to_file
 from genseg.synthetic_quality import evaluate_synthetic, markdown_table, random_feature_network
+from genseg.training.diffusion import DiffusionTrainConfig, save_pipeline
 from genseg.training.mixing import select_synthetic
 from genseg.training.seg import SegTrainConfig, train_segmenter
 
@@ -67,6 +72,7 @@ def real_train_slices(real: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_copies_of_training_slices_are_near_copies(real, tmp_path):
     copies, copy_masks = real_train_slices(real, 6)
+    copies[4:], copy_masks[4:] = copies[4:, ..., ::-1], copy_masks[4:, ..., ::-1]  # mirrored copies count too
     fresh, fresh_masks = fresh_phantoms(6, seed=123)
     synth = write_synth(tmp_path / "synth.h5", np.concatenate([copies, fresh]),
                         np.concatenate([copy_masks, fresh_masks]))
@@ -83,6 +89,7 @@ def test_copies_of_training_slices_are_near_copies(real, tmp_path):
     assert result["near_copies"] == 6 and result["near_copy_percent"] == 50.0
     assert result["real_near_copy_percent"] < 20  # held-out real slices are not flagged
     assert result["agreement_dice_mean"] is None and result["written"] == ["quality_nn_ratio"]
+    assert result["agreement_real_reference"] is None
     assert result["feature_network"].startswith("random CNN")
     assert Path(result["figure"]).stat().st_size > 0
     table = markdown_table(result)
@@ -105,8 +112,6 @@ def test_kid_self_is_zero_and_noise_is_far():
     a, _ = fresh_phantoms(48, seed=1)
     b, _ = fresh_phantoms(48, seed=2)
     noise = np.random.default_rng(3).uniform(0, 1, a.shape).astype(np.float32)
-    import torch
-
     with torch.no_grad():
         fa, fb, fn = (net(torch.from_numpy(x)).numpy() for x in (a, b, noise))
     self_kid, _ = kid(fa, fa, num_subsets=20, subset_size=32)
@@ -135,6 +140,7 @@ def test_agreement_with_the_segmenters_own_masks(real, seg_run, tmp_path):
     synth = write_synth(tmp_path / "own.h5", images, own, labels=np.arange(16) % 4)
     result = evaluate_synthetic(synth, real, segmenter=seg_run, **FAST)
     assert result["agreement_dice_mean"] == 1.0
+    assert 0.0 < result["agreement_real_reference"] < 1.0  # the segmenter's Dice on held-out real slices
     assert result["feature_network"].startswith("segmenter encoder")
     assert result["written"] == ["quality_nn_ratio", "quality_agreement"]
     assert sum(result["class_histogram"]["synthetic"].values()) == pytest.approx(1.0)
@@ -198,3 +204,21 @@ def test_cli_json_round_trip(real, genseg_cli, tmp_path):
 
     failed = CliRunner().invoke(main, ["evaluate-synthetic", str(real), "--real", str(real)])  # in-process: fast
     assert failed.exit_code == 2 and "real.h5" in failed.stderr and "not marked synthetic" in failed.stderr
+
+
+def test_scores_what_genseg_sample_writes(real, seg_run, tmp_path):
+    """The real sampler's output (an untrained 32 px joint model, 2 DPM-Solver steps) is read, scored and
+    annotated like any synthetic file, and train-seg's filters then select from it."""
+    cfg = config_from_dict(DiffusionTrainConfig, {"model": {"sample_size": 32, "block_out_channels": [16, 32],
+                                                            "norm_num_groups": 8}})
+    torch.manual_seed(0)
+    save_pipeline(build_unet(cfg.model), cfg, tmp_path / "gen")
+    synth = sample_to_file(tmp_path / "gen", 6, tmp_path / "sampled.h5", steps=2, seed=3, progress=False)
+    result = evaluate_synthetic(synth, real, segmenter=seg_run, **FAST)
+    assert result["num_synthetic"] == 6 and result["generator"]["scheduler"] == "dpmsolver"
+    assert result["written"] == ["quality_nn_ratio", "quality_agreement"]
+    with h5py.File(synth, "r") as h5:
+        agreement = h5["quality_agreement"][:]
+    rows, provenance = select_synthetic(synth, read_metadata(real)["attrs"], min_nn_ratio=0.5,
+                                        min_agreement=float(np.median(agreement)))
+    assert 1 <= len(rows) <= 6 and provenance["metadata"]["steps"] == 2
