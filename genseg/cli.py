@@ -316,6 +316,9 @@ def export_onnx_cmd(checkpoint, out, opset):
 @click.option("--seed", type=int, help="Seed for weights, noise and data order.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
               help="Precision via accelerate; measure bf16 on CPU first (it was ~20x slower here).")
+@click.option("--init-from", type=click.Path(),
+              help="Start from a trained generator (train-diffusion run or saved pipeline folder), e.g. to adapt "
+                   "it to a new domain; its channel layout and classes must match this run's.")
 @click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present.")
 def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
     """Train a DDPM (diffusers UNet2DModel) on prepared slices; RUN_DIR becomes a diffusers pipeline folder

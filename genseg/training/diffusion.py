@@ -36,6 +36,7 @@ from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet
 from ..pipeline.diffusion import SliceDiffusionPipeline
 from .loop import Hooks, Trainer, effective_precision, make_accelerator
 from .seg import default_run_dir
+from .transfer import initial_unet
 
 # Settings that may differ when a run is resumed (they do not change what the saved state means).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every_steps", "keep_last", "sample_every_steps", "sample_count",
@@ -72,6 +73,7 @@ class DiffusionTrainConfig:
     sample_every_steps: int = 500  # 0 = no sample grids during training
     sample_count: int = 16
     sample_steps: int = 20  # DPM-Solver++ steps of the grids
+    init_from: str | None = None  # continue a trained generator (run or pipeline folder) on this data
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -210,7 +212,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     if m.num_classes and dataset.labels.max() >= m.num_classes:
         raise DataError(data, f"has label {int(dataset.labels.max())}, outside the model's classes 0.."
                               f"{m.num_classes - 1}; raise model.num_classes")
-    unet = build_unet(m)  # the place a later --init-from would load pretrained weights instead
+    init = initial_unet(cfg, load=not resume)  # a bad --init-from fails here, before anything is written
+    unet = init.model
+    for message in init.messages:
+        acc.print(message)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
@@ -222,7 +227,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                       extra_state={"ema": ema})
     info = {"data": str(Path(data).resolve()), "slices": len(dataset), "precision": effective_precision(acc),
             "processes": acc.num_processes, "parameters": sum(p.numel() for p in unet.parameters()),
-            "modality": attrs.get("modality", "unknown"), "class_names": (attrs.get("metadata") or {}).get("class_names")}
+            "modality": attrs.get("modality", "unknown"), "class_names": (attrs.get("metadata") or {}).get("class_names"),
+            "init_from": init.info}
     if acc.is_main_process and not resume:
         save_config(cfg, out / "config.yaml")
         with atomic_path(out / "run.json") as tmp:

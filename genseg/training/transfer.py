@@ -1,4 +1,5 @@
-"""Starting a segmentation run from a trained segmenter (`train-seg --init-from`, the paper's "foundation model").
+"""Starting a segmentation run from a trained segmenter (`train-seg --init-from`, the paper's "foundation model"),
+and a diffusion run from a trained generator (`train-diffusion --init-from`, `initial_unet` below).
 
 The source is anything `genseg.inference.load_segmenter` reads: a train-seg run directory, its model/ folder, or a
 saved generate-then-segment pipeline folder (its `segmenter/` module). Its weights are copied into the new run's
@@ -148,4 +149,58 @@ def initial_model(cfg, channels: int, load: bool = True) -> InitResult:
             result.info.update(freeze=cfg.freeze, frozen_parameters=frozen_count, total_parameters=total)
     elif result.info is not None:
         result.info["freeze"] = "none"
+    return result
+
+
+DENOISER_ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                              "attention_head_dim", "norm_num_groups", "time_embedding_type")
+
+
+def initial_unet(cfg, load: bool = True) -> InitResult:
+    """The denoiser a diffusion run starts from: fresh, or (`cfg.init_from`) a trained generator's weights to
+    continue on new data. The source is a train-diffusion run or a saved pipeline folder.
+
+    The channel layout (joint image + mask vs image only, image channels) and the class count must match the
+    new run's: there is no weight surgery that turns one into the other with a defined meaning. A size change
+    needs nothing (the UNet is convolutional and attention takes any number of positions); any other
+    architecture difference is refused naming both sides. `load=False` (a resumed run) skips the source.
+    """
+    from ..models.diffusion import build_unet
+    from ..pipeline.diffusion import load_diffusion, model_channels
+
+    unet = build_unet(cfg.model)
+    result = InitResult(unet)
+    if cfg.init_from is None or not load:
+        return result
+    path = Path(cfg.init_from)
+    if not path.exists():
+        raise CheckpointError(f"--init-from {path}: not found (expected a train-diffusion run directory or a "
+                              f"saved pipeline folder)")
+    try:
+        source = load_diffusion(path).unet
+    except CheckpointError as exc:
+        raise CheckpointError(f"--init-from: {exc}") from None
+
+    def layout(model) -> str:
+        channels, joint = model_channels(model)
+        classes = (model.config.num_class_embeds or 1) - 1
+        return (f"{'joint (image + mask)' if joint else 'image-only'} generator, {channels} image channel(s), "
+                f"{classes} class(es)")
+
+    if layout(source) != layout(unet):
+        raise ConfigError(f"--init-from {path}: holds a {layout(source)}, but this run trains a {layout(unet)}; "
+                          f"set model.mode, image_channels and num_classes to the source's to continue it")
+    def plain(value):  # a loaded config holds lists where a fresh one holds tuples
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differing = [k for k in DENOISER_ARCHITECTURE_KEYS if plain(source.config[k]) != plain(unet.config[k])]
+    if differing:
+        both = "; ".join(f"{k}: source {plain(source.config[k])} vs run {plain(unet.config[k])}" for k in differing)
+        raise ConfigError(f"--init-from {path}: architectures differ ({both}); copy the source's model: section")
+    unet.load_state_dict(source.state_dict())
+    sizes = (int(source.config.sample_size), int(unet.config.sample_size))
+    size_note = (f"image size {sizes[0]} -> {sizes[1]}: nothing to adapt (convolutional UNet)" if sizes[0] != sizes[1]
+                 else f"image size {sizes[1]} in both")
+    result.messages = [f"init-from {path}: {layout(source)}", size_note]
+    result.info = {"source": str(path.resolve()), "layout": layout(source), "size": list(sizes), "size_note": size_note}
     return result
