@@ -115,3 +115,31 @@ def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
     assert (foreign / "notes.txt").read_text() == "keep"
     done = demo("--out", tmp_path / "c", "--pipeline", tiny_pipeline, "--from-scratch", "--tiny")
     assert done.exit_code == 2 and "not both" in done.output
+
+
+def test_train_demo_checkpoints_tiny(tmp_path):
+    """Every stage at 64 px with the real configs (2 generator steps, 1 epoch), the OUT files, reuse of finished
+    stages, resuming a generator below --diffusion-steps, and the fp16 fallback above --max-mb."""
+    script = load_script("train_demo_checkpoints")
+    work, out = tmp_path / "work", tmp_path / "out"
+    numbers = script.main(["--work", str(work), "--out", str(out), "--tiny"])
+    for name in ("pipeline/model_index.json", "log.csv", "samples-step-00000002.png", "synthetic_grid.png",
+                 "quality.json", "synthetic_quality.png", "README.md"):
+        assert (out / name).is_file(), name
+    assert numbers["diffusion_steps"] == 2 and numbers["pipeline_precision"] == "fp32"
+    assert numbers["pipeline_mb"] == pytest.approx(script.folder_mb(out / "pipeline"), abs=0.01)
+    assert numbers["pipeline_mb"] <= 30
+    readme = (out / "README.md").read_text()
+    assert f"Dice {numbers['seg_test']['dice']:.4f}" in readme and "Tiny test build" in readme
+    pipe = GenSegPipeline.load(out / "pipeline")
+    assert pipe.unet.config.sample_size == 64 and pipe.segmenter.config.base_channels == 16
+
+    seg_model = next((work / "seg" / "model").glob("*.safetensors"))
+    stamp = seg_model.stat().st_mtime_ns
+    numbers = script.main(["--work", str(work), "--out", str(out), "--tiny", "--diffusion-steps", "3",
+                           "--max-mb", "1"])
+    assert numbers["diffusion_steps"] == 3  # resumed from step 2, not restarted
+    assert seg_model.stat().st_mtime_ns == stamp  # finished segmenter reused
+    assert numbers["pipeline_precision"] == "fp16" and numbers["pipeline_mb"] < 15
+    result = GenSegPipeline.load(out / "pipeline")(2, num_inference_steps=2, generator=0, progress=False)
+    assert result.images.shape == (2, 64, 64) and np.isfinite(result.probabilities).all()
