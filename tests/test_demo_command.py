@@ -143,3 +143,32 @@ def test_train_demo_checkpoints_tiny(tmp_path):
     assert numbers["pipeline_precision"] == "fp16" and numbers["pipeline_mb"] < 15
     result = GenSegPipeline.load(out / "pipeline")(2, num_inference_steps=2, generator=0, progress=False)
     assert result.images.shape == (2, 64, 64) and np.isfinite(result.probabilities).all()
+
+
+@pytest.mark.parametrize("change", ["agreement", "more"])
+def test_study_smoke(tiny_pipeline, tmp_path, change):
+    """The study's grid (2 fractions x 2 ratios, synthetic-only, one change) on tiny data: tables, JSON, plot."""
+    script = load_script("study_synthetic_ratio")
+    out = tmp_path / "study"
+    summary = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", change])
+    runs = summary["runs"]
+    baseline = [r for r in runs if r["arm"] == "baseline"]
+    assert len(baseline) == 2 * 2 + 1 and len(runs) == len(baseline) + 2 + 1  # change: ratio 0.5 x 2 + synth-only
+    for name in ("study.md", "study.json", "study.png", "synthetic_grid.png"):
+        assert (out / name).is_file(), name
+    table = (out / "study.md").read_text()
+    assert "### Test Dice" in table and "### Test IoU" in table and "synthetic only (ratio 1)" in table
+    for r in baseline:  # every cell's number is its run's own test score, and the mix is what was asked
+        run = out / "runs" / "baseline" / f"f{r['fraction']:g}-r{r['ratio']:g}-s0"
+        assert json.loads((run / "metrics.json").read_text())["test"]["dice"] == r["dice"]
+        assert r["epoch"]["synthetic"] == round(r["ratio"] * r["epoch"]["length"])
+    real_only = next(r for r in baseline if r["fraction"] == 0.5 and r["ratio"] == 0)
+    assert real_only["real_slices"] < next(r["real_slices"] for r in baseline if r["fraction"] == 1.0)
+    assert real_only["epochs"] > 1  # equal steps: half the real slices, twice the epochs
+    changed = [r for r in runs if r["arm"] != "baseline"]
+    if change == "more":
+        assert all(r["synthetic_kept"] == 2 * baseline[0]["synthetic_kept"] for r in changed)
+    else:
+        assert (out / "synthetic-agreement" / "f0.5-r0-s0.h5").is_file()
+    again = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", change])
+    assert [r.get("dice") for r in again["runs"]] == [r.get("dice") for r in runs]  # finished runs reused

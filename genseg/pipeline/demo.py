@@ -258,8 +258,9 @@ def _prepare_out(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _generator_source(pipeline: str | Path | None, from_scratch: bool) -> Path | None:
-    """The folder to sample from (None: trained from scratch in the demo folder)."""
+def generator_source(pipeline: str | Path | None, from_scratch: bool = False) -> Path | None:
+    """The folder to sample from: `pipeline`, else the shipped demo pipeline (a clear error when it is missing);
+    None with `from_scratch` (the generator is trained in the demo folder)."""
     from . import run as pipeline_run
 
     if from_scratch:
@@ -289,7 +290,7 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
     from ..training.diffusion import DiffusionTrainConfig
 
     settings = TINY if tiny else DemoSettings()
-    source = _generator_source(pipeline, from_scratch)
+    source = generator_source(pipeline, from_scratch)
     diffusion_cfg = None
     if from_scratch:
         overrides = dict(settings.diffusion_overrides)
