@@ -207,19 +207,19 @@ def markdown(summary: dict) -> str:
                     base = stats(rows, key, arm="baseline", fraction=fraction, ratio=ratio)
                     cells.append(_cell(s, base if arm != "baseline" else None))
                 lines.append(f"| {arm} | {100 * fraction:g} % ({slices}) | " + " | ".join(cells) + " |")
-            if cfg["synthetic_only"]:
-                s = stats(rows, key, arm=arm, fraction=1.0, ratio=1.0)
-                base = stats(rows, key, arm="baseline", fraction=1.0, ratio=1.0)
-                lines.append(f"| {arm} | synthetic only (ratio 1) | {_cell(s, base if arm != 'baseline' else None)} |"
-                             + " |" * (len(ratios) - 1))
         lines.append("")
+        if cfg["synthetic_only"]:
+            base = stats(rows, key, arm="baseline", fraction=1.0, ratio=1.0)
+            only = [f"{arm} {_cell(stats(rows, key, arm=arm, fraction=1.0, ratio=1.0), None if arm == 'baseline' else base)}"
+                    for arm in summary["arms"]]
+            lines += ["Synthetic only (ratio 1, no real training slice): " + "; ".join(only) + ".", ""]
     lines += ["### Reading", ""] + findings(summary)
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines.append(f"\n{len(skipped)} run(s) skipped: " + "; ".join(
             f"{r['arm']} F={r['fraction']:g} R={r['ratio']:g} seed {r['seed']}: {r['skipped']}" for r in skipped))
-    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; study took "
-                 f"{summary['seconds']:.0f} s.")
+    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; equal optimizer steps per "
+                 f"run: {cfg['equal_steps']}; this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
     return "\n".join(lines)
 
 
@@ -244,7 +244,8 @@ def findings(summary: dict) -> list[str]:
         ratio, best = max(mixed, key=lambda item: item[1][0])
         gain = best[0] - real_only[0]
         noise = max(real_only[1], best[1])
-        verdict = ("within seed noise" if abs(gain) <= noise else "a gain" if gain > 0 else "a loss")
+        verdict = ("one seed: no noise estimate" if real_only[2] < 2 else "within seed noise" if abs(gain) <= noise
+                   else "a gain" if gain > 0 else "a loss")
         lines.append(f"- real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
                      f"{gain:+.3f} against real-only ({real_only[0]:.3f}; sd up to {noise:.3f}): {verdict}.")
     return lines

@@ -5,7 +5,7 @@ the same settings, and everything after a stage that had to be redone is redone 
   data       the embedded demo dataset (`genseg demo-data`, Figshare layout)       -> raw/
   prepare    prepared at the generator's size (`genseg prepare`)                  -> demo.h5
   generator  the shipped pipeline (or `--pipeline`), or with from_scratch a new
-             generator trained with configs/diffusion-cpu-small.yaml               -> diffusion/ (from scratch)
+             generator trained with configs/diffusion-cpu-small.yaml              -> diffusion/ (from scratch)
   sample     as many synthetic slices as the real training split, DPM-Solver++     -> synthetic.h5, synthetic_grid.png
   seg-real   a real-only segmenter (configs/seg-demo.yaml)                         -> seg-real/
   quality    evaluate_synthetic with the real-only segmenter                       -> quality.json, synthetic_quality.png
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from ..config import load_config
@@ -384,8 +383,9 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
                "synthetic_ratio": settings.synthetic_ratio, "seg_config": dataclasses.asdict(seg_cfg),
                "test": {"real-only": real["test"], "mixed": mixed["test"]}, "quality": quality,
                "pipeline": pipeline_summary}
+    summary["seconds_so_far"] = round(time.perf_counter() - started, 1)
     stages.run("report", "write report.md and comparison.png", {}, [out / "report.md", out / "comparison.png"],
-               expected["report"], lambda: _report(out, summary, stages.rows, expected))
+               expected["report"], lambda: _report(out, summary, stages.rows))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["table"] = comparison_table(summary["test"])
     echo(summary["table"])
@@ -431,7 +431,7 @@ def comparison_table(test: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _report(out: Path, summary: dict, rows: list[dict], expected: dict) -> str:
+def _report(out: Path, summary: dict, rows: list[dict]) -> str:
     from ..viz import plot_bars
 
     test = summary["test"]
@@ -449,7 +449,7 @@ def _report(out: Path, summary: dict, rows: list[dict], expected: dict) -> str:
     agreement = "n/a" if q["agreement_dice_mean"] is None else f"{q['agreement_dice_mean']:.3f}"
     lines = [
         "# genseg demo report", "",
-        ("**Tiny CI mode**: a smoke run; the numbers mean nothing.\n" if summary["tiny"] else "") +
+        ("**Tiny CI mode**: a smoke run; the numbers mean nothing.\n\n" if summary["tiny"] else "") +
         f"Generator: `{summary['generator']}` ({summary['size']} px). Both segmenters: configs/seg-demo.yaml "
         f"(width {cfg['base_channels']}, depth {cfg['depth']}, {cfg['loss']}, {cfg['epochs']} epochs, "
         f"patience {cfg['patience']}, seed {cfg['seed']}); the mixed one draws {100 * summary['synthetic_ratio']:.0f} % "
@@ -478,7 +478,8 @@ def _report(out: Path, summary: dict, rows: list[dict], expected: dict) -> str:
         ". Details: [pipeline/report.md](pipeline/report.md).", "",
         "![pipeline contact sheet](pipeline/contact_sheet.png)", "",
         "## Time", "", *times, "",
-        "Re-running `genseg demo` reuses finished stages; `--force` redoes everything.", "",
+        f"Wall time of this invocation up to the report: {summary['seconds_so_far']:.0f} s. Re-running "
+        "`genseg demo` reuses finished stages; `--force` redoes everything.", "",
     ]
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
