@@ -159,6 +159,10 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
         arms.append(Arm(f"agreement >= {cfg.min_agreement:g}", None, cfg.min_agreement))
     elif cfg.change == "more":
         arms.append(Arm(f"{cfg.more_factor}x synthetic", out / "synthetic-more.h5"))
+    per_arm = [sum(1 for _, r in cells if not index or r > 0) * len(cfg.seeds) for index in range(len(arms))]
+    finished = sum(1 for _ in (out / "runs").glob("*/*/metrics.json"))
+    print(f"{sum(per_arm)} runs ({' + '.join(f'{n} {a.name}' for n, a in zip(per_arm, arms))}), {finished} finished "
+          f"before; each trains about {base.epochs} epochs of the full real set")
     rows = []
     for arm_index, arm in enumerate(arms):
         for fraction, ratio in cells:

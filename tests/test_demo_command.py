@@ -115,6 +115,14 @@ def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
     assert (foreign / "notes.txt").read_text() == "keep"
     done = demo("--out", tmp_path / "c", "--pipeline", tiny_pipeline, "--from-scratch", "--tiny")
     assert done.exit_code == 2 and "not both" in done.output
+    # --force on a previous demo folder (it has stages.json) replaces everything in it and redoes every stage
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "stages.json").write_text("{}")
+    (previous / "old.txt").write_text("stale")
+    done = demo("--out", previous, "--pipeline", tiny_pipeline, "--tiny", "--force")
+    assert done.exit_code == 0, done.output
+    assert not (previous / "old.txt").exists() and "reused" not in done.output and (previous / "report.md").is_file()
 
 
 def test_train_demo_checkpoints_tiny(tmp_path):

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 SEG_DEMO_CONFIG = REPO / "configs" / "seg-demo.yaml"
 DIFFUSION_CPU_CONFIG = REPO / "configs" / "diffusion-cpu-small.yaml"
 BUDGET_S = 600  # the demo's promise on 2 CPU cores
-DEMO_DATA_S_PER_SLICE = 0.1  # demo-data at 256 px on one busy core (measured ~0.07-0.16 s); scales with pixels
+DEMO_DATA_S_PER_SLICE = 0.1  # demo-data at 256 px (measured 0.16 s/slice on a busy 2-core machine); scales with pixels
 GRID_SLICES = 16
 STAGES_FILE = "stages.json"
 
