@@ -223,7 +223,8 @@ class _Stages:
         self.rows: list[dict] = []
 
     def run(self, name: str, what: str, params: dict, outputs: list[Path], expected_s: float,
-            fn: Callable[[], Any]) -> Any:
+            fn: Callable[[], Any], clear: bool = True) -> Any:
+        """`clear=False` keeps the outputs of an unfinished run for `fn` to resume (generator training)."""
         key = hashlib.sha1(json.dumps([self.chain, name, params], sort_keys=True, default=str).encode()).hexdigest()
         self.chain = key
         old = self.record.get(name)
@@ -231,7 +232,7 @@ class _Stages:
             self.echo(f"[{name}] reused: finished before in {old['seconds']:.0f} s")
             self.rows.append({"stage": name, "expected_s": expected_s, "seconds": old["seconds"], "reused": True})
             return old["result"]
-        for path in outputs:  # leftovers of an interrupted or outdated run
+        for path in outputs if clear else []:  # leftovers of an interrupted or outdated run
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.echo(f"[{name}] {what} (expected ~{expected_s:.0f} s)")
         self.redone = True
@@ -352,7 +353,7 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
         generator_dir = out / "diffusion"
         stages.run("generator", f"train the generator for {diffusion_cfg.max_steps} steps (cpu-small config)",
                    {"config": dataclasses.asdict(diffusion_cfg)}, [generator_dir], expected["generator"],
-                   lambda: str(ensure_diffusion(diffusion_cfg, data, generator_dir)))
+                   lambda: str(ensure_diffusion(diffusion_cfg, data, generator_dir)), clear=False)
     else:
         generator_dir = source
         stages.run("generator", f"use the generator in {source}", _fingerprint(source), [], expected["generator"],
