@@ -308,7 +308,6 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
         image_channels, _ = model_channels(unet)
     else:
         size, image_channels = diffusion_cfg.model.sample_size, diffusion_cfg.model.image_channels
-        unet = None
     if image_channels != 1:
         raise ConfigError(f"the demo data is grey MRI; the generator makes {image_channels}-channel images")
     seg_cfg = seg_demo_config(seed=settings.seed, size=size, **settings.seg_overrides)
@@ -369,7 +368,7 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
                       {"config": dataclasses.asdict(seg_cfg)}, [out / "seg-real"], expected["seg-real"],
                       lambda: ensure_segmenter(seg_cfg, data, out / "seg-real"))
     quality = stages.run("quality", "evaluate the synthetic set with the real-only segmenter", {},
-                         [out / "quality.json"], expected["quality"],
+                         [out / "quality.json", out / "synthetic_quality.png"], expected["quality"],
                          lambda: _quality(synthetic, data, out / "seg-real", out))
     mixed_cfg = dataclasses.replace(seg_cfg, synthetic_ratio=settings.synthetic_ratio)
     mixed = stages.run("seg-mixed", f"train the mixed segmenter (synthetic ratio {settings.synthetic_ratio})",
