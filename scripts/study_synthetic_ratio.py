@@ -16,7 +16,11 @@
 Finished runs (metrics.json) and the data and synthetic files are reused when the command is repeated; delete
 OUT to start afresh (e.g. after the generator changed).
 
-    python scripts/study_synthetic_ratio.py --out study-synthetic-ratio         # CPU: about an hour (see study.md)
+    python scripts/study_synthetic_ratio.py --out study-synthetic-ratio   # 39 baseline + 27 change runs
+    python scripts/study_synthetic_ratio.py --change none                 # baseline only (39 runs)
+Cost (estimated from single runs, not measured at full scale): a run at fraction 1 trains 15 epochs of 144 slices,
+~30-60 s on 2 idle CPU cores; equal-step runs at small fractions add per-epoch validation and checkpoints, so the
+whole grid with the change should take roughly 45-75 minutes (`--seeds 1` a third of it).
     python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
 """
 
