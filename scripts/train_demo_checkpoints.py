@@ -108,10 +108,11 @@ def build(work: Path, out: Path, seed: int = 0, diffusion_steps: int = 2500, tin
                "diffusion_train_seconds": float(rows[-1]["seconds"]) if rows and rows[-1].get("seconds") else None,
                "diffusion_parameters": diffusion_info.get("parameters"), "pipeline_precision": precision,
                "pipeline_mb": round(size_mb, 2), "seg_test": seg_metrics["test"], "seg_val": seg_metrics["val"],
-               "num_synthetic": num, "sample_steps": sample_steps, "tiny": tiny,
+               "num_synthetic": num, "sample_steps": sample_steps, "tiny": tiny, "patients": patients,
+               "slices_per_patient": slices,
                "seconds_this_call": round(time.perf_counter() - started, 1)}
     with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(readme(numbers, quality, grids[-1].name if grids else None))
+        tmp.write_text(readme(numbers, quality, grids[-1].name if grids else None).replace(str(work), "WORK"))
     print(f"wrote {out} in {numbers['seconds_this_call']:.0f} s")
     return numbers
 
@@ -119,19 +120,22 @@ def build(work: Path, out: Path, seed: int = 0, diffusion_steps: int = 2500, tin
 def readme(n: dict, quality: dict, grid: str | None) -> str:
     test, cfg = n["seg_test"], seg_demo_config()
     loss = "n/a" if n["diffusion_final_loss"] is None else f"{n['diffusion_final_loss']:.4f}"
-    seconds = "n/a" if n["diffusion_train_seconds"] is None else f"{n['diffusion_train_seconds'] / 3600:.2f} h"
+    seconds = "n/a" if n["diffusion_train_seconds"] is None else f"{n['diffusion_train_seconds'] / 60:.0f} min"
+    params = "n/a" if n["diffusion_parameters"] is None else f"{n['diffusion_parameters'] / 1e6:.1f} M"
     return "\n".join([
         "# Shipped demo models", "",
-        ("**Tiny test build: not the shipped models.**\n" if n["tiny"] else "") +
+        ("**Tiny test build: not the shipped models.**\n\n" if n["tiny"] else "") +
         "Made by `python scripts/train_demo_checkpoints.py --work WORK --seed "
-        f"{n['seed']} --diffusion-steps {n['diffusion_steps']}` from the embedded demo data (`genseg demo-data`, "
-        "30 patients x 8 slices, prepared at 64 px; train/val/test by patient).", "",
-        "- `pipeline/`: a GenSegPipeline folder (`genseg pipeline`, `genseg demo` and `genseg serve --pipeline` "
-        f"use it by default): generator `unet/` + `scheduler/`, segmenter `segmenter/`; safetensors, "
+        f"{n['seed']} --diffusion-steps {n['diffusion_steps']}{' --tiny' if n['tiny'] else ''}` from the embedded "
+        "demo data (`genseg demo-data`, "
+        f"{n['patients']} patients x {n['slices_per_patient']} slices, prepared at 64 px; train/val/test by "
+        "patient; the generator saw the training split only).", "",
+        "- `pipeline/`: a GenSegPipeline folder (`genseg pipeline` and `genseg demo` use it by default, "
+        "`genseg serve --pipeline` loads it): generator `unet/` + `scheduler/`, segmenter `segmenter/`; safetensors, "
         f"{n['pipeline_precision']}, {n['pipeline_mb']:.1f} MB.",
-        f"- generator: configs/diffusion-cpu-small.yaml (joint image + mask, {n['diffusion_parameters']} parameters), "
+        f"- generator: configs/diffusion-cpu-small.yaml (joint image + mask, {params} parameters), "
         f"{n['diffusion_steps']} steps on the training split, final logged loss {loss}, training time {seconds} "
-        "(2 CPU cores); `log.csv` is its training log" +
+        "as logged; `log.csv` is its training log" +
         (f", `samples-{grid}` its last DPM-Solver++ sample grid." if grid else "."),
         f"- segmenter: configs/seg-demo.yaml (width {cfg.base_channels}, depth {cfg.depth}, {cfg.loss}); "
         f"real test split Dice {test['dice']:.4f}, IoU {test['iou']:.4f}, HD95 "

@@ -139,6 +139,7 @@ def test_train_demo_checkpoints_tiny(tmp_path):
     assert numbers["pipeline_mb"] <= 30
     readme = (out / "README.md").read_text()
     assert f"Dice {numbers['seg_test']['dice']:.4f}" in readme and "Tiny test build" in readme
+    assert "10 patients x 2 slices" in readme and str(work) not in readme
     pipe = GenSegPipeline.load(out / "pipeline")
     assert pipe.unet.config.sample_size == 64 and pipe.segmenter.config.base_channels == 16
 
