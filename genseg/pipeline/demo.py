@@ -48,6 +48,7 @@ BUDGET_S = 600  # the demo's promise on 2 CPU cores
 DEMO_DATA_S_PER_SLICE = 0.1  # demo-data at 256 px (measured 0.16 s/slice on a busy 2-core machine); scales with pixels
 GRID_SLICES = 16
 STAGES_FILE = "stages.json"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where training and sampling run (accelerate's pick too)
 
 
 @dataclass
@@ -138,7 +139,7 @@ def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusio
         generator = SliceDiffusionPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
     else:
         generator = load_diffusion(path)
-    return generator.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return generator.to(device or DEVICE)
 
 
 def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, steps: int = 20, seed: int = 0,
@@ -164,11 +165,14 @@ def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, 
 
 
 def _timed(fn: Callable[[], Any], repeats: int = 2) -> float:
-    """Seconds per call of `fn` after one warm-up call."""
+    """Seconds per call of `fn` after one warm-up call (GPU work waited for)."""
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
     fn()
+    sync()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - start) / repeats
 
 
@@ -187,10 +191,10 @@ def measure_diffusion_step(cfg) -> float:
     from ..models.diffusion import build_scheduler, build_unet
     from ..training.diffusion import diffusion_loss
 
-    unet, scheduler, m = build_unet(cfg.model), build_scheduler(cfg.model), cfg.model
+    unet, scheduler, m = build_unet(cfg.model).to(DEVICE), build_scheduler(cfg.model), cfg.model
     channels = int(unet.config.in_channels)
-    x0 = torch.rand(cfg.batch_size, channels, m.sample_size, m.sample_size) * 2 - 1
-    labels = torch.zeros(cfg.batch_size, dtype=torch.long) if m.num_classes else None
+    x0 = torch.rand(cfg.batch_size, channels, m.sample_size, m.sample_size, device=DEVICE) * 2 - 1
+    labels = torch.zeros(cfg.batch_size, dtype=torch.long, device=DEVICE) if m.num_classes else None
     return _timed(lambda: diffusion_loss(unet, scheduler, x0, labels, cfg).backward())
 
 
@@ -200,9 +204,9 @@ def measure_segmenter_batch(cfg: SegTrainConfig, channels: int = 1) -> float:
     from ..training.seg import seg_loss
 
     model = SegmentationUNet(in_channels=channels, base_channels=cfg.base_channels, depth=cfg.depth,
-                             sample_size=cfg.size)
-    x = torch.rand(cfg.batch_size, channels, cfg.size, cfg.size)
-    y = (torch.rand(cfg.batch_size, 1, cfg.size, cfg.size) > 0.9).float()
+                             sample_size=cfg.size).to(DEVICE)
+    x = torch.rand(cfg.batch_size, channels, cfg.size, cfg.size, device=DEVICE)
+    y = (torch.rand(cfg.batch_size, 1, cfg.size, cfg.size, device=DEVICE) > 0.9).float()
     return _timed(lambda: seg_loss(model(x), y, cfg.loss).mean().backward())
 
 
