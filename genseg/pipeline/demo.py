@@ -404,7 +404,8 @@ def _quality(synthetic: Path, data: Path, seg_run: Path, out: Path) -> dict:
     with atomic_path(out / "quality.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     keys = ("nn_ratio_median", "near_copy_percent", "real_near_copy_percent", "kid_mean", "kid_std",
-            "kid_real_reference", "kid_real_reference_std", "agreement_dice_mean", "tumour_slice_share")
+            "kid_real_reference", "kid_real_reference_std", "agreement_dice_mean", "agreement_real_reference",
+            "tumour_slice_share")
     return {k: result[k] for k in keys}
 
 
@@ -451,6 +452,7 @@ def _report(out: Path, summary: dict, rows: list[dict]) -> str:
     kid_ref = ("n/a" if q["kid_real_reference"] is None
                else f"{1e3 * q['kid_real_reference']:.2f} ± {1e3 * q['kid_real_reference_std']:.2f}")
     agreement = "n/a" if q["agreement_dice_mean"] is None else f"{q['agreement_dice_mean']:.3f}"
+    agreement_ref = "n/a" if q.get("agreement_real_reference") is None else f"{q['agreement_real_reference']:.3f}"
     lines = [
         "# genseg demo report", "",
         ("**Tiny CI mode**: a smoke run; the numbers mean nothing.\n\n" if summary["tiny"] else "") +
@@ -470,7 +472,8 @@ def _report(out: Path, summary: dict, rows: list[dict]) -> str:
         f"{q['nn_ratio_median']:.3f}; near-copies {q['near_copy_percent']} % (real held-out reference "
         f"{q['real_near_copy_percent']} %)",
         f"- KID x 1e3 (real-only segmenter's features): synthetic {kid}, real held-out reference {kid_ref}",
-        f"- Dice of generated masks vs the real-only segmenter's predictions: {agreement}",
+        f"- Dice of generated masks vs the real-only segmenter's predictions: {agreement} (the same segmenter on "
+        f"real held-out slices: {agreement_ref})",
         f"- share of slices with a tumour: synthetic {q['tumour_slice_share']['synthetic']}, "
         f"real {q['tumour_slice_share']['real']}", "",
         "![synthetic slices](synthetic_grid.png)", "", "![synthetic quality](synthetic_quality.png)", "",
