@@ -1,0 +1,302 @@
+"""When does mixing synthetic slices into segmenter training help? Real fraction x synthetic ratio x seeds.
+
+1. The demo data (`genseg demo-data`, prepared at the generator's size) and one synthetic set sampled from the
+   shipped generator (as many slices as the real training split, DPM-Solver++).
+2. For every real fraction F (share of real training *patients* kept, seeded per run), synthetic ratio R (share of
+   each epoch drawn from the synthetic set; `train-seg --synthetic-ratio`) and seed: a configs/seg-demo.yaml
+   segmenter, tested on the real test split. Plus one synthetic-only run per seed (R = 1: no real training slice).
+   With `equal_steps` a run with fewer real slices per epoch runs proportionally more epochs (and patience), so
+   every run gets about the same optimizer steps and small fractions are not simply undertrained.
+3. The "one change" (config `change`), run for every R > 0 cell and synthetic-only next to the baseline:
+   `agreement` keeps synthetic slices whose generated mask agrees with a real-only segmenter (Dice >=
+   min_agreement): the real-only run (R = 0) of the same fraction and seed, so the filter uses no labels the arm
+   does not have (synthetic-only uses fraction 1); `more` samples more_factor x as many synthetic slices.
+4. Mean ± sd test Dice and IoU: markdown tables (printed and OUT/study.md), OUT/study.json and OUT/study.png.
+
+Finished runs (metrics.json) and the data and synthetic files are reused when the command is repeated; delete
+OUT to start afresh (e.g. after the generator changed).
+
+    python scripts/study_synthetic_ratio.py --out study-synthetic-ratio   # 39 baseline + 27 change runs
+    python scripts/study_synthetic_ratio.py --change none                 # baseline only (39 runs)
+Cost (estimated from single runs, not measured at full scale): a run at fraction 1 trains 15 epochs of 144 slices,
+~30-60 s on 2 idle CPU cores; equal-step runs at small fractions add per-epoch validation and checkpoints, so the
+whole grid with the change should take roughly 45-75 minutes (`--seeds 1` a third of it).
+    python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from genseg.config import load_config
+from genseg.data.prepared import PreparedDataset, read_metadata
+from genseg.io import atomic_path
+from genseg.pipeline.demo import (REPO, ensure_demo_data, ensure_prepared, ensure_segmenter, generator_source,
+                                  load_generator, sample_synthetic)
+from genseg.synthetic_quality import evaluate_synthetic
+from genseg.training.mixing import select_synthetic, subsample_patients
+from genseg.training.seg import SegTrainConfig
+from genseg.viz import plot_curves
+
+CONFIG = REPO / "configs" / "study-synthetic-ratio.yaml"
+CHANGES = ("none", "agreement", "more")
+
+
+@dataclass
+class StudyConfig:
+    """configs/study-synthetic-ratio.yaml (comments there)."""
+
+    real_fractions: tuple[float, ...] = (0.1, 0.25, 1.0)
+    synthetic_ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    synthetic_only: bool = True
+    seg_config: str = "configs/seg-demo.yaml"
+    seg_overrides: dict = field(default_factory=dict)
+    equal_steps: bool = True
+    pipeline: str | None = None
+    num_synthetic: int | None = None
+    sample_steps: int = 20
+    sample_seed: int = 1000
+    patients: int = 30
+    slices_per_patient: int = 8
+    raw_size: int = 256
+    change: str = "agreement"
+    min_agreement: float = 0.7
+    more_factor: int = 4
+
+    def __post_init__(self):
+        if self.change not in CHANGES:
+            raise ValueError(f"change must be one of {CHANGES}, got {self.change!r}")
+        if self.change == "agreement" and self.synthetic_only and 1.0 not in self.real_fractions:
+            raise ValueError("change agreement with synthetic_only filters with the real-only run at fraction 1: "
+                             "add 1.0 to real_fractions")
+
+
+SMOKE = {"real_fractions": [0.5, 1.0], "synthetic_ratios": [0.0, 0.5], "seeds": [0], "patients": 10,
+         "slices_per_patient": 2, "raw_size": 64, "sample_steps": 2, "min_agreement": 0.0, "more_factor": 2,
+         "seg_overrides": {"base_channels": 4, "depth": 2, "epochs": 1, "batch_size": 4, "plot_samples": 1}}
+
+
+@dataclass
+class Arm:
+    """One row family of the tables: the baseline or the change, with the synthetic file(s) it trains on."""
+
+    name: str
+    synthetic: Path | None  # None: per (fraction, seed) filtered copies (agreement)
+    min_agreement: float | None = None
+
+
+def make_data(out: Path, cfg: StudyConfig) -> tuple[Path, Path, int]:
+    """Prepared real data, the synthetic set (reused when present) and the generator's size."""
+    generator = load_generator(generator_source(cfg.pipeline))
+    size = int(generator.unet.config.sample_size)
+    raw = ensure_demo_data(out / "raw", cfg.patients, cfg.slices_per_patient, cfg.raw_size, seed=0)
+    data = ensure_prepared(raw, out / "demo.h5", size)
+    num = cfg.num_synthetic or int((read_metadata(data)["split"] == "train").sum())
+    if not (out / "synthetic.h5").exists():
+        sample_synthetic(generator, out / "synthetic.h5", num, steps=cfg.sample_steps, seed=cfg.sample_seed,
+                         source=cfg.pipeline or "shipped demo pipeline", grid=out / "synthetic_grid.png")
+    if cfg.change == "more" and not (out / "synthetic-more.h5").exists():
+        sample_synthetic(generator, out / "synthetic-more.h5", num * cfg.more_factor, steps=cfg.sample_steps,
+                         seed=cfg.sample_seed + 1, source=cfg.pipeline or "shipped demo pipeline")
+    return data, out / "synthetic.h5", size
+
+
+def filtered_copy(out: Path, synthetic: Path, data: Path, seg_run: Path) -> Path:
+    """The synthetic set with `quality_agreement` measured by `seg_run` (a copy per real-only run)."""
+    path = out / "synthetic-agreement" / f"{seg_run.name}.h5"
+    if path.exists():
+        with h5py.File(path, "r") as h5:
+            if "quality_agreement" in h5:
+                return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(synthetic, path)
+    evaluate_synthetic(path, data, seg_run, out_dir=path.parent, progress=False)
+    return path
+
+
+def run_cell(cfg: StudyConfig, base: SegTrainConfig, data: Path, arm: Arm, synthetic: Path | None, fraction: float,
+             ratio: float, seed: int, run: Path, full_real: int) -> dict:
+    """Train (or reuse) one segmenter and return its test scores and what it trained on."""
+    attrs = read_metadata(data)["attrs"]
+    train = PreparedDataset(data, split="train")
+    kept = int(subsample_patients(train.patients, fraction, seed).sum())
+    available = len(select_synthetic(synthetic, attrs, arm.min_agreement)[0]) if synthetic is not None else 0
+    row = {"arm": arm.name, "fraction": fraction, "ratio": ratio, "seed": seed, "real_slices": kept,
+           "synthetic_kept": available}
+    if ratio > 0 and available == 0:
+        return {**row, "skipped": f"no synthetic slice passes min_agreement {arm.min_agreement}"}
+    epoch_length = kept if ratio < 1 else available
+    factor = full_real / epoch_length if cfg.equal_steps else 1.0
+    seg = dataclasses.replace(base, seed=seed, real_fraction=fraction, synthetic_ratio=ratio,
+                              min_agreement=arm.min_agreement if ratio > 0 else None,
+                              epochs=max(1, round(base.epochs * factor)),
+                              patience=None if base.patience is None else math.ceil(base.patience * factor))
+    metrics = ensure_segmenter(seg, data, run, synthetic=synthetic if ratio > 0 else None)
+    log = json.loads((run / "run.json").read_text())
+    return {**row, "epochs": seg.epochs, "dice": metrics["test"]["dice"], "iou": metrics["test"]["iou"],
+            "epoch": log["epoch"]}
+
+
+def run_study(out: str | Path, cfg: StudyConfig) -> dict:
+    out = Path(out)
+    started = time.perf_counter()
+    data, synthetic, size = make_data(out, cfg)
+    seg_path = Path(cfg.seg_config) if Path(cfg.seg_config).is_absolute() else REPO / cfg.seg_config
+    base = load_config(SegTrainConfig, seg_path, {**cfg.seg_overrides, "size": size})
+    full_real = int((read_metadata(data)["split"] == "train").sum())
+    cells = [(f, r) for f in cfg.real_fractions for r in cfg.synthetic_ratios]
+    if cfg.synthetic_only:
+        cells.append((1.0, 1.0))
+    arms = [Arm("baseline", synthetic)]
+    if cfg.change == "agreement":
+        arms.append(Arm(f"agreement >= {cfg.min_agreement:g}", None, cfg.min_agreement))
+    elif cfg.change == "more":
+        arms.append(Arm(f"{cfg.more_factor}x synthetic", out / "synthetic-more.h5"))
+    per_arm = [sum(1 for _, r in cells if not index or r > 0) * len(cfg.seeds) for index in range(len(arms))]
+    finished = sum(1 for _ in (out / "runs").glob("*/*/metrics.json"))
+    print(f"{sum(per_arm)} runs ({' + '.join(f'{n} {a.name}' for n, a in zip(per_arm, arms))}), {finished} finished "
+          f"before; each trains about {base.epochs} epochs of the full real set")
+    rows = []
+    for arm_index, arm in enumerate(arms):
+        for fraction, ratio in cells:
+            if arm_index and ratio == 0:
+                continue  # the change only touches synthetic slices
+            for seed in cfg.seeds:
+                source = arm.synthetic
+                if source is None:  # agreement with the real-only run of the same fraction (1 for synthetic-only)
+                    source = filtered_copy(out, synthetic, data, out / "runs" / "baseline" / f"f{fraction:g}-r0-s{seed}")
+                run = out / "runs" / ("baseline" if not arm_index else cfg.change) / f"f{fraction:g}-r{ratio:g}-s{seed}"
+                rows.append(run_cell(cfg, base, data, arm, source, fraction, ratio, seed, run, full_real))
+                print(f"{arm.name} F={fraction:g} R={ratio:g} seed {seed}: "
+                      + (rows[-1].get("skipped") or f"test Dice {rows[-1]['dice']:.4f}"))
+    summary = {"config": dataclasses.asdict(cfg), "real_train_slices": full_real, "runs": rows,
+               "arms": [a.name for a in arms], "seconds": round(time.perf_counter() - started, 1)}
+    summary["table"] = markdown(summary)
+    with atomic_path(out / "study.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+    with atomic_path(out / "study.md") as tmp:
+        tmp.write_text(summary["table"] + "\n")
+    plot(summary, out / "study.png")
+    return summary
+
+
+def stats(rows: list[dict], key: str, **where) -> tuple[float, float, int] | None:
+    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items()) and key in r]
+    if not values:
+        return None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def markdown(summary: dict) -> str:
+    cfg, rows = summary["config"], summary["runs"]
+    ratios = list(cfg["synthetic_ratios"])
+    lines = []
+    for key, title in (("dice", "Dice"), ("iou", "IoU")):
+        lines += [f"### Test {title} (real test split; mean ± sd over {len(cfg['seeds'])} seed(s))", "",
+                  "| arm | real fraction (slices) | " + " | ".join(f"ratio {r:g}" for r in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+        for arm in summary["arms"]:
+            for fraction in cfg["real_fractions"]:
+                slices = next(r["real_slices"] for r in rows if r["fraction"] == fraction)
+                cells = []
+                for ratio in ratios:
+                    s = stats(rows, key, arm=arm, fraction=fraction, ratio=ratio)
+                    base = stats(rows, key, arm="baseline", fraction=fraction, ratio=ratio)
+                    cells.append(_cell(s, base if arm != "baseline" else None))
+                lines.append(f"| {arm} | {100 * fraction:g} % ({slices}) | " + " | ".join(cells) + " |")
+        lines.append("")
+        if cfg["synthetic_only"]:
+            base = stats(rows, key, arm="baseline", fraction=1.0, ratio=1.0)
+            only = [f"{arm} {_cell(stats(rows, key, arm=arm, fraction=1.0, ratio=1.0), None if arm == 'baseline' else base)}"
+                    for arm in summary["arms"]]
+            lines += ["Synthetic only (ratio 1, no real training slice): " + "; ".join(only) + ".", ""]
+    lines += ["### Reading", ""] + findings(summary)
+    skipped = [r for r in rows if "skipped" in r]
+    if skipped:
+        lines.append(f"\n{len(skipped)} run(s) skipped: " + "; ".join(
+            f"{r['arm']} F={r['fraction']:g} R={r['ratio']:g} seed {r['seed']}: {r['skipped']}" for r in skipped))
+    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; equal optimizer steps per "
+                 f"run: {cfg['equal_steps']}; this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
+    return "\n".join(lines)
+
+
+def _cell(s, base) -> str:
+    if s is None:
+        return "—"
+    text = f"{s[0]:.3f} ± {s[1]:.3f}"
+    return text + (f" ({s[0] - base[0]:+.3f})" if base is not None else "")
+
+
+def findings(summary: dict) -> list[str]:
+    """Per real fraction: the best ratio's Dice change against real-only, next to the seed-to-seed sd."""
+    cfg, rows = summary["config"], summary["runs"]
+    lines = []
+    for fraction in cfg["real_fractions"]:
+        real_only = stats(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
+        mixed = [(r, stats(rows, "dice", arm="baseline", fraction=fraction, ratio=r))
+                 for r in cfg["synthetic_ratios"] if r > 0]
+        mixed = [(r, s) for r, s in mixed if s is not None]
+        if real_only is None or not mixed:
+            continue
+        ratio, best = max(mixed, key=lambda item: item[1][0])
+        gain = best[0] - real_only[0]
+        noise = max(real_only[1], best[1])
+        verdict = ("one seed: no noise estimate" if real_only[2] < 2 else "within seed noise" if abs(gain) <= noise
+                   else "a gain" if gain > 0 else "a loss")
+        lines.append(f"- real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
+                     f"{gain:+.3f} against real-only ({real_only[0]:.3f}; sd up to {noise:.3f}): {verdict}.")
+    return lines
+
+
+def plot(summary: dict, path: Path) -> Path:
+    cfg, rows = summary["config"], summary["runs"]
+    series = {}
+    for arm in summary["arms"]:
+        for fraction in cfg["real_fractions"]:
+            points = [(r, stats(rows, "dice", arm=arm, fraction=fraction, ratio=r)) for r in cfg["synthetic_ratios"]]
+            points = [(r, s[0]) for r, s in points if s is not None]
+            label = f"real {100 * fraction:g} %" + ("" if arm == "baseline" else f", {arm}")
+            series[label] = ([p[0] for p in points], [p[1] for p in points])
+        only = stats(rows, "dice", arm=arm, fraction=1.0, ratio=1.0)
+        if cfg["synthetic_only"] and only is not None:
+            series["synthetic only" + ("" if arm == "baseline" else f", {arm}")] = ([1.0], [only[0]])
+    return plot_curves(series, path, "synthetic ratio (share of each epoch)", "test Dice (mean over seeds)",
+                       "Real fraction x synthetic ratio")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=CONFIG, help="Study config (YAML).")
+    parser.add_argument("--out", type=Path, default=Path("study-synthetic-ratio"), help="Folder for everything.")
+    parser.add_argument("--pipeline", help="Generator (pipeline folder or train-diffusion run); default: shipped.")
+    parser.add_argument("--change", choices=CHANGES, help="The one change next to the baseline.")
+    parser.add_argument("--min-agreement", type=float, help="change agreement: keep slices with Dice >= this.")
+    parser.add_argument("--more-factor", type=int, help="change more: this many times the synthetic slices.")
+    parser.add_argument("--seeds", type=int, help="Number of seeds (0..N-1).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny data, nets and grid, one seed: seconds.")
+    args = parser.parse_args(argv)
+    overrides = dict(SMOKE) if args.smoke else {}
+    overrides.update({k: v for k, v in {"pipeline": args.pipeline, "change": args.change,
+                                        "min_agreement": args.min_agreement, "more_factor": args.more_factor,
+                                        "seeds": list(range(args.seeds)) if args.seeds else None}.items()
+                      if v is not None})
+    cfg = load_config(StudyConfig, args.config, overrides)
+    summary = run_study(args.out, cfg)
+    print(summary["table"])
+    print(f"wrote {args.out / 'study.md'}, study.json and study.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""`genseg demo` in its tiny CI mode (same stages, seconds instead of minutes), its reuse of finished stages and
+its errors; scripts/train_demo_checkpoints.py and scripts/study_synthetic_ratio.py in their tiny modes.
+
+The generator is a 32 px diffusers UNet trained two steps, saved as a GenSegPipeline folder: the demo's contract
+(stages, files, counts, reuse) does not depend on what the weights learned. In-process calls (click's runner,
+the scripts' main()) because every fresh interpreter costs 15-20 s of imports here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from genseg.cli import main
+from genseg.config import config_from_dict
+from genseg.data.prepared import read_metadata
+from genseg.pipeline.genseg import GenSegPipeline
+from genseg.serve.testing import make_untrained_segmenter
+from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
+from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    data = write_phantoms(folder / "phantoms.h5", n=8, size=SIZE, patients=4)
+    cfg = config_from_dict(DiffusionTrainConfig, {
+        "model": {"sample_size": SIZE, "block_out_channels": [8, 16], "norm_num_groups": 4}, "split": "all",
+        "max_steps": 2, "batch_size": 4, "checkpoint_every_steps": 2, "sample_every_steps": 0})
+    diffusion = train_diffusion(cfg, data, folder / "diffusion", cpu=True).run_dir
+    segmenter = make_untrained_segmenter(folder / "seg", size=SIZE, base_channels=4, depth=2)
+    GenSegPipeline.from_runs(diffusion, segmenter).save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+def demo(*args):
+    return CliRunner().invoke(main, ["demo", *map(str, args)])
+
+
+def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path):
+    out = tmp_path / "demo"
+    done = demo("--out", out, "--pipeline", tiny_pipeline, "--tiny")
+    assert done.exit_code == 0, done.output
+    assert "plan (expected seconds" in done.output and "total" in done.output
+    for name in ("report.md", "comparison.png", "synthetic_grid.png", "synthetic_quality.png", "quality.json",
+                 "pipeline/contact_sheet.png", "pipeline/summary.json", "seg-real/metrics.json",
+                 "seg-mixed/metrics.json"):
+        assert (out / name).is_file(), name
+    # as many synthetic slices as the real training split, at the generator's size
+    real = read_metadata(out / "demo.h5")
+    n_train = int((real["split"] == "train").sum())
+    synthetic = read_metadata(out / "synthetic.h5")
+    assert synthetic["num_slices"] == n_train and int(real["attrs"]["size"]) == SIZE
+    with h5py.File(out / "synthetic.h5") as h5:
+        assert "quality_agreement" in h5  # evaluated with the real-only segmenter
+    # the mixed run really trained on synthetic slices, the real-only one did not
+    mixed_info = json.loads((out / "seg-mixed" / "run.json").read_text())
+    assert mixed_info["epoch"]["synthetic"] == round(0.5 * n_train) and mixed_info["synthetic"]["num_slices"] == n_train
+    assert json.loads((out / "seg-real" / "run.json").read_text())["epoch"]["synthetic"] == 0
+    # the report's table holds the runs' own test scores
+    report = (out / "report.md").read_text()
+    for name, run in (("real-only", "seg-real"), ("mixed", "seg-mixed")):
+        test = json.loads((out / run / "metrics.json").read_text())["test"]
+        assert f"| {name} | {test['dice']:.4f} | {test['iou']:.4f} |" in report
+    assert "pipeline/contact_sheet.png" in report and "synthetic_grid.png" in report
+    assert json.loads((out / "pipeline" / "summary.json").read_text())["num_slices"] == 4
+
+    model_file = next((out / "seg-real" / "model").glob("*.safetensors"))
+    stamp = model_file.stat().st_mtime_ns
+    again = demo("--out", out, "--pipeline", tiny_pipeline, "--tiny")
+    assert again.exit_code == 0, again.output
+    stages = ["data", "prepare", "generator", "sample", "seg-real", "quality", "seg-mixed", "pipeline", "report"]
+    assert all(f"[{s}] reused" in again.output for s in stages), again.output
+    assert model_file.stat().st_mtime_ns == stamp
+
+    # a damaged stage is redone, and so is everything after it; earlier stages stay
+    (out / "quality.json").unlink()
+    third = demo("--out", out, "--pipeline", tiny_pipeline, "--tiny")
+    assert third.exit_code == 0, third.output
+    assert "[seg-real] reused" in third.output and "[quality] done" in third.output
+    assert "[seg-mixed] done" in third.output and "[report] done" in third.output
+
+
+def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
+    import genseg.pipeline.run as pipeline_run
+
+    monkeypatch.setattr(pipeline_run, "DEMO_PIPELINE", tmp_path / "not-shipped")
+    done = demo("--out", tmp_path / "a", "--tiny")
+    assert done.exit_code == 2
+    assert "no shipped demo generator" in done.output and "--pipeline" in done.output and "--from-scratch" in done.output
+    done = demo("--out", tmp_path / "b", "--pipeline", tmp_path, "--tiny")
+    assert done.exit_code == 2 and "model_index.json" in done.output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    done = demo("--out", foreign, "--pipeline", tiny_pipeline, "--tiny", "--force")
+    assert done.exit_code == 2 and "no `genseg demo` wrote" in done.output
+    assert (foreign / "notes.txt").read_text() == "keep"
+    done = demo("--out", tmp_path / "c", "--pipeline", tiny_pipeline, "--from-scratch", "--tiny")
+    assert done.exit_code == 2 and "not both" in done.output
+    # --force on a previous demo folder (it has stages.json) replaces everything in it and redoes every stage
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    (previous / "stages.json").write_text("{}")
+    (previous / "old.txt").write_text("stale")
+    done = demo("--out", previous, "--pipeline", tiny_pipeline, "--tiny", "--force")
+    assert done.exit_code == 0, done.output
+    assert not (previous / "old.txt").exists() and "reused" not in done.output and (previous / "report.md").is_file()
+
+
+def test_train_demo_checkpoints_tiny(tmp_path):
+    """Every stage at 64 px with the real configs (2 generator steps, 1 epoch), the OUT files, reuse of finished
+    stages, resuming a generator below --diffusion-steps, and the fp16 fallback above --max-mb."""
+    script = load_script("train_demo_checkpoints")
+    work, out = tmp_path / "work", tmp_path / "out"
+    numbers = script.main(["--work", str(work), "--out", str(out), "--tiny"])
+    for name in ("pipeline/model_index.json", "log.csv", "samples-step-00000002.png", "synthetic_grid.png",
+                 "quality.json", "synthetic_quality.png", "README.md"):
+        assert (out / name).is_file(), name
+    assert numbers["diffusion_steps"] == 2 and numbers["pipeline_precision"] == "fp32"
+    assert numbers["pipeline_mb"] == pytest.approx(script.folder_mb(out / "pipeline"), abs=0.01)
+    assert numbers["pipeline_mb"] <= 30
+    readme = (out / "README.md").read_text()
+    assert f"Dice {numbers['seg_test']['dice']:.4f}" in readme and "Tiny test build" in readme
+    assert "10 patients x 2 slices" in readme and str(work) not in readme
+    pipe = GenSegPipeline.load(out / "pipeline")
+    assert pipe.unet.config.sample_size == 64 and pipe.segmenter.config.base_channels == 16
+
+    seg_model = next((work / "seg" / "model").glob("*.safetensors"))
+    stamp = seg_model.stat().st_mtime_ns
+    numbers = script.main(["--work", str(work), "--out", str(out), "--tiny", "--diffusion-steps", "3",
+                           "--max-mb", "1"])
+    assert numbers["diffusion_steps"] == 3  # resumed from step 2, not restarted
+    assert seg_model.stat().st_mtime_ns == stamp  # finished segmenter reused
+    assert numbers["pipeline_precision"] == "fp16" and numbers["pipeline_mb"] < 15
+    result = GenSegPipeline.load(out / "pipeline")(2, num_inference_steps=2, generator=0, progress=False)
+    assert result.images.shape == (2, 64, 64) and np.isfinite(result.probabilities).all()
+
+
+@pytest.mark.parametrize("change", ["agreement", "more"])
+def test_study_smoke(tiny_pipeline, tmp_path, change):
+    """The study's grid (2 fractions x 2 ratios, synthetic-only, one change) on tiny data: tables, JSON, plot."""
+    script = load_script("study_synthetic_ratio")
+    out = tmp_path / "study"
+    summary = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", change])
+    runs = summary["runs"]
+    baseline = [r for r in runs if r["arm"] == "baseline"]
+    assert len(baseline) == 2 * 2 + 1 and len(runs) == len(baseline) + 2 + 1  # change: ratio 0.5 x 2 + synth-only
+    for name in ("study.md", "study.json", "study.png", "synthetic_grid.png"):
+        assert (out / name).is_file(), name
+    table = (out / "study.md").read_text()
+    assert "### Test Dice" in table and "### Test IoU" in table and "Synthetic only (ratio 1" in table
+    for r in baseline:  # every cell's number is its run's own test score, and the mix is what was asked
+        run = out / "runs" / "baseline" / f"f{r['fraction']:g}-r{r['ratio']:g}-s0"
+        assert json.loads((run / "metrics.json").read_text())["test"]["dice"] == r["dice"]
+        assert r["epoch"]["synthetic"] == round(r["ratio"] * r["epoch"]["length"])
+    real_only = next(r for r in baseline if r["fraction"] == 0.5 and r["ratio"] == 0)
+    assert real_only["real_slices"] < next(r["real_slices"] for r in baseline if r["fraction"] == 1.0)
+    assert real_only["epochs"] > 1  # equal steps: half the real slices, twice the epochs
+    changed = [r for r in runs if r["arm"] != "baseline"]
+    if change == "more":
+        assert all(r["synthetic_kept"] == 2 * baseline[0]["synthetic_kept"] for r in changed)
+    else:
+        assert (out / "synthetic-agreement" / "f0.5-r0-s0.h5").is_file()
+    if change == "agreement":  # once is enough: finished runs and files are reused
+        again = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", change])
+        assert [r.get("dice") for r in again["runs"]] == [r.get("dice") for r in runs]
+
+
+def test_demo_from_scratch_states_the_training_time_first(tmp_path):
+    """--from-scratch: the measured s/step x steps is printed before anything trains; the demo then samples from
+    the generator it trained (tiny: a 32 px UNet, 2 steps)."""
+    from genseg.pipeline.demo import run_demo
+
+    lines = []
+    summary = run_demo(tmp_path / "demo", from_scratch=True, diffusion_steps=2, tiny=True, echo=lines.append)
+    announce = next(i for i, line in enumerate(lines) if line.startswith("--from-scratch: training the generator"))
+    assert "s/step x 2 steps" in lines[announce]
+    assert announce < next(i for i, line in enumerate(lines) if line.startswith("[data]"))
+    run = tmp_path / "demo" / "diffusion"
+    assert summary["generator"] == str(run) and (run / "checkpoints" / "step-00000002").is_dir()
+    assert read_metadata(tmp_path / "demo" / "synthetic.h5")["attrs"]["metadata"]["model"] == str(run.resolve())
+    assert (tmp_path / "demo" / "report.md").is_file()
