@@ -191,6 +191,7 @@ def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int
 class DiffusionRunResult:
     run_dir: Path
     metrics: dict  # steps, final logged loss, seconds, precision, images/s
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path | None = None, resume: bool = False,
@@ -281,4 +282,4 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                "train_seconds": round(state.elapsed_s, 2), "precision": info["precision"],
                "images_per_s": round(state.step * cfg.batch_size * cfg.grad_accum * acc.num_processes
                                      / max(state.elapsed_s, 1e-9), 2)}
-    return DiffusionRunResult(out, metrics)
+    return DiffusionRunResult(out, metrics, acc.is_main_process)
