@@ -70,6 +70,7 @@ def test_tiny_model_overfits_four_slices(overfit_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000030", "step-00000060"]
     assert (run / "samples" / "step-00000060.png").is_file()
     assert (run / "config.yaml").is_file() and json.loads((run / "run.json").read_text())["slices"] == 4
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporaries left behind
 
 
 def test_run_is_a_plain_diffusers_folder(overfit_run):
