@@ -201,6 +201,10 @@ def test_bad_inputs(overfit_run, conditional_run, data, tmp_path):
         sample_to_file(conditional_run, 1, tmp_path / "x.h5", class_label=4, progress=False)
     with pytest.raises(ConfigError, match=r"class \[-1\]"):
         load_diffusion(conditional_run)(1, class_labels=-1, num_inference_steps=2, progress=False)
+    with pytest.raises(ConfigError, match="guidance.*needs a class"):
+        load_diffusion(conditional_run)(1, guidance_scale=3.0, num_inference_steps=2, progress=False)
+    with pytest.raises(ConfigError, match="steps 1001 exceed the 1000 training timesteps"):
+        load_diffusion(run)(1, num_inference_steps=1001, progress=False)
     assert not (tmp_path / "x.h5").exists()
     with pytest.raises(ConfigError, match="sample_size 32.*--size 32"):
         train_diffusion(tiny_config(model={"sample_size": 32}), data, tmp_path / "r", cpu=True)
