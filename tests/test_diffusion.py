@@ -24,7 +24,7 @@ from genseg.config import config_from_dict
 from genseg.data.info import dataset_info
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
-from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, build_unet, make_sampling_scheduler
+from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampling_scheduler
 from genseg.pipeline import SliceDiffusionPipeline, load_diffusion
 from genseg.sampling import forward_process_figure, sample_to_file
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
