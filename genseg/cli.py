@@ -327,7 +327,8 @@ def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
 
     cfg = resolve_config(config_path, overrides, out, resume)
     result = train_diffusion(cfg, data, out, resume=resume, cpu=cpu)
-    click.echo(f"{result.metrics}\nrun: {result.run_dir}")
+    if result.main_process:
+        click.echo(f"{result.metrics}\nrun: {result.run_dir}")
 
 
 @main.command()

@@ -99,7 +99,7 @@ def reverse_process_figure(result: SliceDiffusionOutput, path: Path, rows: int =
         final = result.images[i] if result.images.ndim == 3 else result.images[i, 0]
         tiles.append(overlay(final, result.masks[i]) if result.masks is not None else final)
         titles.append("sample")
-    return save_grid(tiles, path, ncols=len(result.intermediates) + 1, titles=titles)
+    return save_grid([_enlarge(t) for t in tiles], path, ncols=len(result.intermediates) + 1, titles=titles)
 
 
 FORWARD_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
@@ -129,4 +129,11 @@ def forward_process_figure(data: str | Path, index: int, out: str | Path, run_di
     for t in steps[1:]:
         xt = scheduler.add_noise(x0, noise, torch.tensor([t]))
         tiles.append(np.clip(xt[0, 0].numpy() * 0.5 + 0.5, 0, 1))
-    return save_grid(tiles, out, ncols=len(tiles), titles=["x_0"] + [f"t={t}" for t in steps[1:]])
+    return save_grid([_enlarge(t) for t in tiles], out, ncols=len(tiles),
+                     titles=["x_0"] + [f"t={t}" for t in steps[1:]])
+
+
+def _enlarge(tile: np.ndarray, min_side: int = 64) -> np.ndarray:
+    """Repeat pixels (nearest) so small slices stay visible and wider than their captions in the figures."""
+    factor = max(1, -(-min_side // tile.shape[0]))
+    return tile.repeat(factor, axis=0).repeat(factor, axis=1)

@@ -1,8 +1,8 @@
 """Benchmark of diffusion sampling and training on this machine (issue 5, Performance), in one run.
 
 Prints seconds per image for DDPM 1000 steps, DDIM 50, DPM-Solver++ 20 and 10 (the same seed, so the same
-initial noise for every sampler) and the speed-up over DDPM 1000; with --real REAL.h5 and when
-`genseg.synthetic_quality.evaluate_synthetic` is installed, each sampler's synthetic file is scored by it.
+initial noise for every sampler) and the speed-up over DDPM 1000; with --real REAL.h5 (and --segmenter RUN)
+each sampler's images are scored by `evaluate-synthetic` (KID, nearest-neighbour ratio, mask agreement).
 With --data DATA.h5 it also measures training images/s of the run's config in fp32 and in bf16 (accelerate).
 
     genseg demo-data demo/raw --size 64 && genseg prepare demo/raw --out demo/demo64.h5 --size 64
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import tempfile
 import time
@@ -26,34 +25,30 @@ from genseg.config import load_config
 from genseg.models.diffusion import make_sampling_scheduler
 from genseg.pipeline import load_diffusion
 from genseg.sampling import write_samples
+from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpmsolver", 20), ("dpmsolver", 10))
+QUALITY_KEYS = ("kid_mean", "kid_std", "kid_real_reference", "nn_ratio_median", "near_copy_percent",
+                "agreement_dice_mean")
 
 
-def quality_scorer():
-    """evaluate_synthetic when the synthetic-quality module is installed, else None."""
-    if importlib.util.find_spec("genseg.synthetic_quality") is None:
-        return None
-    from genseg.synthetic_quality import evaluate_synthetic
-
-    return evaluate_synthetic
-
-
-def bench_sampling(run: Path, num: int, batch_size: int, real: Path | None, tmp: Path) -> list[dict]:
-    """Seconds per image of the denoising loop alone (the model is loaded once, outside the timing)."""
+def bench_sampling(run: Path, num: int, batch_size: int, real: Path | None, segmenter: Path | None,
+                   tmp: Path) -> list[dict]:
+    """Seconds per image of the denoising loop alone (the model is loaded once, outside the timing); with `real`,
+    the headline numbers of `evaluate-synthetic` on each sampler's images (same seed = same initial noise)."""
     pipe = load_diffusion(run)
-    score = quality_scorer() if real is not None else None
     rows = []
     for scheduler, steps in SAMPLERS:
         pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
         start = time.perf_counter()
         result = pipe(num, num_inference_steps=steps, generator=0, batch_size=batch_size, progress=False)
         row = {"sampler": f"{scheduler} {steps}", "s_per_image": (time.perf_counter() - start) / num}
-        if score is not None:
+        if real is not None:
             out = write_samples(result, tmp / f"{scheduler}-{steps}.h5", run,
                                 {"scheduler": scheduler, "steps": steps, "seed": 0})
-            row["quality"] = score(out, real=real)
+            quality = evaluate_synthetic(out, real, segmenter, write=False, out_dir=tmp, progress=False)
+            row.update({key: quality[key] for key in QUALITY_KEYS})
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = rows[0]["s_per_image"]
@@ -85,6 +80,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=8, help="images per sampler")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--real", type=Path, help="real prepared file for the quality numbers")
+    parser.add_argument("--segmenter", type=Path, help="train-seg run: KID on its encoder + mask agreement")
     parser.add_argument("--data", type=Path, help="prepared file to time training on (fp32 vs bf16)")
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -92,9 +88,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        report = {"sampling": bench_sampling(args.checkpoint, args.num, args.batch_size, args.real, Path(tmp))}
-        if args.real is not None and quality_scorer() is None:
-            report["quality"] = "not measured: genseg.synthetic_quality (evaluate-synthetic) is not installed"
+        report = {"sampling": bench_sampling(args.checkpoint, args.num, args.batch_size, args.real, args.segmenter,
+                                             Path(tmp))}
         if args.data is not None:
             report["training_images_per_s"] = bench_training(args.checkpoint, args.data, args.train_steps, Path(tmp))
     print(json.dumps(report, indent=1))

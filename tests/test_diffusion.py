@@ -24,7 +24,7 @@ from genseg.config import config_from_dict
 from genseg.data.info import dataset_info
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
-from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, build_unet, make_sampling_scheduler
+from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampling_scheduler
 from genseg.pipeline import SliceDiffusionPipeline, load_diffusion
 from genseg.sampling import forward_process_figure, sample_to_file
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
@@ -70,6 +70,7 @@ def test_tiny_model_overfits_four_slices(overfit_run):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000030", "step-00000060"]
     assert (run / "samples" / "step-00000060.png").is_file()
     assert (run / "config.yaml").is_file() and json.loads((run / "run.json").read_text())["slices"] == 4
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporaries left behind
 
 
 def test_run_is_a_plain_diffusers_folder(overfit_run):
@@ -200,6 +201,10 @@ def test_bad_inputs(overfit_run, conditional_run, data, tmp_path):
         sample_to_file(conditional_run, 1, tmp_path / "x.h5", class_label=4, progress=False)
     with pytest.raises(ConfigError, match=r"class \[-1\]"):
         load_diffusion(conditional_run)(1, class_labels=-1, num_inference_steps=2, progress=False)
+    with pytest.raises(ConfigError, match="guidance.*needs a class"):
+        load_diffusion(conditional_run)(1, guidance_scale=3.0, num_inference_steps=2, progress=False)
+    with pytest.raises(ConfigError, match="steps 1001 exceed the 1000 training timesteps"):
+        load_diffusion(run)(1, num_inference_steps=1001, progress=False)
     assert not (tmp_path / "x.h5").exists()
     with pytest.raises(ConfigError, match="sample_size 32.*--size 32"):
         train_diffusion(tiny_config(model={"sample_size": 32}), data, tmp_path / "r", cpu=True)

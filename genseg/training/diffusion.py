@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -166,11 +167,11 @@ def _conditioning(labels: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.Tens
 def save_pipeline(unet: UNet2DModel, cfg: DiffusionTrainConfig, out: Path) -> None:
     """Write model_index.json, unet/ and scheduler/ into the run directory, each replaced atomically."""
     pipe = SliceDiffusionPipeline(unet=unet, scheduler=build_scheduler(cfg.model))
-    with atomic_path(out / ".pipeline", is_dir=True) as tmp:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pipeline-", dir=out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in ("unet", "scheduler"):
-            replace_path(tmp / name, out / name)
-        replace_path(tmp / "model_index.json", out / "model_index.json")
+        for name in ("unet", "scheduler", "model_index.json"):
+            replace_path(Path(tmp) / name, out / name)
 
 
 def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int) -> Path:
@@ -191,6 +192,7 @@ def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int
 class DiffusionRunResult:
     run_dir: Path
     metrics: dict  # steps, final logged loss, seconds, precision, images/s
+    main_process: bool = True  # False on the other processes of a multi-process run
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path | None = None, resume: bool = False,
@@ -281,4 +283,4 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                "train_seconds": round(state.elapsed_s, 2), "precision": info["precision"],
                "images_per_s": round(state.step * cfg.batch_size * cfg.grad_accum * acc.num_processes
                                      / max(state.elapsed_s, 1e-9), 2)}
-    return DiffusionRunResult(out, metrics)
+    return DiffusionRunResult(out, metrics, acc.is_main_process)
