@@ -18,12 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from genseg.cli import main
-from genseg.config import config_from_dict
 from genseg.data.prepared import read_metadata
 from genseg.pipeline.genseg import GenSegPipeline
-from genseg.serve.testing import make_untrained_segmenter
-from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
-from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
+from diffusion_helpers import tiny_pipeline as make_tiny_pipeline
+from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
@@ -39,15 +37,8 @@ def load_script(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    data = write_phantoms(folder / "phantoms.h5", n=8, size=SIZE, patients=4)
-    cfg = config_from_dict(DiffusionTrainConfig, {
-        "model": {"sample_size": SIZE, "block_out_channels": [8, 16], "norm_num_groups": 4}, "split": "all",
-        "max_steps": 2, "batch_size": 4, "checkpoint_every_steps": 2, "sample_every_steps": 0})
-    diffusion = train_diffusion(cfg, data, folder / "diffusion", cpu=True).run_dir
-    segmenter = make_untrained_segmenter(folder / "seg", size=SIZE, base_channels=4, depth=2)
-    GenSegPipeline.from_runs(diffusion, segmenter).save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"), {"sample_size": SIZE, "block_out_channels": [8, 16],
+                              "norm_num_groups": 4}, base_channels=4, depth=2, max_steps=2, checkpoint_every_steps=2)
 
 
 def demo(*args):

@@ -20,7 +20,6 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from genseg.config import config_from_dict
 from genseg.data.info import dataset_info
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
@@ -28,18 +27,15 @@ from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampl
 from genseg.pipeline import SliceDiffusionPipeline, load_diffusion
 from genseg.sampling import forward_process_figure, sample_to_file
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
+from diffusion_helpers import tiny_config as shared_tiny_config
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"sample_size": 16, "block_out_channels": [16, 32], "norm_num_groups": 8}
-
-
 def tiny_config(**overrides) -> DiffusionTrainConfig:
-    model = {**TINY_MODEL, **overrides.pop("model", {})}
-    values = {"model": model, "split": "all", "max_steps": 60, "batch_size": 4, "lr": 2e-3, "lr_warmup_steps": 5,
-              "checkpoint_every_steps": 30, "log_every_steps": 5, "sample_every_steps": 30, "sample_count": 4,
-              "sample_steps": 4, **overrides}
-    return config_from_dict(DiffusionTrainConfig, values)
+    """The shared tiny generator, trained longer and with sample grids (enough to see the loss fall)."""
+    values = {"max_steps": 60, "lr": 2e-3, "lr_warmup_steps": 5, "checkpoint_every_steps": 30, "log_every_steps": 5,
+              "sample_every_steps": 30, "sample_count": 4, "sample_steps": 4, **overrides}
+    return shared_tiny_config(values.pop("model", None), **values)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genseg.config import config_from_dict
 from genseg.errors import CheckpointError, ConfigError, GensegError
 from genseg.metrics import dice_iou
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.pipeline.run import load_pipeline, run_pipeline
 from genseg.serve.testing import make_untrained_segmenter
-from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
-from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
+from diffusion_helpers import tiny_generator
+from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -31,13 +30,7 @@ SIZE = 16
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("parts")
-    data = write_phantoms(folder / "phantoms.h5", n=8, size=SIZE, patients=4)
-    cfg = config_from_dict(DiffusionTrainConfig, {
-        "model": {"sample_size": SIZE, "block_out_channels": [16, 32], "norm_num_groups": 8}, "split": "all",
-        "max_steps": 4, "batch_size": 4, "checkpoint_every_steps": 4, "sample_every_steps": 0})
-    diffusion = train_diffusion(cfg, data, folder / "diffusion", cpu=True).run_dir
-    segmenter = make_untrained_segmenter(folder / "seg", size=SIZE, base_channels=8, depth=3)
-    return diffusion, segmenter
+    return tiny_generator(folder), make_untrained_segmenter(folder / "seg", size=SIZE, base_channels=8, depth=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,29 +10,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genseg.config import config_from_dict
 from genseg.inference import segment_file
 from genseg.models.diffusion import make_sampling_scheduler
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.serve.codec import rle_decode
-from genseg.serve.testing import ServerProcess, free_port, make_untrained_segmenter, post_json, request
-from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
-from seg_helpers import write_phantoms
+from genseg.serve.testing import ServerProcess, free_port, post_json, request
+
+from diffusion_helpers import tiny_pipeline
 
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen")
-    data = write_phantoms(folder / "phantoms.h5", n=8, size=SIZE, patients=4)
-    cfg = config_from_dict(DiffusionTrainConfig, {
-        "model": {"sample_size": SIZE, "block_out_channels": [16, 32], "norm_num_groups": 8}, "split": "all",
-        "max_steps": 4, "batch_size": 4, "checkpoint_every_steps": 4, "sample_every_steps": 0})
-    diffusion = train_diffusion(cfg, data, folder / "diffusion", cpu=True).run_dir
-    segmenter = make_untrained_segmenter(folder / "seg", size=SIZE, base_channels=8, depth=3)
-    GenSegPipeline.from_runs(diffusion, segmenter).save_pretrained(folder / "pipe")
-    return folder / "pipe"
+    return tiny_pipeline(tmp_path_factory.mktemp("gen"))
 
 
 @pytest.fixture(scope="module")

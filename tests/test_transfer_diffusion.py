@@ -9,29 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from genseg.config import config_from_dict
 from genseg.errors import CheckpointError, ConfigError
 from genseg.pipeline.diffusion import load_diffusion
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.serve.testing import make_untrained_segmenter
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 from genseg.training.transfer import initial_unet
+from diffusion_helpers import tiny_config, tiny_generator
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
-TINY = {"sample_size": 16, "block_out_channels": [16, 32], "norm_num_groups": 8}
-
-
 def config(model=None, **values) -> DiffusionTrainConfig:
-    return config_from_dict(DiffusionTrainConfig, {"model": {**TINY, **(model or {})}, "split": "all", "max_steps": 3,
-                                                   "batch_size": 4, "checkpoint_every_steps": 3,
-                                                   "sample_every_steps": 0, **values})
+    return tiny_config(model, max_steps=3, checkpoint_every_steps=3, **values)
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("source")
-    data = write_phantoms(folder / "brain.h5", n=8, size=16, patients=4)
-    return train_diffusion(config(), data, folder / "run", cpu=True).run_dir
+    return tiny_generator(tmp_path_factory.mktemp("source"), max_steps=3, checkpoint_every_steps=3)
 
 
 def same_weights(a, b) -> bool:
