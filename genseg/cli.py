@@ -140,6 +140,9 @@ def _seg_training_options(command):
         click.option("--monitor", type=click.Choice(["dice", "iou"]), help="Validation score that picks the best model."),
         click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
                      help="Precision via accelerate; the precision that actually ran is printed and logged."),
+        click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None,
+                     help="Recompute each U-Net level in the backward pass instead of storing it: less training "
+                          "memory for a slower step (scripts/bench_segmenter.py measures both)."),
         click.option("--synthetic", type=click.Path(dir_okay=False),
                      help="Synthetic prepared file (genseg sample) to mix into training."),
         click.option("--synthetic-ratio", type=float,

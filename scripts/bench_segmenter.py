@@ -81,8 +81,10 @@ import resource, sys, time, torch
 from genseg.models.unet import SegmentationUNet
 from genseg.training.seg import seg_loss
 torch.manual_seed(0)
-batch, steps = int(sys.argv[1]), int(sys.argv[2])
+batch, steps, checkpointing = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 model = SegmentationUNet()
+if checkpointing:
+    model.enable_gradient_checkpointing()
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 x, y = torch.rand(batch, 1, 256, 256), (torch.rand(batch, 1, 256, 256) > 0.9).float()
 times = []
@@ -95,10 +97,11 @@ print(sorted(times[1:])[len(times[1:]) // 2] / batch, resource.getrusage(resourc
 """
 
 
-def training(batch: int, steps: int, threads: int) -> tuple[float, float]:
-    """(seconds per slice, peak RSS in GiB) of Adam training steps at `batch`, in a fresh process."""
+def training(batch: int, steps: int, threads: int, checkpointing: bool = False) -> tuple[float, float]:
+    """(seconds per slice, peak RSS in GiB) of Adam training steps at `batch`, in a fresh process, optionally
+    with gradient checkpointing (`--gradient-checkpointing`)."""
     out = subprocess.run([sys.executable, "-c", f"import torch; torch.set_num_threads({threads})\n" + TRAIN_CHILD,
-                          str(batch), str(steps)], capture_output=True, text=True, check=True,
+                          str(batch), str(steps), str(int(checkpointing))], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     sec, rss = out.stdout.split()
     return float(sec), float(rss)
@@ -162,12 +165,17 @@ def main() -> None:
         print(f"| {name} | {sec * 1e3:.0f} | {gflop / sec:.1f} | {100 * gflop / sec / peak:.0f} % | {base / sec:.2f}x |",
               flush=True)
 
-    sec, rss = training(8, args.train_steps, args.threads)
+    print("\n| training (Adam, BCE, fp32, batch 8, 256x256) | ms/slice | peak RSS | vs plain |\n|---|---|---|---|")
+    plain = None
+    for name, checkpointing in (("plain", False), ("gradient checkpointing per level", True)):
+        sec, rss = training(8, args.train_steps, args.threads, checkpointing)
+        plain = plain or (sec, rss)
+        print(f"| {name} | {sec * 1e3:.0f} | {rss:.2f} GiB | {sec / plain[0]:.2f}x time, {rss / plain[1]:.2f}x RSS |",
+              flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         size_mb = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
-    print(f"\n| training (Adam, BCE, fp32, batch 8, 256x256) | value |\n|---|---|\n| ms/slice | {sec * 1e3:.0f} |"
-          f"\n| peak RSS | {rss:.2f} GiB |\n| model folder (safetensors + config) | {size_mb:.1f} MB |")
+    print(f"\nmodel folder (safetensors + config): {size_mb:.1f} MB")
 
     if args.quality:
         q = quality(args.quality)

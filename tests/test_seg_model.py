@@ -130,3 +130,37 @@ def test_compiled_segmenter_predicts_what_the_eager_one_does(tmp_path):
     eager = load_segmenter(run, device="cpu").predict(images)
     compiled = load_segmenter(run, device="cpu", compile=True).predict(images)
     assert np.abs(eager - compiled).max() < 1e-5
+
+
+def _train_step(model: SegmentationUNet, x: torch.Tensor) -> None:
+    model.train()
+    model(x).square().mean().backward()
+
+
+def test_gradient_checkpointing_is_exact_for_gradients_and_batchnorm_statistics():
+    """Same gradients and the same BatchNorm running statistics as without checkpointing, though every block's
+    forward runs twice; plain torch checkpointing (the counter-check) would count each batch twice."""
+    import copy
+
+    import torch.utils.checkpoint
+
+    torch.manual_seed(0)
+    plain = SegmentationUNet(base_channels=4, depth=2, sample_size=32)
+    checkpointed, naive = copy.deepcopy(plain), copy.deepcopy(plain)
+    checkpointed.enable_gradient_checkpointing()
+    naive.enable_gradient_checkpointing(lambda block, *args: torch.utils.checkpoint.checkpoint(
+        block, *args, use_reentrant=False))
+    x = torch.rand(3, 1, 32, 32)
+    for model in (plain, checkpointed, naive):
+        _train_step(model, x)
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    for (name, a), b, c in zip(plain.named_buffers(), checkpointed.buffers(), naive.buffers()):
+        assert torch.equal(a, b), name
+    counts = [int(b) for name, b in naive.named_buffers() if name.endswith("num_batches_tracked")]
+    assert counts and set(counts) == {2}
+    with torch.no_grad():  # inference never recomputes
+        checkpointed.eval()
+        plain.eval()
+        assert torch.equal(checkpointed(x), plain(x))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from seg_helpers import one_torch_thread, write_phantoms, write_synthetic  # noqa: F401 (autouse fixture)
 
@@ -220,3 +221,16 @@ def test_evaluate_cli_json(data, tmp_path, genseg_cli):
 def test_evaluate_rejects_missing_or_foreign_checkpoint(data, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         evaluate(tmp_path / "nope", data)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(data, tmp_path):
+    """The memory-saving switch changes how the backward pass is computed, not what it computes."""
+    runs = {flag: train_segmenter(SegTrainConfig(**{**TINY, "epochs": 2, "gradient_checkpointing": flag}), data,
+                                  tmp_path / f"run-{flag}") for flag in (False, True)}
+    plain, checkpointed = (load_file(tmp_path / f"run-{flag}" / "model" / "diffusion_pytorch_model.safetensors")
+                           for flag in (False, True))
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], checkpointed[key], atol=1e-6), key
+    assert "gradient_checkpointing: true" in (tmp_path / "run-True" / "config.yaml").read_text()
+    assert runs[True].metrics["test"]["dice"] == pytest.approx(runs[False].metrics["test"]["dice"], abs=1e-6)

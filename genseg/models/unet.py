@@ -14,8 +14,10 @@ and a diffusers pipeline can register it as a module.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -55,12 +57,39 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
+@contextmanager
+def _batchnorm_stats_kept(module: nn.Module):
+    """Restores every BatchNorm's running statistics on exit: a checkpointed block runs its forward twice in
+    training mode, and the recomputation must not count the batch a second time."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+def checkpoint_block(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """Activation checkpointing of one U-Net block that is exact for BatchNorm: the batch statistics are
+    recomputed from the same input and the running statistics are updated once, as without checkpointing."""
+    return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), _batchnorm_stats_kept(block)))
+
+
 class SegmentationUNet(ModelMixin, ConfigMixin):
     """U-Net for binary (or multi-label) segmentation; input sides must be divisible by 2**depth.
 
     sample_size is the side the model was trained at; it is recorded so a saved model folder says which
     preprocessing its inputs need (the network itself accepts any size divisible by 2**depth).
+    `enable_gradient_checkpointing()` keeps only each level's input for the backward pass and recomputes the
+    rest (less training memory for about one more forward pass per step).
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base_channels: int = 64, depth: int = 4,
@@ -71,23 +100,33 @@ class SegmentationUNet(ModelMixin, ConfigMixin):
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
         self.outc = nn.Conv2d(widths[0], out_channels, kernel_size=1)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """diffusers' switch, with a checkpoint function that keeps BatchNorm's running statistics exact."""
+        super().enable_gradient_checkpointing(gradient_checkpointing_func or checkpoint_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, out_channels, H, W) for images (N, in_channels, H, W)."""
         skips = self.encode(x)
         x = skips.pop()
         for up in self.ups:
-            x = up(x, skips.pop())
+            x = self._block(up, x, skips.pop())
         return self.outc(x)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature maps, one per level, finest first; the last is the bottleneck (the skips the
         decoder uses, and features for synthetic-data quality measures)."""
         self._check_input(x)
-        levels = [self.inc(x)]
+        levels = [self._block(self.inc, x)]
         for down in self.downs:
-            levels.append(down(levels[-1]))
+            levels.append(self._block(down, levels[-1]))
         return levels
+
+    def _block(self, block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
 
     def fold_batchnorm(self) -> "SegmentationUNet":
         """An inference copy with every BatchNorm folded into the conv before it (same outputs to float

@@ -53,6 +53,7 @@ class SegTrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
+    gradient_checkpointing: bool = False  # recompute each level in backward: less memory, ~1.3x step time
     hflip: bool = True
     max_rotation: float = 10.0  # degrees; 0 disables rotation
     num_workers: int = 0
@@ -211,6 +212,8 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     set_seed(cfg.seed)
     init = initial_model(cfg, seg_data.channels, load=not resume)  # a bad --init-from / --freeze fails here
     model = init.model
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     if init.info is not None:
         seg_data.info["init_from"] = init.info
     for message in init.messages:
