@@ -334,19 +334,29 @@ def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
         click.echo(f"{result.metrics}\nrun: {result.run_dir}")
 
 
+def _generation_options(command):
+    """Sampler options shared by the commands that generate slices."""
+    options = [
+        click.option("--scheduler", default="dpmsolver", show_default=True,
+                     help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule."),
+        click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps (ddpm: up to 1000)."),
+        click.option("--class", "class_label", type=int, help="Tumour class to generate (class-conditional models only)."),
+        click.option("--guidance", default=1.0, show_default=True, type=float,
+                     help="Classifier-free guidance scale with --class (1 = none)."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices."),
+        click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="train-diffusion run directory.")
 @click.option("--num", required=True, type=int, help="Number of slices to generate.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
-@click.option("--scheduler", default="dpmsolver", show_default=True,
-              help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule.")
-@click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps (ddpm: up to 1000).")
-@click.option("--class", "class_label", type=int, help="Tumour class to generate (class-conditional models only).")
-@click.option("--guidance", default=1.0, show_default=True, type=float,
-              help="Classifier-free guidance scale with --class (1 = none).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices.")
-@click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once.")
+@_generation_options
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
 def sample(checkpoint, num, out, scheduler, steps, class_label, guidance, seed, batch_size, png_dir,
@@ -376,23 +386,6 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 
 
 # --- pipeline ---
-
-
-def _generation_options(command):
-    """Sampler options shared by the commands that generate slices."""
-    options = [
-        click.option("--scheduler", default="dpmsolver", show_default=True,
-                     help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule."),
-        click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps (ddpm: up to 1000)."),
-        click.option("--class", "class_label", type=int, help="Tumour class to generate (class-conditional models only)."),
-        click.option("--guidance", default=1.0, show_default=True, type=float,
-                     help="Classifier-free guidance scale with --class (1 = none)."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices."),
-        click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
 
 
 @main.command()
