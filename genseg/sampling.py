@@ -18,7 +18,7 @@ import torch
 from .data.prepared import PreparedDataset, PreparedWriter
 from .errors import ConfigError, DataError
 from .models.diffusion import build_scheduler, make_sampling_scheduler
-from .pipeline.diffusion import SliceDiffusionOutput, load_diffusion
+from .pipeline.diffusion import SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
 
 
 def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler: str = "dpmsolver", steps: int = 20,
@@ -33,16 +33,28 @@ def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler:
         raise ConfigError(f"--steps must be at least 1, got {steps}")
     out = Path(out)
     pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
-    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps, generator=seed,
-                  batch_size=batch_size, save_intermediates=save_intermediates, progress=progress)
-    write_samples(result, out, run_dir, {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label,
-                                         "guidance": guidance}, split_seed=seed)
+    result = sample_into(pipe, num, out, run_dir, scheduler=scheduler, steps=steps, class_label=class_label,
+                         guidance=guidance, seed=seed, batch_size=batch_size, save_intermediates=save_intermediates,
+                         progress=progress)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
         reverse_process_figure(result, out.with_name(out.stem + "_reverse.png"))
     return out
+
+
+def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source: str | Path, *,
+                scheduler: str = "dpmsolver", steps: int = 20, class_label: int | None = None, guidance: float = 1.0,
+                seed: int = 0, batch_size: int = 16, save_intermediates: bool = False,
+                progress: bool = True) -> SliceDiffusionOutput:
+    """Sample with an already loaded generator into the synthetic prepared file `out`; `source` (its run or
+    pipeline folder) and the sampler settings go into the file's metadata. Returns the samples."""
+    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
+    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps, generator=seed,
+                  batch_size=batch_size, save_intermediates=save_intermediates, progress=progress)
+    write_samples(result, out, source, {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label,
+                                        "guidance": guidance}, split_seed=seed)
+    return result
 
 
 def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | Path, settings: dict,

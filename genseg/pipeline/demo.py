@@ -145,14 +145,10 @@ def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusio
 def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, steps: int = 20, seed: int = 0,
                      source: str | Path = "", grid: Path | None = None, progress: bool = True) -> Path:
     """`num` slices (DPM-Solver++, `steps`) written as a synthetic prepared file, plus a grid of the first 16."""
-    from ..models.diffusion import make_sampling_scheduler
-    from ..sampling import write_samples
+    from ..sampling import sample_into
     from ..viz import overlay, save_grid
 
-    generator.scheduler = make_sampling_scheduler("dpmsolver", generator.scheduler.config)
-    result = generator(num, num_inference_steps=steps, generator=seed, batch_size=16, progress=progress)
-    write_samples(result, out, source, {"scheduler": "dpmsolver", "steps": steps, "seed": seed, "class": None,
-                                        "guidance": 1.0}, split_seed=seed)
+    result = sample_into(generator, num, out, source, steps=steps, seed=seed, progress=progress)
     if grid is not None:
         shown = range(min(GRID_SLICES, num))
         tiles = [overlay(result.images[i], result.masks[i]) if result.masks is not None else result.images[i]
