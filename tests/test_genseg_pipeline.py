@@ -158,3 +158,25 @@ def test_bad_inputs(genseg_cli, parts, saved, tmp_path):
     assert "--num must be at least 1" in done.stderr and not (tmp_path / "zero").exists()
     with pytest.raises(GensegError, match="already exists"):
         run_pipeline(GenSegPipeline.load(saved), tmp_path, num=1, steps=1)
+
+
+def test_the_generator_of_a_saved_pipeline_samples_like_its_run(parts, saved):
+    """`genseg sample --checkpoint PIPELINE_DIR` works: the saved folder's generator is the run's, loaded without
+    diffusers' warnings about the segmenter entry it does not need."""
+    from genseg.pipeline.diffusion import load_diffusion
+
+    import logging
+
+    warned = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to pytest's capture
+    diffusers_logger.addHandler(handler)
+    try:
+        from_pipeline = load_diffusion(saved)(3, num_inference_steps=2, generator=5, progress=False)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [message for message in warned if "segmenter" in message]
+    from_run = load_diffusion(parts[0])(3, num_inference_steps=2, generator=5, progress=False)
+    np.testing.assert_array_equal(from_pipeline.images, from_run.images)
+    np.testing.assert_array_equal(from_pipeline.masks, from_run.masks)

@@ -131,15 +131,7 @@ def seg_demo_config(**overrides) -> SegTrainConfig:
 
 def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusionPipeline:
     """The generator of a saved GenSegPipeline folder (its unet + scheduler) or of a train-diffusion run."""
-    path = Path(path)
-    if (path / "segmenter").is_dir():
-        from .genseg import GenSegPipeline
-
-        pipe = GenSegPipeline.load(path)
-        generator = SliceDiffusionPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
-    else:
-        generator = load_diffusion(path)
-    return generator.to(device or DEVICE)
+    return load_diffusion(path, device or DEVICE)
 
 
 def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, steps: int = 20, seed: int = 0,

@@ -11,11 +11,13 @@ The mode is read off the UNet: 1 or 3 channels = image only (grey / colour), 2 o
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import diffusers
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
@@ -170,7 +172,8 @@ def is_diffusion_run(path: str | Path) -> bool:
 
 
 def load_diffusion(run_dir: str | Path, device: str | torch.device | None = None) -> SliceDiffusionPipeline:
-    """The EMA generator saved by `train-diffusion` (a diffusers folder); CheckpointError if it is not one."""
+    """The EMA generator of a `train-diffusion` run or of a saved GenSegPipeline folder (its unet/ and
+    scheduler/; the segmenter is not loaded); CheckpointError if the folder is neither."""
     path = Path(run_dir)
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
@@ -179,8 +182,11 @@ def load_diffusion(run_dir: str | Path, device: str | torch.device | None = None
         raise CheckpointError(f"{path}: not a diffusion run{hint}: expected model_index.json, unet/ and scheduler/ "
                               f"as written by `genseg train-diffusion`")
     try:
-        pipe = SliceDiffusionPipeline.from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise CheckpointError(f"{path}: cannot load the diffusion pipeline ({exc})") from None
+        scheduler_class = json.loads((path / "model_index.json").read_text())["scheduler"][1]
+        scheduler = getattr(diffusers, scheduler_class).from_pretrained(path, subfolder="scheduler")
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: cannot load the diffusion model ({type(exc).__name__}: {exc})") from None
+    pipe = SliceDiffusionPipeline(unet=unet, scheduler=scheduler)
     model_channels(pipe.unet)
     return pipe.to(device) if device is not None else pipe
