@@ -317,6 +317,9 @@ def export_onnx_cmd(checkpoint, out, opset):
 @click.option("--batch-size", type=int, help="Training batch size per process.")
 @click.option("--lr", type=float, help="Peak AdamW learning rate (after the warm-up).")
 @click.option("--seed", type=int, help="Seed for weights, noise and data order.")
+@click.option("--real-fraction", type=float,
+              help="Learn from a seeded share of the training patients (0, 1]: with the same --seed, the patients "
+                   "`train-seg --real-fraction` keeps, so generator and segmenter see the same real data.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
               help="Precision via accelerate; measure bf16 on CPU first (it was ~20x slower here).")
 @click.option("--init-from", type=click.Path(),

@@ -284,3 +284,26 @@ def _log(run: Path) -> list[dict]:
 
     with (run / "log.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def test_real_fraction_learns_from_the_patients_train_seg_keeps(tmp_path):
+    """A generator matched to a segmenter: with the same --real-fraction and --seed both keep the same patients
+    (and a different seed keeps others)."""
+    from genseg.training.seg import SegTrainConfig, build_seg_data
+
+    data = write_phantoms(tmp_path / "p.h5", n=40, size=16, patients=10)
+    quick = {"split": "train", "max_steps": 1, "checkpoint_every_steps": 1, "sample_every_steps": 0}
+    kept = {}
+    for seed in (3, 4):
+        run = train_diffusion(tiny_config(real_fraction=0.5, seed=seed, **quick), data, tmp_path / f"r{seed}",
+                              cpu=True).run_dir
+        kept[seed] = json.loads((run / "run.json").read_text())
+        seg = build_seg_data(SegTrainConfig(size=16, depth=2, real_fraction=0.5, seed=seed), data).info
+        assert kept[seed]["kept_patients"] == seg["kept_patients"]
+        assert kept[seed]["slices"] == seg["real_train_slices"]
+    train_patients = set(PreparedDataset(data, split="train").patients.astype(str).tolist())
+    assert len(kept[3]["kept_patients"]) == kept[3]["patients"] == round(0.5 * len(train_patients))
+    assert kept[3]["kept_patients"] != kept[4]["kept_patients"]
+    assert set(kept[3]["kept_patients"]) < train_patients
+    with pytest.raises(ConfigError, match="real_fraction must be in"):
+        tiny_config(real_fraction=0.0)

@@ -36,6 +36,7 @@ from ..io import atomic_path, replace_path
 from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
 from ..pipeline.diffusion import SliceDiffusionPipeline
 from .loop import Hooks, Trainer, effective_precision, make_accelerator
+from .mixing import kept_patient_ids, subsample_patients
 from .seg import default_run_dir
 from .transfer import initial_unet
 
@@ -50,6 +51,8 @@ class DiffusionTrainConfig:
 
     model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
     split: Literal["train", "all"] = "train"  # slices to learn from: the training split (keeps val/test unseen)
+    real_fraction: float = 1.0  # share of the split's patients kept, seeded by `seed`: the same patients that
+                                # `train-seg --real-fraction F --seed S` keeps, for a generator matched to a segmenter
     max_steps: int = 5000  # optimizer steps
     batch_size: int = 16
     lr: float = 2e-3
@@ -84,6 +87,7 @@ class DiffusionTrainConfig:
             (self.grad_accum >= 1 and self.checkpoint_every_steps >= 1 and self.log_every_steps >= 1,
              "grad_accum, checkpoint_every_steps and log_every_steps must be >= 1"),
             (0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive (or null)"),
             (0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}"),
             (self.sample_every_steps >= 0 and self.sample_count >= 1 and self.sample_steps >= 1,
@@ -207,8 +211,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     m = cfg.model
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=cpu, seed=cfg.seed)
     set_seed(cfg.seed)
-    dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split,
-                              transform=PairedAugment(hflip=cfg.hflip, max_rotation=0.0))
+    dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split)
+    kept = dataset.rows[subsample_patients(dataset.patients, cfg.real_fraction, cfg.seed)]
+    dataset = PreparedDataset(data, indices=kept, transform=PairedAugment(hflip=cfg.hflip, max_rotation=0.0))
     if len(dataset) == 0:
         raise DataError(data, f"has no slices in split {cfg.split!r}")
     if m.num_classes and dataset.labels.max() >= m.num_classes:
@@ -227,7 +232,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     trainer = Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
                       checkpoint_every_steps=cfg.checkpoint_every_steps, keep_last=cfg.keep_last,
                       extra_state={"ema": ema})
-    info = {"data": str(Path(data).resolve()), "slices": len(dataset), "precision": effective_precision(acc),
+    info = {"data": str(Path(data).resolve()), "slices": len(dataset), "real_fraction": cfg.real_fraction,
+            "patients": int(len(set(dataset.patients.tolist()))),
+            "kept_patients": kept_patient_ids(dataset.patients, cfg.real_fraction), "precision": effective_precision(acc),
             "processes": acc.num_processes, "parameters": sum(p.numel() for p in unet.parameters()),
             "modality": attrs.get("modality", "unknown"), "class_names": (attrs.get("metadata") or {}).get("class_names"),
             "init_from": init.info}

@@ -80,6 +80,12 @@ def subsample_patients(patients: np.ndarray, fraction: float, seed: int) -> np.n
     return np.isin(patients.astype(str), chosen)
 
 
+def kept_patient_ids(patients: np.ndarray, fraction: float) -> list[str] | None:
+    """run.json's record of which patients a run learned from (None when it kept them all), so a generator and a
+    segmenter trained with the same --real-fraction and --seed can be checked to have seen the same ones."""
+    return None if fraction >= 1.0 else sorted(set(patients.astype(str).tolist()))
+
+
 def check_synthetic(path: str | Path, real_attrs: dict) -> dict:
     """`read_metadata` of a synthetic file, after checking it is marked synthetic and matches the real data's
     image size and channels (DataError naming the file otherwise)."""

@@ -30,7 +30,7 @@ from ..io import atomic_path
 from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator
-from .mixing import MixSampler, Tagged, select_synthetic, subsample_patients
+from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
 from .transfer import FREEZE_PARTS, initial_model, keep_frozen_eval
 
 RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples"}
@@ -145,7 +145,8 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
     if len(val) == 0:
         raise DataError(data, f"has no validation slices ({split_selection(cfg.test_fold, num_folds, 'val')})")
     info = {"data": str(Path(data).resolve()), "real_train_slices": len(real),
-            "real_train_patients": int(len(set(real.patients.tolist()))), "val_slices": len(val), "synthetic": None}
+            "real_train_patients": int(len(set(real.patients.tolist()))),
+            "kept_patients": kept_patient_ids(real.patients, cfg.real_fraction), "val_slices": len(val), "synthetic": None}
     parts = [Tagged(real, synthetic=False)]
     num_synthetic = 0
     if synthetic is not None:
