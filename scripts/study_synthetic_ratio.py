@@ -11,7 +11,12 @@
    `agreement` keeps synthetic slices whose generated mask agrees with a real-only segmenter (Dice >=
    min_agreement): the real-only run (R = 0) of the same fraction and seed, so the filter uses no labels the arm
    does not have (synthetic-only uses fraction 1); `more` samples more_factor x as many synthetic slices.
-4. Mean ± sd test Dice and IoU: markdown tables (printed and OUT/study.md), OUT/study.json and OUT/study.png.
+4. With `matched_generator` (--matched-generator), a fairness control for the low-data cells: the shipped generator
+   learned from *all* real training patients, so at F < 1 its slices carry patients the real-only arm never sees.
+   This arm trains one generator per (F < 1, seed) on exactly the patients that segmenter keeps
+   (`train-diffusion --real-fraction F --seed S`) and mixes that generator's slices instead (each generator costs
+   `matched_generator_steps`, ~25 min per 1500 steps on 2 idle cores; `matched_fractions`/`--matched-seeds` limit it).
+5. Mean ± sd test Dice and IoU: markdown tables (printed and OUT/study.md), OUT/study.json and OUT/study.png.
 
 Finished runs (metrics.json) and the data and synthetic files are reused when the command is repeated; delete
 OUT to start afresh (e.g. after the generator changed).
@@ -21,6 +26,7 @@ OUT to start afresh (e.g. after the generator changed).
 Cost (estimated from single runs, not measured at full scale): a run at fraction 1 trains 15 epochs of 144 slices,
 ~30-60 s on 2 idle CPU cores; equal-step runs at small fractions add per-epoch validation and checkpoints, so the
 whole grid with the change should take roughly 45-75 minutes (`--seeds 1` a third of it).
+    python scripts/study_synthetic_ratio.py --out study --matched-generator --matched-seeds 1   # + fairness arm
     python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
 """
 
@@ -34,6 +40,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -41,10 +48,11 @@ import numpy as np
 from genseg.config import load_config
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.io import atomic_path
-from genseg.pipeline.demo import (REPO, ensure_demo_data, ensure_prepared, ensure_segmenter, generator_source,
-                                  load_generator, sample_synthetic)
+from genseg.pipeline.demo import (REPO, ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
+                                  generator_source, load_generator, sample_synthetic)
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.mixing import select_synthetic, subsample_patients
+from genseg.training.diffusion import DiffusionTrainConfig
 from genseg.training.seg import SegTrainConfig
 from genseg.viz import plot_curves
 
@@ -73,6 +81,12 @@ class StudyConfig:
     change: str = "agreement"
     min_agreement: float = 0.7
     more_factor: int = 4
+    matched_generator: bool = False
+    matched_fractions: tuple[float, ...] | None = None  # None: every real fraction below 1
+    matched_seeds: tuple[int, ...] | None = None  # None: every seed
+    matched_generator_config: str = "configs/diffusion-cpu-small.yaml"
+    matched_generator_steps: int = 1500  # the shipped generator's steps
+    matched_generator_overrides: dict = field(default_factory=dict)  # keys of that config ("model" merges)
 
     def __post_init__(self):
         if self.change not in CHANGES:
@@ -84,16 +98,22 @@ class StudyConfig:
 
 SMOKE = {"real_fractions": [0.5, 1.0], "synthetic_ratios": [0.0, 0.5], "seeds": [0], "patients": 10,
          "slices_per_patient": 2, "raw_size": 64, "sample_steps": 2, "min_agreement": 0.0, "more_factor": 2,
-         "seg_overrides": {"base_channels": 4, "depth": 2, "epochs": 1, "batch_size": 4, "plot_samples": 1}}
+         "seg_overrides": {"base_channels": 4, "depth": 2, "epochs": 1, "batch_size": 4, "plot_samples": 1},
+         "matched_generator_steps": 2,
+         "matched_generator_overrides": {"model": {"block_out_channels": [8, 16], "norm_num_groups": 4},
+                                         "checkpoint_every_steps": 2, "sample_every_steps": 0}}
 
 
 @dataclass
 class Arm:
-    """One row family of the tables: the baseline or the change, with the synthetic file(s) it trains on."""
+    """One row family of the tables: the baseline, the change or the matched generators, with the synthetic file
+    each (fraction, seed) trains on and the cells it runs."""
 
     name: str
-    synthetic: Path | None  # None: per (fraction, seed) filtered copies (agreement)
+    folder: str  # OUT/runs/<folder>
+    synthetic: Callable[[float, int], Path]
     min_agreement: float | None = None
+    runs_cell: Callable[[float, float, int], bool] = lambda fraction, ratio, seed: ratio > 0
 
 
 def make_data(out: Path, cfg: StudyConfig) -> tuple[Path, Path, int]:
@@ -123,6 +143,27 @@ def filtered_copy(out: Path, synthetic: Path, data: Path, seg_run: Path) -> Path
     shutil.copy2(synthetic, path)
     evaluate_synthetic(path, data, seg_run, out_dir=path.parent, progress=False)
     return path
+
+
+def matched_synthetic(out: Path, cfg: StudyConfig, data: Path, size: int, fraction: float, seed: int) -> Path:
+    """Synthetic slices from a generator trained (or reused) on exactly the real patients that the segmenter of
+    (fraction, seed) keeps; as many slices and the same sampler as the shipped generator's set."""
+    path = out / "synthetic-matched" / f"f{fraction:g}-s{seed}.h5"
+    if path.exists():
+        return path
+    config = Path(cfg.matched_generator_config)
+    config = config if config.is_absolute() else REPO / config
+    overrides = dict(cfg.matched_generator_overrides)
+    base_model = load_config(DiffusionTrainConfig, config).model
+    model = {**dataclasses.asdict(base_model), **overrides.pop("model", {}), "sample_size": size}
+    gen_cfg = load_config(DiffusionTrainConfig, config, {**overrides, "model": model, "split": "train",
+                                                         "real_fraction": fraction, "seed": seed,
+                                                         "max_steps": cfg.matched_generator_steps})
+    run = ensure_diffusion(gen_cfg, data, out / "generators" / f"f{fraction:g}-s{seed}")
+    num = cfg.num_synthetic or int((read_metadata(data)["split"] == "train").sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return sample_synthetic(load_generator(run), path, num, steps=cfg.sample_steps, seed=cfg.sample_seed, source=run,
+                            grid=path.with_suffix(".png"))
 
 
 def run_cell(cfg: StudyConfig, base: SegTrainConfig, data: Path, arm: Arm, synthetic: Path | None, fraction: float,
@@ -158,25 +199,30 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     cells = [(f, r) for f in cfg.real_fractions for r in cfg.synthetic_ratios]
     if cfg.synthetic_only:
         cells.append((1.0, 1.0))
-    arms = [Arm("baseline", synthetic)]
-    if cfg.change == "agreement":
-        arms.append(Arm(f"agreement >= {cfg.min_agreement:g}", None, cfg.min_agreement))
+    arms = [Arm("baseline", "baseline", lambda fraction, seed: synthetic, runs_cell=lambda *cell: True)]
+    if cfg.change == "agreement":  # filtered by the real-only run of the same fraction (1 for synthetic-only)
+        arms.append(Arm(f"agreement >= {cfg.min_agreement:g}", cfg.change, lambda fraction, seed: filtered_copy(
+            out, synthetic, data, out / "runs" / "baseline" / f"f{fraction:g}-r0-s{seed}"), cfg.min_agreement))
     elif cfg.change == "more":
-        arms.append(Arm(f"{cfg.more_factor}x synthetic", out / "synthetic-more.h5"))
-    per_arm = [sum(1 for _, r in cells if not index or r > 0) * len(cfg.seeds) for index in range(len(arms))]
+        arms.append(Arm(f"{cfg.more_factor}x synthetic", cfg.change, lambda fraction, seed: out / "synthetic-more.h5"))
+    if cfg.matched_generator:
+        fractions = cfg.matched_fractions or [f for f in cfg.real_fractions if f < 1]
+        seeds = cfg.seeds if cfg.matched_seeds is None else cfg.matched_seeds
+        arms.append(Arm("matched generator", "matched", lambda fraction, seed: matched_synthetic(
+            out, cfg, data, size, fraction, seed), runs_cell=lambda fraction, ratio, seed: (
+            0 < ratio < 1 and fraction in fractions and seed in seeds)))
+    per_arm = [sum(arm.runs_cell(f, r, s) for f, r in cells for s in cfg.seeds) for arm in arms]
     finished = sum(1 for _ in (out / "runs").glob("*/*/metrics.json"))
     print(f"{sum(per_arm)} runs ({' + '.join(f'{n} {a.name}' for n, a in zip(per_arm, arms))}), {finished} finished "
           f"before; each trains about {base.epochs} epochs of the full real set")
     rows = []
-    for arm_index, arm in enumerate(arms):
+    for arm in arms:
         for fraction, ratio in cells:
-            if arm_index and ratio == 0:
-                continue  # the change only touches synthetic slices
             for seed in cfg.seeds:
-                source = arm.synthetic
-                if source is None:  # agreement with the real-only run of the same fraction (1 for synthetic-only)
-                    source = filtered_copy(out, synthetic, data, out / "runs" / "baseline" / f"f{fraction:g}-r0-s{seed}")
-                run = out / "runs" / ("baseline" if not arm_index else cfg.change) / f"f{fraction:g}-r{ratio:g}-s{seed}"
+                if not arm.runs_cell(fraction, ratio, seed):
+                    continue  # the change and the matched generators only touch synthetic slices
+                run = out / "runs" / arm.folder / f"f{fraction:g}-r{ratio:g}-s{seed}"
+                source = arm.synthetic(fraction, seed) if ratio > 0 else None
                 rows.append(run_cell(cfg, base, data, arm, source, fraction, ratio, seed, run, full_real))
                 print(f"{arm.name} F={fraction:g} R={ratio:g} seed {seed}: "
                       + (rows[-1].get("skipped") or f"test Dice {rows[-1]['dice']:.4f}"))
@@ -214,12 +260,13 @@ def markdown(summary: dict) -> str:
                     s = stats(rows, key, arm=arm, fraction=fraction, ratio=ratio)
                     base = stats(rows, key, arm="baseline", fraction=fraction, ratio=ratio)
                     cells.append(_cell(s, base if arm != "baseline" else None))
-                lines.append(f"| {arm} | {100 * fraction:g} % ({slices}) | " + " | ".join(cells) + " |")
+                if any(cell != "—" for cell in cells):
+                    lines.append(f"| {arm} | {100 * fraction:g} % ({slices}) | " + " | ".join(cells) + " |")
         lines.append("")
         if cfg["synthetic_only"]:
             base = stats(rows, key, arm="baseline", fraction=1.0, ratio=1.0)
             only = [f"{arm} {_cell(stats(rows, key, arm=arm, fraction=1.0, ratio=1.0), None if arm == 'baseline' else base)}"
-                    for arm in summary["arms"]]
+                    for arm in summary["arms"] if stats(rows, key, arm=arm, fraction=1.0, ratio=1.0)]
             lines += ["Synthetic only (ratio 1, no real training slice): " + "; ".join(only) + ".", ""]
     lines += ["### Reading", ""] + findings(summary)
     skipped = [r for r in rows if "skipped" in r]
@@ -266,8 +313,12 @@ def plot(summary: dict, path: Path) -> Path:
         for fraction in cfg["real_fractions"]:
             points = [(r, stats(rows, "dice", arm=arm, fraction=fraction, ratio=r)) for r in cfg["synthetic_ratios"]]
             points = [(r, s[0]) for r, s in points if s is not None]
-            label = f"real {100 * fraction:g} %" + ("" if arm == "baseline" else f", {arm}")
-            series[label] = ([p[0] for p in points], [p[1] for p in points])
+            real_only = stats(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
+            if arm != "baseline" and points and real_only:  # the other arms start from the same real-only run
+                points = [(0.0, real_only[0])] + points
+            if points:
+                label = f"real {100 * fraction:g} %" + ("" if arm == "baseline" else f", {arm}")
+                series[label] = ([p[0] for p in points], [p[1] for p in points])
         only = stats(rows, "dice", arm=arm, fraction=1.0, ratio=1.0)
         if cfg["synthetic_only"] and only is not None:
             series["synthetic only" + ("" if arm == "baseline" else f", {arm}")] = ([1.0], [only[0]])
@@ -284,12 +335,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-agreement", type=float, help="change agreement: keep slices with Dice >= this.")
     parser.add_argument("--more-factor", type=int, help="change more: this many times the synthetic slices.")
     parser.add_argument("--seeds", type=int, help="Number of seeds (0..N-1).")
+    parser.add_argument("--matched-generator", action="store_true", default=None,
+                        help="Add the fairness arm: a generator per (fraction < 1, seed) trained on that run's patients.")
+    parser.add_argument("--matched-seeds", type=int, help="Matched generators for the first N seeds only.")
     parser.add_argument("--smoke", action="store_true", help="Tiny data, nets and grid, one seed: seconds.")
     args = parser.parse_args(argv)
     overrides = dict(SMOKE) if args.smoke else {}
     overrides.update({k: v for k, v in {"pipeline": args.pipeline, "change": args.change,
                                         "min_agreement": args.min_agreement, "more_factor": args.more_factor,
-                                        "seeds": list(range(args.seeds)) if args.seeds else None}.items()
+                                        "seeds": list(range(args.seeds)) if args.seeds else None,
+                                        "matched_generator": args.matched_generator,
+                                        "matched_seeds": list(range(args.matched_seeds)) if args.matched_seeds else None
+                                        }.items()
                       if v is not None})
     cfg = load_config(StudyConfig, args.config, overrides)
     summary = run_study(args.out, cfg)

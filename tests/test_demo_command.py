@@ -167,7 +167,8 @@ def test_study_smoke(tiny_pipeline, tmp_path, change):
     assert real_only["epochs"] > 1  # equal steps: half the real slices, twice the epochs
     changed = [r for r in runs if r["arm"] != "baseline"]
     if change == "more":
-        assert all(r["synthetic_kept"] == 2 * baseline[0]["synthetic_kept"] for r in changed)
+        mixed = next(r for r in baseline if r["ratio"] > 0)
+        assert all(r["synthetic_kept"] == 2 * mixed["synthetic_kept"] > 0 for r in changed)
     else:
         assert (out / "synthetic-agreement" / "f0.5-r0-s0.h5").is_file()
     if change == "agreement":  # once is enough: finished runs and files are reused
@@ -189,3 +190,19 @@ def test_demo_from_scratch_states_the_training_time_first(tmp_path):
     assert summary["generator"] == str(run) and (run / "checkpoints" / "step-00000002").is_dir()
     assert read_metadata(tmp_path / "demo" / "synthetic.h5")["attrs"]["metadata"]["model"] == str(run.resolve())
     assert (tmp_path / "demo" / "report.md").is_file()
+
+
+def test_study_matched_generator_arm(tiny_pipeline, tmp_path):
+    """The fairness arm: a generator per (fraction < 1, seed) trained on exactly that segmenter's real patients,
+    its synthetic set used for the ratio > 0 cells of that fraction only."""
+    script = load_script("study_synthetic_ratio")
+    out = tmp_path / "study"
+    summary = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
+                           "--matched-generator"])
+    matched = [r for r in summary["runs"] if r["arm"] == "matched generator"]
+    assert [(r["fraction"], r["ratio"]) for r in matched] == [(0.5, 0.5)]
+    generator = json.loads((out / "generators" / "f0.5-s0" / "run.json").read_text())
+    segmenter = json.loads((out / "runs" / "matched" / "f0.5-r0.5-s0" / "run.json").read_text())
+    assert generator["kept_patients"] == segmenter["kept_patients"] and generator["real_fraction"] == 0.5
+    assert segmenter["synthetic"]["path"] == str((out / "synthetic-matched" / "f0.5-s0.h5").resolve())
+    assert "| matched generator | 50 % " in summary["table"] and "| matched generator | 100 % " not in summary["table"]
