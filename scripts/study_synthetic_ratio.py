@@ -286,23 +286,35 @@ def _cell(s, base) -> str:
 
 
 def findings(summary: dict) -> list[str]:
-    """Per real fraction: the best ratio's Dice change against real-only, next to the seed-to-seed sd."""
+    """Per real fraction and arm: the best ratio's Dice change against real-only, paired by seed (a seed fixes the
+    kept real patients, so both runs of a pair saw the same real data), next to the seed-to-seed sd."""
     cfg, rows = summary["config"], summary["runs"]
     lines = []
-    for fraction in cfg["real_fractions"]:
-        real_only = stats(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
-        mixed = [(r, stats(rows, "dice", arm="baseline", fraction=fraction, ratio=r))
-                 for r in cfg["synthetic_ratios"] if r > 0]
-        mixed = [(r, s) for r, s in mixed if s is not None]
-        if real_only is None or not mixed:
-            continue
-        ratio, best = max(mixed, key=lambda item: item[1][0])
-        gain = best[0] - real_only[0]
-        noise = max(real_only[1], best[1])
-        verdict = ("one seed: no noise estimate" if real_only[2] < 2 else "within seed noise" if abs(gain) <= noise
-                   else "a gain" if gain > 0 else "a loss")
-        lines.append(f"- real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
-                     f"{gain:+.3f} against real-only ({real_only[0]:.3f}; sd up to {noise:.3f}): {verdict}.")
+    for arm in summary["arms"]:
+        for fraction in cfg["real_fractions"]:
+            real_only = stats(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
+            mixed = [(r, stats(rows, "dice", arm=arm, fraction=fraction, ratio=r))
+                     for r in cfg["synthetic_ratios"] if r > 0]
+            mixed = [(r, s) for r, s in mixed if s is not None]
+            if real_only is None or not mixed:
+                continue
+            ratio, best = max(mixed, key=lambda item: item[1][0])
+            pairs = [(next(r["dice"] for r in rows if r["arm"] == arm and r["fraction"] == fraction
+                           and r["ratio"] == ratio and r["seed"] == seed and "dice" in r),
+                      next(r["dice"] for r in rows if r["arm"] == "baseline" and r["fraction"] == fraction
+                           and r["ratio"] == 0 and r["seed"] == seed))
+                     for seed in cfg["seeds"]
+                     if any(r["arm"] == arm and r["fraction"] == fraction and r["ratio"] == ratio
+                            and r["seed"] == seed and "dice" in r for r in rows)]
+            differences = [a - b for a, b in pairs]
+            gain = float(np.mean(differences))
+            noise = max(real_only[1], best[1])
+            verdict = ("one seed: no noise estimate" if len(pairs) < 2 else "within seed noise" if abs(gain) <= noise
+                       else "a gain" if gain > 0 else "a loss")
+            lines.append(f"- {arm}, real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
+                         f"{gain:+.3f} against real-only (per seed " + ", ".join(f"{d:+.3f}" for d in differences)
+                         + f"; better in {sum(d > 0 for d in differences)} of {len(differences)}; sd up to "
+                           f"{noise:.3f}): {verdict}.")
     return lines
 
 
