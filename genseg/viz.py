@@ -110,7 +110,8 @@ def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], path
     """Line plot of named (x, y) series, e.g. train/val loss per epoch."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
 
-    fig = Figure(figsize=(5, 3.5), dpi=120)
+    many = len(series) > 4  # a legend that would cover the lines goes to the right of the plot
+    fig = Figure(figsize=(8 if many else 5, 3.5), dpi=120)
     ax = fig.add_subplot()
     for name, (x, y) in series.items():
         ax.plot(x, y, marker="o", markersize=3, label=name)
@@ -118,7 +119,10 @@ def plot_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], path
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if many:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

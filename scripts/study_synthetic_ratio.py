@@ -237,8 +237,10 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     return summary
 
 
-def stats(rows: list[dict], key: str, **where) -> tuple[float, float, int] | None:
-    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items()) and key in r]
+def stats(rows: list[dict], key: str, seeds=None, **where) -> tuple[float, float, int] | None:
+    """(mean, sd, n) of `key` over the rows matching `where` (and, given, those seeds)."""
+    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items()) and key in r
+              and (seeds is None or r["seed"] in seeds)]
     if not values:
         return None
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
@@ -258,7 +260,9 @@ def markdown(summary: dict) -> str:
                 cells = []
                 for ratio in ratios:
                     s = stats(rows, key, arm=arm, fraction=fraction, ratio=ratio)
-                    base = stats(rows, key, arm="baseline", fraction=fraction, ratio=ratio)
+                    seeds = {r["seed"] for r in rows if r["arm"] == arm and r["fraction"] == fraction
+                             and r["ratio"] == ratio and key in r}  # compare on the same seeds (same patients)
+                    base = stats(rows, key, seeds, arm="baseline", fraction=fraction, ratio=ratio)
                     cells.append(_cell(s, base if arm != "baseline" else None))
                 if any(cell != "—" for cell in cells):
                     lines.append(f"| {arm} | {100 * fraction:g} % ({slices}) | " + " | ".join(cells) + " |")
@@ -281,7 +285,7 @@ def markdown(summary: dict) -> str:
 def _cell(s, base) -> str:
     if s is None:
         return "—"
-    text = f"{s[0]:.3f} ± {s[1]:.3f}"
+    text = f"{s[0]:.3f} ± {s[1]:.3f}" if s[2] > 1 else f"{s[0]:.3f} (1 seed)"
     return text + (f" ({s[0] - base[0]:+.3f})" if base is not None else "")
 
 
@@ -325,11 +329,13 @@ def plot(summary: dict, path: Path) -> Path:
         for fraction in cfg["real_fractions"]:
             points = [(r, stats(rows, "dice", arm=arm, fraction=fraction, ratio=r)) for r in cfg["synthetic_ratios"]]
             points = [(r, s[0]) for r, s in points if s is not None]
-            real_only = stats(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
-            if arm != "baseline" and points and real_only:  # the other arms start from the same real-only run
+            seeds = {r["seed"] for r in rows if r["arm"] == arm and r["fraction"] == fraction and "dice" in r}
+            real_only = stats(rows, "dice", seeds, arm="baseline", fraction=fraction, ratio=0.0)
+            if arm != "baseline" and points and real_only:  # the other arms start from the real-only runs of their seeds
                 points = [(0.0, real_only[0])] + points
             if points:
-                label = f"real {100 * fraction:g} %" + ("" if arm == "baseline" else f", {arm}")
+                label = (f"real {100 * fraction:g} %" + ("" if arm == "baseline" else f", {arm}")
+                         + (" (1 seed)" if len(seeds) == 1 and len(cfg["seeds"]) > 1 else ""))
                 series[label] = ([p[0] for p in points], [p[1] for p in points])
         only = stats(rows, "dice", arm=arm, fraction=1.0, ratio=1.0)
         if cfg["synthetic_only"] and only is not None:
