@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput

@@ -33,7 +33,8 @@ from .loop import Hooks, Trainer, effective_precision, make_accelerator
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
 from .transfer import FREEZE_PARTS, initial_model, keep_frozen_eval
 
-RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples"}
+RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples",
+                  "gradient_checkpointing"}  # exact, so it may change on --resume (e.g. after running out of memory)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class SegTrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
-    gradient_checkpointing: bool = False  # recompute each level in backward: less memory, ~1.3x step time
+    gradient_checkpointing: bool = False  # recompute each level in backward: 0.64x memory, 1.05-1.4x step time
     hflip: bool = True
     max_rotation: float = 10.0  # degrees; 0 disables rotation
     num_workers: int = 0
