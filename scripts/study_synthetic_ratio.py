@@ -23,9 +23,8 @@ OUT to start afresh (e.g. after the generator changed).
 
     python scripts/study_synthetic_ratio.py --out study-synthetic-ratio   # 39 baseline + 27 change runs
     python scripts/study_synthetic_ratio.py --change none                 # baseline only (39 runs)
-Cost (estimated from single runs, not measured at full scale): a run at fraction 1 trains 15 epochs of 144 slices,
-~30-60 s on 2 idle CPU cores; equal-step runs at small fractions add per-epoch validation and checkpoints, so the
-whole grid with the change should take roughly 45-75 minutes (`--seeds 1` a third of it).
+Cost, measured on 2 CPU cores (docs/study-synthetic-ratio.md): one seed of the baseline 926 s idle, so the baseline
+~46 min; baseline + agreement ~89 min on a partly shared machine; one matched generator (1500 steps) ~40 min.
     python scripts/study_synthetic_ratio.py --out study --matched-generator --matched-seeds 1   # + fairness arm
     python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
 """
@@ -145,7 +144,8 @@ def filtered_copy(out: Path, synthetic: Path, data: Path, seg_run: Path) -> Path
     return path
 
 
-def matched_synthetic(out: Path, cfg: StudyConfig, data: Path, size: int, fraction: float, seed: int) -> Path:
+def matched_synthetic(out: Path, cfg: StudyConfig, data: Path, size: int, num: int, fraction: float,
+                      seed: int) -> Path:
     """Synthetic slices from a generator trained (or reused) on exactly the real patients that the segmenter of
     (fraction, seed) keeps; as many slices and the same sampler as the shipped generator's set."""
     path = out / "synthetic-matched" / f"f{fraction:g}-s{seed}.h5"
@@ -160,7 +160,6 @@ def matched_synthetic(out: Path, cfg: StudyConfig, data: Path, size: int, fracti
                                                          "real_fraction": fraction, "seed": seed,
                                                          "max_steps": cfg.matched_generator_steps})
     run = ensure_diffusion(gen_cfg, data, out / "generators" / f"f{fraction:g}-s{seed}")
-    num = cfg.num_synthetic or int((read_metadata(data)["split"] == "train").sum())
     path.parent.mkdir(parents=True, exist_ok=True)
     return sample_synthetic(load_generator(run), path, num, steps=cfg.sample_steps, seed=cfg.sample_seed, source=run,
                             grid=path.with_suffix(".png"))
@@ -208,9 +207,11 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     if cfg.matched_generator:
         fractions = cfg.matched_fractions or [f for f in cfg.real_fractions if f < 1]
         seeds = cfg.seeds if cfg.matched_seeds is None else cfg.matched_seeds
-        arms.append(Arm("matched generator", "matched", lambda fraction, seed: matched_synthetic(
-            out, cfg, data, size, fraction, seed), runs_cell=lambda fraction, ratio, seed: (
-            0 < ratio < 1 and fraction in fractions and seed in seeds)))
+        num = cfg.num_synthetic or full_real
+        arms.append(Arm("matched generator", "matched",
+                        lambda fraction, seed: matched_synthetic(out, cfg, data, size, num, fraction, seed),
+                        runs_cell=lambda fraction, ratio, seed: (0 < ratio < 1 and fraction in fractions
+                                                                 and seed in seeds)))
     per_arm = [sum(arm.runs_cell(f, r, s) for f, r in cells for s in cfg.seeds) for arm in arms]
     finished = sum(1 for _ in (out / "runs").glob("*/*/metrics.json"))
     print(f"{sum(per_arm)} runs ({' + '.join(f'{n} {a.name}' for n, a in zip(per_arm, arms))}), {finished} finished "
@@ -237,10 +238,14 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     return summary
 
 
+def by_seed(rows: list[dict], key: str, **where) -> dict[int, float]:
+    """{seed: `key`} of the finished rows matching `where` (a seed fixes a run's kept real patients)."""
+    return {r["seed"]: r[key] for r in rows if all(r[k] == v for k, v in where.items()) and key in r}
+
+
 def stats(rows: list[dict], key: str, seeds=None, **where) -> tuple[float, float, int] | None:
     """(mean, sd, n) of `key` over the rows matching `where` (and, given, those seeds)."""
-    values = [r[key] for r in rows if all(r[k] == v for k, v in where.items()) and key in r
-              and (seeds is None or r["seed"] in seeds)]
+    values = [v for seed, v in by_seed(rows, key, **where).items() if seeds is None or seed in seeds]
     if not values:
         return None
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
@@ -260,8 +265,7 @@ def markdown(summary: dict) -> str:
                 cells = []
                 for ratio in ratios:
                     s = stats(rows, key, arm=arm, fraction=fraction, ratio=ratio)
-                    seeds = {r["seed"] for r in rows if r["arm"] == arm and r["fraction"] == fraction
-                             and r["ratio"] == ratio and key in r}  # compare on the same seeds (same patients)
+                    seeds = by_seed(rows, key, arm=arm, fraction=fraction, ratio=ratio)  # compare on the same seeds
                     base = stats(rows, key, seeds, arm="baseline", fraction=fraction, ratio=ratio)
                     cells.append(_cell(s, base if arm != "baseline" else None))
                 if any(cell != "—" for cell in cells):
@@ -303,17 +307,12 @@ def findings(summary: dict) -> list[str]:
             if real_only is None or not mixed:
                 continue
             ratio, best = max(mixed, key=lambda item: item[1][0])
-            pairs = [(next(r["dice"] for r in rows if r["arm"] == arm and r["fraction"] == fraction
-                           and r["ratio"] == ratio and r["seed"] == seed and "dice" in r),
-                      next(r["dice"] for r in rows if r["arm"] == "baseline" and r["fraction"] == fraction
-                           and r["ratio"] == 0 and r["seed"] == seed))
-                     for seed in cfg["seeds"]
-                     if any(r["arm"] == arm and r["fraction"] == fraction and r["ratio"] == ratio
-                            and r["seed"] == seed and "dice" in r for r in rows)]
-            differences = [a - b for a, b in pairs]
+            real_by_seed = by_seed(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
+            differences = [dice - real_by_seed[seed] for seed, dice in
+                           by_seed(rows, "dice", arm=arm, fraction=fraction, ratio=ratio).items() if seed in real_by_seed]
             gain = float(np.mean(differences))
             noise = max(real_only[1], best[1])
-            verdict = ("one seed: no noise estimate" if len(pairs) < 2 else "within seed noise" if abs(gain) <= noise
+            verdict = ("one seed: no noise estimate" if len(differences) < 2 else "within seed noise" if abs(gain) <= noise
                        else "a gain" if gain > 0 else "a loss")
             lines.append(f"- {arm}, real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
                          f"{gain:+.3f} against real-only (per seed " + ", ".join(f"{d:+.3f}" for d in differences)
@@ -329,7 +328,7 @@ def plot(summary: dict, path: Path) -> Path:
         for fraction in cfg["real_fractions"]:
             points = [(r, stats(rows, "dice", arm=arm, fraction=fraction, ratio=r)) for r in cfg["synthetic_ratios"]]
             points = [(r, s[0]) for r, s in points if s is not None]
-            seeds = {r["seed"] for r in rows if r["arm"] == arm and r["fraction"] == fraction and "dice" in r}
+            seeds = by_seed(rows, "dice", arm=arm, fraction=fraction)
             real_only = stats(rows, "dice", seeds, arm="baseline", fraction=fraction, ratio=0.0)
             if arm != "baseline" and points and real_only:  # the other arms start from the real-only runs of their seeds
                 points = [(0.0, real_only[0])] + points
