@@ -31,7 +31,7 @@ def dataset_info(path: str | Path, format: str = "auto", modality: str = "t1ce",
     with worker_pool(workers) as pool:
         for result in scan(src, _describe, pool, progress, desc=f"info {path.name}"):
             if isinstance(result, DataError):
-                bad.append({"path": result.path, "reason": result.problem})
+                bad.append({"path": result.path, "reason": result.reason})
             else:
                 rows.append(result)
     slices = [row for item in rows for row in item]

@@ -61,7 +61,7 @@ def prepare(source: str | Path, out: str | Path, size: int = 256, format: str = 
             if isinstance(result, DataError):
                 if strict:
                     raise result
-                bad.append({"path": result.path, "reason": result.problem})
+                bad.append({"path": result.path, "reason": result.reason})
                 continue
             files_read += 1
             for row in result:

@@ -43,7 +43,7 @@ class SliceRecord:
             raise DataError(self.source, "image contains NaN or infinite values")
         low, high = float(np.min(self.image)), float(np.max(self.image))
         if low == high:
-            raise DataError(self.source, f"image is constant (every pixel is {low:g})")
+            raise DataError(self.source, "image is constant", f"every pixel is {low:g}")
         return self
 
 

@@ -139,7 +139,7 @@ def choose_folds(source: Source, sources: Sequence[str], num_folds: int,
         if outside:
             raise DataError(source.cvind, f"has {len(cvind)} fold ids, none for slice file(s) {outside[:3]}")
     except DataError as exc:
-        return None, patient_wise, [{"path": exc.path, "reason": f"{exc.problem}; used {patient_wise} folds"}]
+        return None, patient_wise, [{"path": exc.path, "reason": f"{exc.reason}; used {patient_wise} folds"}]
     return cvind[[int(s) - 1 for s in stems]], "cvind.mat", []
 
 
