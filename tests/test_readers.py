@@ -92,7 +92,7 @@ def _bad_figshare(kind: str, path):
 
 BAD_FIGSHARE = {"truncated": "truncated", "not a mat": "not a MATLAB .mat file", "no cjdata": "no 'cjdata'",
                 "missing field": "lacks field.*tumorMask", "shape mismatch": r"\(32, 32\) and mask shape \(16, 32\)",
-                "nan": "NaN", "constant": "constant", "label": "label .*7.* is not one of",
+                "nan": "NaN", "constant": "constant", "label": r"label is not one of 1 \(meningioma\).* \(it is 7\)",
                 "empty pid": "PID is empty", "v5 truncated": "unreadable MATLAB v5"}
 
 

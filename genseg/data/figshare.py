@@ -6,6 +6,9 @@ or, in some re-distributions, v5 (read with scipy). `cvind.mat` holds the 5-fold
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,40 +17,49 @@ import hdf5storage
 import numpy as np
 import scipy.io
 
+from ..decode import HDF5_SIGNATURE, MAX_SIDE, MAX_SLICE_PIXELS, UPLOAD
 from ..errors import DataError
+from .hdf5 import Spec, check_dataset, check_values, member, small_attribute
 from .records import CLASS_NAMES, SliceRecord
 
 REQUIRED_FIELDS = ("label", "PID", "image", "tumorMask")
 CVIND_NAME = "cvind.mat"
+MAX_SMALL_VALUES = 256  # label values, PID characters: far beyond any real file
+MAX_FOLD_IDS = 2**20  # entries of cvind.mat
+HEADER_SLACK = 2**20  # bytes of a .mat beyond its arrays' data: headers, tumorBorder
 
 
-def read_figshare_mat(path: str | Path) -> SliceRecord:
-    """Read one slice file (v7.3 or v5) into a SliceRecord; DataError names the file and what is wrong."""
-    path = Path(path)
-    cjdata, transposed = _load_variable(path, "cjdata")
-    if not isinstance(cjdata, dict):
-        raise DataError(path, "'cjdata' is not a struct")
-    missing = [name for name in REQUIRED_FIELDS if name not in cjdata]
-    if missing:
-        raise DataError(path, f"cjdata lacks field(s) {', '.join(missing)}")
-    image, mask = (np.asarray(cjdata[name]) for name in ("image", "tumorMask"))
+def read_figshare_mat(source: str | Path | bytes, max_pixels: int = MAX_SLICE_PIXELS) -> SliceRecord:
+    """Read one slice file (v7.3 or v5; a path or the file's bytes) into a SliceRecord.
+
+    DataError names the file and what is wrong: anything stored outside the file, unusual HDF5 filters or
+    types, images over MAX_SIDE or `max_pixels`, and files that would inflate beyond that are refused before
+    their data is read. Only the required fields are read.
+    """
+    where = UPLOAD if isinstance(source, bytes) else str(source)
+    image_spec = Spec(max_values=max_pixels, max_side=MAX_SIDE)
+    small = Spec(max_values=MAX_SMALL_VALUES)
+    fields = {"label": small, "PID": Spec("biufT", MAX_SMALL_VALUES), "image": image_spec, "tumorMask": image_spec}
+    cjdata, transposed = _load_struct(source, where, "cjdata", fields, 16 * max_pixels + HEADER_SLACK)
+    image, mask = cjdata["image"], cjdata["tumorMask"]
     if image.ndim != 2:
-        raise DataError(path, f"image has shape {image.shape}, expected a 2-D slice")
+        raise DataError(where, f"image has shape {image.shape}, expected a 2-D slice")
     if transposed:  # h5py hands MATLAB's column-major arrays over transposed
         image, mask = image.T, mask.T
-    pid = _decode_text(cjdata["PID"])
+    pid = _decode_text(where, "PID", cjdata["PID"])
     if not pid:
-        raise DataError(path, "PID is empty, so the slice cannot be kept to one patient's split")
-    record = SliceRecord(image.astype(np.float32), (mask > 0).astype(np.uint8), _read_label(path, cjdata["label"]),
-                         pid, str(path))
+        raise DataError(where, "PID is empty, so the slice cannot be kept to one patient's split")
+    record = SliceRecord(image.astype(np.float32), (mask > 0).astype(np.uint8), _read_label(where, cjdata["label"]),
+                         pid, where)
     return record.check()
 
 
 def read_cvind(path: str | Path) -> np.ndarray:
     """Fold id (1, 2, ...) of every slice in `cvind.mat`: entry i belongs to file `{i+1}.mat`."""
     path = Path(path)
-    value, _ = _load_variable(path, "cvind")
-    folds = np.asarray(value, dtype=np.float64).ravel() if not isinstance(value, dict) else np.zeros(0)
+    spec = Spec(max_values=MAX_FOLD_IDS)
+    folds = _load_array(path, str(path), "cvind", spec, 8 * MAX_FOLD_IDS + HEADER_SLACK)
+    folds = np.asarray(folds, dtype=np.float64).ravel()
     if folds.size == 0 or not np.isfinite(folds).all() or (folds != np.round(folds)).any() or folds.min() < 1:
         raise DataError(path, "'cvind' must be a non-empty vector of whole fold numbers 1, 2, ...")
     return folds.astype(np.int64)
@@ -67,76 +79,167 @@ def find_cvind(folder: str | Path) -> Path | None:
     return found[0] if found else None
 
 
-def _read_label(path: Path, value: Any) -> int:
+def _read_label(where: str, value: np.ndarray) -> int:
     label = np.asarray(value, dtype=np.float64).ravel()
     valid = [k for k in CLASS_NAMES if k > 0]
     if label.size != 1 or label[0] not in valid:
         names = ", ".join(f"{k} ({CLASS_NAMES[k]})" for k in valid)
-        raise DataError(path, f"label {label.tolist()} is not one of {names}")
+        found = f"it is {label[0]:g}" if label.size == 1 else f"it holds {label.size} values"
+        raise DataError(where, f"label is not one of {names}", found)
     return int(label[0])
 
 
-def _decode_text(value: Any) -> str:
-    """MATLAB char arrays: uint16 codes from h5py, numpy strings from scipy."""
-    arr = np.asarray(value)
-    if arr.dtype.kind in "US":
-        return "".join(str(x) for x in arr.ravel()).strip()
-    return "".join(map(chr, arr.ravel().astype(np.int64))).strip()
+def _decode_text(where: str, name: str, value: np.ndarray) -> str:
+    """MATLAB char arrays: uint16 codes from h5py, numpy strings from scipy; printable text only."""
+    if value.dtype.kind in "US":
+        text = "".join(str(x) for x in value.ravel())
+    else:
+        codes = value.ravel()
+        if codes.size and (codes.min() < 0 or codes.max() > 0xFFFF):
+            raise DataError(where, f"{name} is not MATLAB text (character codes 0..65535)")
+        text = "".join(map(chr, codes.astype(np.int64)))
+    text = text.strip()
+    if not text.isprintable():
+        raise DataError(where, f"{name} holds control or non-printable characters")
+    return text
 
 
-def _mat_version(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(128)
-    except OSError as exc:
-        raise DataError(path, f"cannot open ({exc.strerror})") from None
-    if not head:
-        raise DataError(path, "file is empty")
-    if h5py.is_hdf5(path):
+def _read_source(source: str | Path | bytes, where: str, max_bytes: int) -> bytes:
+    """The file's bytes, refusing a file larger than anything it may hold could need."""
+    if isinstance(source, bytes):
+        data = source
+    else:
+        try:
+            with open(source, "rb") as f:
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise DataError(where, f"cannot open ({exc.strerror})") from None
+    if not data:
+        raise DataError(where, "file is empty")
+    if len(data) > max_bytes:
+        raise DataError(where, f"file is larger than {max_bytes} bytes, more than a slice within the limits needs")
+    return data
+
+
+def _mat_version(data: bytes, where: str) -> str:
+    """"7.3" for HDF5 (bare, or after MATLAB's 512-byte header), "5" for v5; DataError for anything else."""
+    if data.startswith(HDF5_SIGNATURE) or (data.startswith(b"MATLAB 7.3") and data[512:520] == HDF5_SIGNATURE):
         return "7.3"
-    if head.startswith(b"MATLAB 7.3"):
-        raise DataError(path, "truncated or damaged MATLAB v7.3 file: no HDF5 data after the MATLAB header")
-    if head.startswith(b"MATLAB 5.0"):
+    if data.startswith(b"MATLAB 7.3"):
+        raise DataError(where, "truncated or damaged MATLAB v7.3 file: no HDF5 data after the MATLAB header")
+    if data.startswith(b"MATLAB 5.0"):
         return "5"
-    raise DataError(path, "not a MATLAB .mat file (neither v7.3/HDF5 nor v5)")
+    raise DataError(where, "not a MATLAB .mat file (neither v7.3/HDF5 nor v5)")
 
 
-def _load_variable(path: Path, name: str) -> tuple[Any, bool]:
-    """One variable of a .mat file: a struct as a dict of arrays, anything else as an array.
+def _load_struct(source: str | Path | bytes, where: str, name: str, fields: dict[str, Spec],
+                 max_bytes: int) -> tuple[dict[str, np.ndarray], bool]:
+    """The `fields` of struct variable `name`, each checked against its Spec (before reading, for v7.3).
 
     The flag says whether 2-D arrays come back transposed (true for v7.3 read through h5py).
     """
-    version = _mat_version(path)
+    data = _read_source(source, where, max_bytes)
+    version = _mat_version(data, where)
     try:
         if version == "7.3":
-            with h5py.File(path, "r") as f:
-                if name not in f:
-                    raise DataError(path, f"no '{name}' variable (found: {', '.join(sorted(f)) or 'nothing'})")
-                obj = f[name]
-                if isinstance(obj, h5py.Group):
-                    return {key: _h5_value(obj[key]) for key in obj}, True
-                return _h5_value(obj), True
-        mat = scipy.io.loadmat(path, variable_names=[name], squeeze_me=False, struct_as_record=False)
-        if name not in mat:
-            found = ", ".join(entry[0] for entry in scipy.io.whosmat(path))
-            raise DataError(path, f"no '{name}' variable (found: {found or 'nothing'})")
-        value = mat[name]
-        if value.dtype == object and value.size == 1 and isinstance(value.flat[0], scipy.io.matlab.mat_struct):
-            struct = value.flat[0]
-            return {key: getattr(struct, key) for key in struct._fieldnames}, False
-        return value, False
+            with h5py.File(io.BytesIO(data), "r") as f:
+                group = member(f, name, where)
+                if not isinstance(group, h5py.Group):
+                    raise DataError(where, f"no '{name}' variable" if group is None else f"'{name}' is not a struct")
+                found = {key: member(group, key, where) for key in fields}
+                _check_fields(where, name, found)
+                for key, spec in fields.items():
+                    check_dataset(found[key], f"{name}/{key}", where, spec)
+                return {key: _h5_value(found[key]) for key in fields}, True
+        value = _v5_variable(data, where, name, max_bytes)
+        if not (value.dtype == object and value.size == 1 and isinstance(value.flat[0], scipy.io.matlab.mat_struct)):
+            raise DataError(where, f"'{name}' is not a struct")
+        struct = value.flat[0]
+        found = {key: getattr(struct, key) for key in fields if key in struct._fieldnames}
+        _check_fields(where, name, found)
+        for key, spec in fields.items():
+            if not isinstance(found[key], np.ndarray):
+                raise DataError(where, f"{name}/{key} is not an array")
+            check_values(found[key], f"{name}/{key}", where, spec)
+        return found, False
     except DataError:
         raise
     except Exception as exc:  # h5py, scipy and zlib raise many types for damaged files
-        raise DataError(path, f"unreadable MATLAB v{version} file ({type(exc).__name__}: {exc})") from None
+        raise DataError(where, f"unreadable MATLAB v{version} file", f"{type(exc).__name__}: {exc}") from None
 
 
-def _h5_value(dataset: Any) -> np.ndarray:
-    if not isinstance(dataset, h5py.Dataset):
-        raise ValueError(f"{dataset.name} is a nested group, expected an array")
-    if dataset.attrs.get("MATLAB_empty", 0):  # MATLAB stores an empty array's shape as its data
+def _load_array(source: str | Path | bytes, where: str, name: str, spec: Spec, max_bytes: int) -> np.ndarray:
+    """Array variable `name`, checked against `spec` (before reading, for v7.3)."""
+    data = _read_source(source, where, max_bytes)
+    version = _mat_version(data, where)
+    try:
+        if version == "7.3":
+            with h5py.File(io.BytesIO(data), "r") as f:
+                obj = member(f, name, where)
+                if obj is None:
+                    raise DataError(where, f"no '{name}' variable")
+                check_dataset(obj, name, where, spec)
+                return _h5_value(obj)
+        value = _v5_variable(data, where, name, max_bytes)
+        check_values(value, name, where, spec)
+        return value
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(where, f"unreadable MATLAB v{version} file", f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_fields(where: str, name: str, found: dict[str, Any]) -> None:
+    missing = [key for key, value in found.items() if value is None]
+    missing += [key for key in REQUIRED_FIELDS if key not in found]
+    if missing:
+        raise DataError(where, f"{name} lacks field(s) {', '.join(missing)}")
+
+
+def _h5_value(obj: h5py.Dataset) -> np.ndarray:
+    empty = small_attribute(obj, "MATLAB_empty")
+    if empty is not None and empty.any():  # MATLAB stores an empty array's shape as its data
         return np.zeros(0)
-    return dataset[()]
+    return obj[()]
+
+
+def _v5_variable(data: bytes, where: str, name: str, max_bytes: int) -> np.ndarray:
+    """Variable `name` of a v5 file, after checking its elements inflate to at most `max_bytes` in all."""
+    _check_v5_size(data, where, max_bytes)
+    mat = scipy.io.loadmat(io.BytesIO(data), variable_names=[name], squeeze_me=False, struct_as_record=False,
+                           verify_compressed_data_integrity=True)
+    if name not in mat:
+        found = ", ".join(entry[0] for entry in scipy.io.whosmat(io.BytesIO(data)))
+        raise DataError(where, f"no '{name}' variable", f"found: {found or 'nothing'}")
+    return mat[name]
+
+
+def _check_v5_size(data: bytes, where: str, max_bytes: int) -> None:
+    """Walk the top-level elements of a v5 file and inflate each compressed one with a bound (the output is
+    counted, not kept): a small file must not make scipy inflate gigabytes."""
+    order = {b"IM": "<", b"MI": ">"}.get(data[126:128])
+    if order is None:
+        raise DataError(where, "damaged MATLAB v5 header (no byte-order mark)")
+    total, pos = 0, 128
+    while pos + 8 <= len(data):
+        kind, nbytes = struct.unpack(order + "II", data[pos:pos + 8])
+        if kind >> 16:  # small data element: type and size share the first word
+            pos += 8
+            continue
+        body = data[pos + 8:pos + 8 + nbytes]
+        total += _inflated_size(body, max_bytes - total + 1) if kind == 15 else nbytes  # 15 = miCOMPRESSED
+        if total > max_bytes:
+            raise DataError(where, f"MATLAB v5 data would inflate to more than {max_bytes} bytes")
+        pos += 8 + nbytes
+
+
+def _inflated_size(body: bytes, limit: int) -> int:
+    """Bytes a zlib stream inflates to, counting no further than `limit`."""
+    inflater, total = zlib.decompressobj(), 0
+    while body and total < limit:
+        total += len(inflater.decompress(body, min(2**20, limit - total)))
+        body = inflater.unconsumed_tail
+    return total
 
 
 def write_figshare_mat(path: str | Path, image: np.ndarray, mask: np.ndarray, label: int, pid: str,
