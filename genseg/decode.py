@@ -43,7 +43,7 @@ def check_size(where: str | Path, height: int, width: int, max_pixels: int, slic
                channels: int = 1) -> None:
     """DataError unless `slices` images of height x width with `channels` fit MAX_SIDE and `max_pixels`
     (pixels summed over slices, each pixel up to MAX_CHANNELS values)."""
-    claimed = f"{slices} x {channels} x {height} x {width}"
+    claimed = f"claimed {slices} slice(s) of {width} x {height} pixels, {channels} channel(s)"
     if min(height, width, slices, channels) < 1:
         raise DataError(where, "image is empty", claimed)
     if max(height, width) > MAX_SIDE:
@@ -54,10 +54,12 @@ def check_size(where: str | Path, height: int, width: int, max_pixels: int, slic
         raise DataError(where, f"image has more than {MAX_CHANNELS} channels", claimed)
 
 
-def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int) -> np.ndarray:
-    """A PNG/JPEG/TIFF/BMP picture as float32 (H, W) or (C, H, W); its size is checked before it is decoded."""
+def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int,
+                   formats: tuple[str, ...] = PICTURE_FORMATS) -> np.ndarray:
+    """A PNG/JPEG/TIFF/BMP picture (PIL `formats` only) as float32 (H, W) or (C, H, W); its size is checked
+    before it is decoded."""
     try:
-        with Image.open(_stream(source), formats=PICTURE_FORMATS) as im:
+        with Image.open(_stream(source), formats=formats) as im:
             width, height = im.size
             check_size(where, height, width, max_pixels)
             if im.mode == "LA":
@@ -67,10 +69,10 @@ def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int) -> 
             array = np.asarray(im, dtype=np.float32)
     except DataError:
         raise
-    except Image.DecompressionBombError:
-        raise DataError(where, f"image is larger than {MAX_SIDE} pixels along a side") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(where, f"image is larger than {MAX_SIDE} pixels along a side", str(exc)) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise DataError(where, "unreadable image (not a valid PNG, JPEG, TIFF or BMP file)",
+        raise DataError(where, f"cannot read the image (not a valid {' or '.join(formats)} file)",
                         f"{type(exc).__name__}: {exc}") from None
     return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
 
@@ -136,8 +138,8 @@ def decode_nifti(path: Path, where: str | Path, max_pixels: int):
     return img, voxels if voxels.ndim == 3 else voxels[..., None]
 
 
-def decode_dicom(path: Path, where: str | Path, max_pixels: int):
-    """A DICOM file: (dataset, float32 frames (N, H, W) or (N, C, H, W) in scanner units, MONOCHROME2).
+def decode_dicom(path: Path, where: str | Path, max_pixels: int) -> np.ndarray:
+    """A DICOM file's float32 frames (N, H, W) or (N, C, H, W) in scanner units, MONOCHROME2.
 
     Rows x Columns x frames x samples come from the header and are checked before the pixels are decoded;
     deflated data sets (one zlib stream inflated whole by pydicom) are refused.
@@ -161,7 +163,7 @@ def decode_dicom(path: Path, where: str | Path, max_pixels: int):
         pixels = pixels.max() - pixels
     if samples > 1:  # (..., H, W, C) -> (..., C, H, W)
         pixels = np.moveaxis(pixels, -1, -3)
-    return ds, pixels if pixels.ndim == (4 if samples > 1 else 3) else pixels[None]
+    return pixels if pixels.ndim == (4 if samples > 1 else 3) else pixels[None]
 
 
 def _stream(source: Path | bytes):

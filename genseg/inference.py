@@ -1,7 +1,8 @@
 """Using a trained segmenter: load it from a run, predict on preprocessed arrays, segment files on disk.
 
-`load_inputs` (file decoding) and `prepare_input` (channel check + the shared preprocessing) are kept separate
-from writing outputs so the HTTP server can reuse them on uploaded bytes.
+`load_inputs` (files) and `load_upload` (uploaded bytes), both through genseg.decode's bounded decoders, and
+`prepare_input` (channel check + the shared preprocessing) are kept separate from writing outputs so the HTTP
+server decodes an upload exactly as `genseg segment` decodes the same file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import load_config
+from .data.figshare import read_figshare_mat
 from .data.records import normalize_intensity, preprocess_image
+from .decode import (MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_dicom, decode_nifti, decode_npy, decode_picture,
+                     sniff)
 from .errors import CheckpointError, DataError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
@@ -144,76 +148,64 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def load_inputs(path: str | Path) -> list[InputSlice]:
-    """Decode one file into 2-D slices: Figshare .mat, NIfTI (slices along the last axis), DICOM, PNG/JPG/TIFF."""
+def load_inputs(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> list[InputSlice]:
+    """Decode one file into 2-D slices: Figshare .mat, NIfTI (slices along the last axis), DICOM, PNG/JPG/TIFF/BMP,
+    .npy. Sizes are checked against MAX_SIDE and `max_pixels` (all slices together) before decoding."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     suffix, stem = _suffix(path), _stem(path)
     try:
         if suffix == ".mat":
-            from .data.figshare import read_figshare_mat
-
-            record = read_figshare_mat(path)
-            return [InputSlice(stem, record.image, {"format": "figshare", "label": record.label,
-                                                    "patient": record.patient})]
+            return [_figshare_slice(path, stem, max_pixels)]
         if suffix in NIFTI_SUFFIXES:
-            return _load_nifti(path, stem)
+            img, voxels = decode_nifti(path, path, max_pixels)
+            volume = {"format": "nifti", "affine": img.affine, "header": img.header, "shape": img.shape}
+            return [InputSlice(f"{stem}_z{k:03d}", voxels[..., k], {**volume, "slice": k})
+                    for k in range(voxels.shape[-1])]
         if suffix == ".dcm" or _is_dicom(path):
-            return _load_dicom(path, stem)
+            frames = decode_dicom(path, path, max_pixels)
+            if len(frames) == 1:
+                return [InputSlice(stem, frames[0], {"format": "dicom"})]
+            return [InputSlice(f"{stem}_f{k:03d}", frame, {"format": "dicom", "frame": k})
+                    for k, frame in enumerate(frames)]
+        if suffix == ".npy":
+            return [InputSlice(stem, decode_npy(path, path, max_pixels), {"format": "npy"})]
         if suffix in IMAGE_SUFFIXES:
-            return [InputSlice(stem, _read_picture(path), {"format": "image"})]
+            return [InputSlice(stem, decode_picture(path, path, max_pixels), {"format": "image"})]
     except DataError:
         raise
     except Exception as exc:  # every decoder's own failure becomes one clear line naming the file
-        raise DataError(path, f"cannot read ({type(exc).__name__}: {exc})") from None
-    raise DataError(path, f"unsupported file type {suffix or '(none)'}; expected .mat, .nii/.nii.gz, .dcm, "
+        raise DataError(path, "cannot read", f"{type(exc).__name__}: {exc}") from None
+    raise DataError(path, f"unsupported file type {suffix or '(none)'}; expected .mat, .nii/.nii.gz, .dcm, .npy "
                           f"or an image ({', '.join(IMAGE_SUFFIXES)})")
 
 
-def _load_nifti(path: Path, stem: str) -> list[InputSlice]:
-    import nibabel as nib
+def load_upload(data: bytes, max_pixels: int = MAX_SLICE_PIXELS) -> list[InputSlice]:
+    """Decode uploaded bytes, told apart by their magic number: PNG, JPEG, .npy, a Figshare MATLAB v7.3/v5 slice.
 
-    img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim != 3:
-        raise DataError(path, f"expected a 2-D or 3-D volume, got shape {data.shape}")
-    volume = {"format": "nifti", "affine": img.affine, "header": img.header, "shape": img.shape}
-    return [InputSlice(f"{stem}_z{k:03d}", data[..., k], {**volume, "slice": k}) for k in range(data.shape[-1])]
-
-
-def _load_dicom(path: Path, stem: str) -> list[InputSlice]:
+    Nothing touches the file system. DataError (path "upload", a `problem` that quotes nothing of the upload)
+    for anything else, and for a claimed size over MAX_SIDE or `max_pixels` before anything that size is
+    allocated; a server can pass what is left of a request's pixel budget as `max_pixels`.
+    """
+    kind = sniff(data)
     try:
-        import pydicom
-    except ImportError:
-        raise DataError(path, "reading DICOM needs pydicom: pip install 'genseg[dicom]'") from None
-    ds = pydicom.dcmread(str(path))
-    pixels = ds.pixel_array.astype(np.float32)
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low values: flip to MONOCHROME2
-        pixels = pixels.max() - pixels
-    colour = int(getattr(ds, "SamplesPerPixel", 1)) > 1
-    if colour:  # (..., H, W, 3) -> (..., 3, H, W)
-        pixels = np.moveaxis(pixels, -1, -3)
-    frames = pixels if pixels.ndim == (4 if colour else 3) else pixels[None]
-    meta = {"format": "dicom"}
-    if len(frames) == 1:
-        return [InputSlice(stem, frames[0], meta)]
-    return [InputSlice(f"{stem}_f{k:03d}", frame, {**meta, "frame": k}) for k, frame in enumerate(frames)]
+        if kind == "mat":
+            return [_figshare_slice(data, UPLOAD, max_pixels)]
+        if kind == "npy":
+            return [InputSlice(UPLOAD, decode_npy(data, UPLOAD, max_pixels), {"format": "npy"})]
+        if kind in ("png", "jpeg"):
+            return [InputSlice(UPLOAD, decode_picture(data, UPLOAD, max_pixels, (kind.upper(),)), {"format": "image"})]
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(UPLOAD, "cannot read", f"{type(exc).__name__}: {exc}") from None
+    raise DataError(UPLOAD, "not a PNG, JPEG, .npy or MATLAB .mat file")
 
 
-def _read_picture(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        if im.mode == "LA":
-            im = im.convert("L")
-        elif im.mode not in ("1", "L", "I", "I;16", "F", "RGB"):  # palette, alpha, CMYK...: plain RGB
-            im = im.convert("RGB")
-        array = np.asarray(im, dtype=np.float32)
-    return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
+def _figshare_slice(source: Path | bytes, name: str, max_pixels: int) -> InputSlice:
+    record = read_figshare_mat(source, min(max_pixels, MAX_SLICE_PIXELS))
+    return InputSlice(name, record.image, {"format": "figshare", "label": record.label, "patient": record.patient})
 
 
 def prepare_input(image: np.ndarray, channels: int, size: int, where: str | Path = "input") -> np.ndarray | None:
