@@ -30,11 +30,18 @@ from torch.utils.data import Dataset
 from .. import __version__
 from ..errors import DataError
 from ..io import atomic_path
+from .hdf5 import FLETCHER32, LZF, SHUFFLE, Spec, dataset, member
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 NORMALIZATION = "per-slice 0.5/99.5 percentile clip, min-max to [0, 1]; image bilinear antialiased, mask nearest"
 _STR = h5py.string_dtype()
+_FILTERS = (SHUFFLE, LZF, FLETCHER32)  # what our writer uses, and no filter whose chunks would need walking
+DATASETS = {"images": Spec("f", filters=_FILTERS), "masks": Spec("biu", filters=_FILTERS),
+            "labels": Spec("iu", filters=_FILTERS), "patients": Spec("T", filters=_FILTERS),
+            "sources": Spec("T", filters=_FILTERS), "slice_index": Spec("iu", filters=_FILTERS),
+            "fold": Spec("iu", filters=_FILTERS), "split": Spec("T", filters=_FILTERS)}
+OPTIONAL_DATASETS = {"quality_nn_ratio": Spec("f", filters=_FILTERS), "quality_agreement": Spec("f", filters=_FILTERS)}
 
 
 def assign_patient_folds(patients: Sequence[str], num_folds: int = 5, seed: int = 0) -> np.ndarray:
@@ -175,17 +182,29 @@ class PreparedWriter:
 
 
 def open_prepared(path: str | Path) -> h5py.File:
-    """Open a prepared file read-only, with a clear error when it is not one."""
+    """Open a prepared file read-only, with a clear error when it is not one.
+
+    Every dataset genseg reads from it is checked first (genseg.data.hdf5): a prepared file from elsewhere
+    cannot point at other files through links, external storage or virtual datasets.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(path, f"not a readable HDF5 file ({exc})") from None
-    if "schema_version" not in h5.attrs or "images" not in h5:
+        raise DataError(path, "not a readable HDF5 file", str(exc)) from None
+    try:
+        if "schema_version" not in h5.attrs or member(h5, "images", path) is None:
+            raise DataError(path, "not a genseg prepared dataset (run `genseg prepare` on the raw data first)")
+        missing = [name for name, spec in DATASETS.items() if dataset(h5, name, path, spec) is None]
+        if missing:
+            raise DataError(path, f"prepared file lacks dataset(s) {', '.join(missing)}")
+        for name, spec in OPTIONAL_DATASETS.items():
+            dataset(h5, name, path, spec)
+    except BaseException:
         h5.close()
-        raise DataError(path, "not a genseg prepared dataset (run `genseg prepare` on the raw data first)")
+        raise
     return h5
 
 
