@@ -24,7 +24,7 @@ from ..errors import DataError
 SHUFFLE, DEFLATE, LZF, FLETCHER32 = h5z.FILTER_SHUFFLE, h5z.FILTER_DEFLATE, h5z.FILTER_LZF, h5z.FILTER_FLETCHER32
 FILTER_NAMES = {SHUFFLE: "shuffle", DEFLATE: "gzip", LZF: "lzf", FLETCHER32: "fletcher32"}
 MAX_CHUNK_BYTES = 2**26  # one chunk's buffer; a slice row of our prepared files or a MATLAB chunk is far smaller
-MAX_CHUNKS = 2**14  # chunk index entries walked per dataset (the deflate check visits each)
+MAX_CHUNKS = 2**14  # gzip chunks per dataset: the inflation check visits each
 MAX_ATTRIBUTE_VALUES = 16
 
 
@@ -133,10 +133,10 @@ def _check_chunks(obj: h5py.Dataset, filters: list[int], label: str, where: str 
     chunk_bytes = math.prod(obj.chunks) * obj.dtype.itemsize
     if chunk_bytes > MAX_CHUNK_BYTES:
         raise DataError(where, f"{label} has chunks over {MAX_CHUNK_BYTES} bytes", f"chunks {obj.chunks}")
-    if math.prod(-(-side // chunk) for side, chunk in zip(obj.shape, obj.chunks)) > MAX_CHUNKS:
-        raise DataError(where, f"{label} is split into more than {MAX_CHUNKS} chunks", f"chunks {obj.chunks}")
     if DEFLATE not in filters:
         return
+    if math.prod(-(-side // chunk) for side, chunk in zip(obj.shape, obj.chunks)) > MAX_CHUNKS:
+        raise DataError(where, f"{label} is split into more than {MAX_CHUNKS} gzip chunks", f"chunks {obj.chunks}")
     deflate_bit = 1 << filters.index(DEFLATE)
     trailer = 4 if filters[-1] == FLETCHER32 else 0  # the checksum is appended after deflating
     for i in range(obj.id.get_num_chunks()):
