@@ -54,26 +54,38 @@ def check_size(where: str | Path, height: int, width: int, max_pixels: int, slic
         raise DataError(where, f"image has more than {MAX_CHANNELS} channels", claimed)
 
 
-def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int,
-                   formats: tuple[str, ...] = PICTURE_FORMATS) -> np.ndarray:
-    """A PNG/JPEG/TIFF/BMP picture (PIL `formats` only) as float32 (H, W) or (C, H, W); its size is checked
-    before it is decoded."""
+def read_picture(source: Path | bytes, where: str | Path, max_pixels: int,
+                 formats: tuple[str, ...] = PICTURE_FORMATS) -> Image.Image:
+    """A PNG/JPEG/TIFF/BMP picture (PIL `formats` only), opened lazily, size-checked, then decoded."""
     try:
-        with Image.open(_stream(source), formats=formats) as im:
-            width, height = im.size
-            check_size(where, height, width, max_pixels)
-            if im.mode == "LA":
-                im = im.convert("L")
-            elif im.mode not in ("1", "L", "I", "I;16", "F", "RGB"):  # palette, alpha, CMYK...: plain RGB
-                im = im.convert("RGB")
-            array = np.asarray(im, dtype=np.float32)
-    except DataError:
-        raise
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=formats)
     except Image.DecompressionBombError as exc:
         raise DataError(where, f"image is larger than {MAX_SIDE} pixels along a side", str(exc)) from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
         raise DataError(where, f"cannot read the image (not a valid {' or '.join(formats)} file)",
                         f"{type(exc).__name__}: {exc}") from None
+    try:
+        check_size(where, im.height, im.width, max_pixels)
+        im.load()
+    except DataError:
+        im.close()
+        raise
+    except Exception as exc:
+        im.close()
+        raise DataError(where, f"cannot read the image (not a valid {' or '.join(formats)} file)",
+                        f"{type(exc).__name__}: {exc}") from None
+    return im
+
+
+def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int,
+                   formats: tuple[str, ...] = PICTURE_FORMATS) -> np.ndarray:
+    """`read_picture` as float32 (H, W) or (C, H, W): grey and 16-bit kept, anything else as RGB."""
+    with read_picture(source, where, max_pixels, formats) as im:
+        if im.mode == "LA":
+            im = im.convert("L")
+        elif im.mode not in ("1", "L", "I", "I;16", "F", "RGB"):  # palette, alpha, CMYK...: plain RGB
+            im = im.convert("RGB")
+        array = np.asarray(im, dtype=np.float32)
     return np.moveaxis(array, -1, 0) if array.ndim == 3 else array
 
 

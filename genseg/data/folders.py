@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ..decode import MAX_SLICE_PIXELS, read_picture
 from ..errors import DataError
 from .records import SliceRecord
 
@@ -97,17 +97,8 @@ def _image_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise DataError(path, f"unreadable image ({type(exc).__name__}: {exc})") from None
-    return image
-
-
 def _read_image(path: Path, channels: int) -> np.ndarray:
-    image = _open(path)
+    image = read_picture(path, path, MAX_SLICE_PIXELS)
     if channels == 3:
         return np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
     if channels != 1:
@@ -118,7 +109,7 @@ def _read_image(path: Path, channels: int) -> np.ndarray:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    image = _open(path)
+    image = read_picture(path, path, MAX_SLICE_PIXELS)
     if image.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr"):  # palette colours and alpha are not tumour
         image = image.convert("RGB")
     mask = np.asarray(image)
