@@ -94,9 +94,10 @@ def _decode_text(where: str, name: str, value: np.ndarray) -> str:
     if value.dtype.kind in "US":
         text = "".join(str(x) for x in value.ravel())
     else:
-        codes = value.ravel()
-        if codes.size and (codes.min() < 0 or codes.max() > 0xFFFF):
-            raise DataError(where, f"{name} is not MATLAB text (character codes 0..65535)")
+        codes = value.ravel().astype(np.float64)
+        whole = np.isfinite(codes) & (codes == np.round(codes))
+        if not (whole & (codes >= 0) & (codes <= 0xFFFF)).all():
+            raise DataError(where, f"{name} is not MATLAB text (whole character codes 0..65535)")
         text = "".join(map(chr, codes.astype(np.int64)))
     text = text.strip()
     if not text.isprintable():
