@@ -206,6 +206,26 @@ def truncated_png() -> bytes:
     return data[:len(data) - 30]
 
 
+def dicom(rows: int = 64, columns: int = 64, frames: int = 1, deflated: bool = False) -> bytes:
+    """An MR image written by pydicom, claiming `frames` frames of rows x columns but holding one frame."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = np.arange(64 * 64, dtype=np.int16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def npy(header: str, payload: bytes = b"") -> bytes:
     """A version 1.0 .npy file with a literal header (padded the way numpy pads it)."""
     text = header.encode("latin1")

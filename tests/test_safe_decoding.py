@@ -244,3 +244,26 @@ def test_prepare_checks_picture_sizes_before_decoding(tmp_path):
     pair, = find_folder_pairs(tmp_path)
     with pytest.raises(DataError, match="image is larger than 4096 pixels along a side"):
         read_image_pair(pair)
+
+
+@pytest.mark.parametrize("claim, problem", [
+    ({"frames": 100000}, "image holds more than 268435456 pixels"),
+    ({"rows": 60000, "columns": 60000}, "image is larger than 4096 pixels along a side"),
+    ({"deflated": True}, "deflated DICOM files are not read"),
+])
+def test_dicom_claims_are_checked_before_pixel_data(tmp_path, claim, problem):
+    (tmp_path / "x.dcm").write_bytes(hostile.dicom(**claim))
+    with pytest.raises(DataError, match=problem):
+        load_inputs(tmp_path / "x.dcm")
+    (tmp_path / "ok.dcm").write_bytes(hostile.dicom())
+    assert load_inputs(tmp_path / "ok.dcm")[0].image.shape == (64, 64)
+
+
+def test_pid_that_is_no_text_is_a_data_error():
+    """Not a ValueError from chr() escaping the reader (prepare would stop on it instead of skipping the file)."""
+    def nan_pid(cjdata):
+        del cjdata["PID"]
+        cjdata["PID"] = np.array([[np.nan], [70.0]])
+
+    with pytest.raises(DataError, match="PID is not MATLAB text"):
+        read_figshare_mat(hostile.mat73(build=nan_pid))
