@@ -231,7 +231,7 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network first: a one-off ~40 s, then ~1.4x faster on CPU (for many slices).")
 def segment(inputs, checkpoint, out, threshold, compile_):
-    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM and PNG/JPG files: mask + overlay PNGs, NIfTI masks.
+    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM, PNG/JPG and .npy files: mask + overlay PNGs, NIfTI masks.
 
     A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
     """
