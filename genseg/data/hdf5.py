@@ -44,8 +44,8 @@ class Spec(NamedTuple):
 def member(group: h5py.Group, name: str, where: str | Path) -> h5py.Group | h5py.Dataset | None:
     """The object the hard link `name` (one path component) in `group` points to; None when there is no link.
 
-    Soft, external and user-defined links are refused without being followed: h5py's `in`, `get` and
-    indexing would resolve them, and an external link opens another file.
+    Soft, external and user-defined links are refused from the link table, before anything follows them
+    (indexing would, and following an external link opens another file).
     """
     label = posixpath.join(group.name, name).lstrip("/")
     key = name.encode()
