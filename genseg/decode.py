@@ -57,23 +57,20 @@ def check_size(where: str | Path, height: int, width: int, max_pixels: int, slic
 def read_picture(source: Path | bytes, where: str | Path, max_pixels: int,
                  formats: tuple[str, ...] = PICTURE_FORMATS) -> Image.Image:
     """A PNG/JPEG/TIFF/BMP picture (PIL `formats` only), opened lazily, size-checked, then decoded."""
+    im = None
     try:
         im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=formats)
-    except Image.DecompressionBombError as exc:
-        raise DataError(where, f"image is larger than {MAX_SIDE} pixels along a side", str(exc)) from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-        raise DataError(where, f"cannot read the image (not a valid {' or '.join(formats)} file)",
-                        f"{type(exc).__name__}: {exc}") from None
-    try:
         check_size(where, im.height, im.width, max_pixels)
         im.load()
-    except DataError:
-        im.close()
-        raise
-    except Exception as exc:
-        im.close()
-        raise DataError(where, f"cannot read the image (not a valid {' or '.join(formats)} file)",
-                        f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+        if im is not None:
+            im.close()
+        if isinstance(exc, DataError):
+            raise
+        bomb = isinstance(exc, Image.DecompressionBombError)
+        problem = (f"image is larger than {MAX_SIDE} pixels along a side" if bomb
+                   else f"cannot read the image (not a valid {' or '.join(formats)} file)")
+        raise DataError(where, problem, f"{type(exc).__name__}: {exc}") from None
     return im
 
 
@@ -92,7 +89,7 @@ def decode_picture(source: Path | bytes, where: str | Path, max_pixels: int,
 def decode_npy(source: Path | bytes, where: str | Path, max_pixels: int) -> np.ndarray:
     """A .npy array (H, W) or (C, H, W) of plain numbers as float32: the header is parsed and checked first,
     pickles (object arrays) and structured types are refused, and exactly the claimed bytes are read."""
-    with _stream(source) as fp:
+    with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as fp:
         try:
             version = np.lib.format.read_magic(fp)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
@@ -120,13 +117,11 @@ def decode_nifti(path: Path, where: str | Path, max_pixels: int):
     The fixed header is parsed first and only the bytes it accounts for are decompressed and handed to
     nibabel, so neither the voxel count nor header extensions can claim more than the bounds.
     """
-    import nibabel as nib
-
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             head = f.read(540)
-            header = _nifti_header(head, where)
+            image_class, header = _nifti_header(head, where)
             shape, dtype = header.get_data_shape(), header.get_data_dtype()
             offset = int(header["vox_offset"])
             if dtype.kind not in "biuf" or dtype.fields:
@@ -138,14 +133,13 @@ def decode_nifti(path: Path, where: str | Path, max_pixels: int):
                 raise DataError(where, "expected a 2-D or 3-D volume", f"shape {shape}")
             check_size(where, shape[0], shape[1], max_pixels, slices=shape[2] if len(shape) == 3 else 1)
             if not header.sizeof_hdr <= offset <= MAX_NIFTI_HEADER_BYTES:
-                raise DataError(where, f"NIfTI voxels must start within the first {MAX_NIFTI_HEADER_BYTES} bytes",
-                                f"vox_offset {offset}")
+                raise DataError(where, f"NIfTI voxels must start after the header, within {MAX_NIFTI_HEADER_BYTES} "
+                                       f"bytes", f"vox_offset {offset}")
             end = offset + math.prod(shape) * dtype.itemsize
             data = (head + f.read(max(0, end - len(head))))[:end]
     except (OSError, EOFError) as exc:
         raise DataError(where, "unreadable NIfTI file", f"{type(exc).__name__}: {exc}") from None
-    image = type(header).__name__.replace("Header", "Image")
-    img = getattr(nib, image).from_bytes(data)
+    img = image_class.from_bytes(data)
     voxels = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     return img, voxels if voxels.ndim == 3 else voxels[..., None]
 
@@ -178,17 +172,13 @@ def decode_dicom(path: Path, where: str | Path, max_pixels: int) -> np.ndarray:
     return pixels if pixels.ndim == (4 if samples > 1 else 3) else pixels[None]
 
 
-def _stream(source: Path | bytes):
-    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-
-
 def _nifti_header(head: bytes, where: str | Path):
-    """The fixed NIfTI-1 or -2 header of a single file, without its extensions; DataError for anything else."""
+    """(image class, fixed header) of a single-file NIfTI-1 or -2, extensions not parsed; DataError otherwise."""
     import nibabel as nib
 
-    for klass, size, magic, at in ((nib.Nifti1Header, 348, b"n+1\0", 344), (nib.Nifti2Header, 540, b"n+2\0", 4)):
+    for image_class, size, magic, at in ((nib.Nifti1Image, 348, b"n+1\0", 344), (nib.Nifti2Image, 540, b"n+2\0", 4)):
         if len(head) >= size and size in (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")):
             if head[at:at + 4] != magic:
                 raise DataError(where, "not a single-file NIfTI image (a .hdr/.img pair or a damaged header)")
-            return klass(head[:size], check=False)
+            return image_class, image_class.header_class(head[:size], check=False)
     raise DataError(where, "not a NIfTI-1 or NIfTI-2 file")

@@ -262,6 +262,18 @@ def nifti_bomb() -> bytes:
     return deflated_zeros(side * side, prefix=header.binaryblock + bytes(4), gzip=True)
 
 
+def nifti_extension_bomb() -> bytes:
+    """An 8 x 8 .nii.gz whose header extension claims 2 GB; the stream then inflates to BOMB_BYTES of zeros."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((8, 8, 1))
+    header.set_data_dtype(np.uint8)
+    header["vox_offset"] = 368
+    extension = struct.pack("<ii", 2**31 - 16, 6)  # esize, ecode (comment)
+    return deflated_zeros(BOMB_BYTES, prefix=header.binaryblock + b"\1\0\0\0" + extension, gzip=True)
+
+
 @functools.lru_cache(maxsize=None)
 def deflated_zeros(nbytes: int, prefix: bytes = b"", gzip: bool = False) -> bytes:
     """A zlib (or gzip) stream of `prefix` then `nbytes` zeros, built from one fully flushed 1 MiB block

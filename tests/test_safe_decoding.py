@@ -119,9 +119,11 @@ def test_polyglot_is_read_as_what_its_magic_says(where, tmp_path):
         load_inputs(tmp_path / f"x{where}")
 
 
-def test_nifti_bomb_is_refused_from_its_header(tmp_path):
-    (tmp_path / "bomb.nii.gz").write_bytes(hostile.nifti_bomb())
-    with pytest.raises(DataError, match="image is larger than 4096 pixels along a side"):
+@pytest.mark.parametrize("build, problem", [(hostile.nifti_bomb, "image is larger than 4096 pixels along a side"),
+                                            (hostile.nifti_extension_bomb, "cannot read")])
+def test_nifti_bombs_are_refused(tmp_path, build, problem):
+    (tmp_path / "bomb.nii.gz").write_bytes(build())
+    with pytest.raises(DataError, match=problem):
         load_inputs(tmp_path / "bomb.nii.gz")
 
 
@@ -152,7 +154,8 @@ from genseg.errors import DataError
 from genseg.inference import load_inputs, load_upload
 folder = Path({str(tmp_path)!r})
 bombs = {{"fill.mat": hostile.fill_value_bomb(), "chunk.mat": hostile.chunk_bomb(), "v5.mat": hostile.v5_bomb(),
-         "bomb.png": hostile.png_bomb(), "huge.npy": hostile.npy_huge_shape(), "bomb.nii.gz": hostile.nifti_bomb()}}
+         "bomb.png": hostile.png_bomb(), "huge.npy": hostile.npy_huge_shape(), "bomb.nii.gz": hostile.nifti_bomb(),
+         "extension.nii.gz": hostile.nifti_extension_bomb()}}
 for name, data in bombs.items():
     (folder / name).write_bytes(data)
 (folder / "blank.png").write_bytes(hostile.blank_png())

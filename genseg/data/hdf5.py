@@ -29,7 +29,7 @@ MAX_ATTRIBUTE_VALUES = 16
 
 
 class Spec(NamedTuple):
-    """What a dataset may be. kinds: numpy dtype kinds, plus "T" for strings; None = no bound.
+    """What a dataset may be. kinds: numpy dtype kinds, "T" for strings; max_values, max_side: None = no bound.
 
     filters: the allowed pipeline, in the order the writer applies them; a dataset's filters must be a
     subsequence of it (so no filter twice, and a checksum only outermost).
