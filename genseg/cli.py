@@ -263,30 +263,43 @@ def segment(inputs, checkpoint, out, threshold, compile_):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network (~1.4-1.6x faster on CPU); health stays 503 while it compiles "
                    "(about a minute) and turns 200 once the first batches have run.")
-@click.option("--max-generate", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-generate", type=click.IntRange(min=1, max=64), default=8, show_default=True,
               help="Most slices one generate request may ask for (responses stay within Vertex AI's size limit).")
-def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compile_, max_generate):
+@click.option("--generate-queue", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Generate requests that may wait behind the running one; more get a 503 with Retry-After, so "
+                   "generation never starves segmentation.")
+@click.option("--graceful-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds that SIGTERM waits for requests in flight before cancelling them (keep it under the "
+                   "platform's grace period).")
+@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a client has to send a request's headers, and again its body (408 after that).")
+def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compile_, max_generate, generate_queue,
+          graceful_timeout, read_timeout):
     """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
 
     POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
     "mask_format": "png_b64"|"rle"|"none", "return_probabilities": false}} to $AIP_PREDICT_ROUTE (/predict);
     GET $AIP_HEALTH_ROUTE (/health) answers 503 until the model is loaded, then 200. With a pipeline,
     {"instances": [{}], "parameters": {"generate": N, "class": K, "steps": S, "seed": X}} returns N generated
-    slices with their masks.
+    slices with their masks. The request schema is at /openapi.json; SECURITY.md says what the server trusts.
     """
     import logging
     import os
 
     import uvicorn
 
-    from .serve.app import create_app
+    from .serve.app import ServeSettings, create_app
+    from .serve.guard import HeaderTimeoutH11Protocol
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's look
 
-    app = create_app(checkpoint, pipeline_path=pipeline_dir, max_batch=max_batch, max_instances=max_instances,
-                     max_generate=max_generate, compile=compile_)
+    settings = ServeSettings(max_batch=max_batch, max_instances=max_instances, max_generate=max_generate,
+                             generate_queue=generate_queue, body_timeout_s=read_timeout, compile=compile_)
+    app = create_app(checkpoint, pipeline_path=pipeline_dir, settings=settings)
     port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    protocol = type("Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout": read_timeout})
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, http=protocol,
+                timeout_graceful_shutdown=graceful_timeout, h11_max_incomplete_event_size=64 * 1024)
 
 
 @main.command("export-onnx")

@@ -14,7 +14,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import diffusers
 import numpy as np
@@ -95,9 +95,11 @@ class SliceDiffusionPipeline(DiffusionPipeline):
     def __call__(self, num_images: int = 1, *, class_labels: int | Sequence[int] | None = None,
                  guidance_scale: float = 1.0, num_inference_steps: int | None = None,
                  generator: torch.Generator | int | list | None = None, batch_size: int | None = None,
-                 save_intermediates: bool = False, progress: bool = True) -> SliceDiffusionOutput:
+                 save_intermediates: bool = False, progress: bool = True,
+                 callback_on_step_end: Callable | None = None) -> SliceDiffusionOutput:
         """Generate `num_images` slices. `num_inference_steps` defaults to the training timesteps (full DDPM);
-        `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`."""
+        `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`. `callback_on_step_end(pipe,
+        step, timestep, {})` runs after every denoising step, as in diffusers; raising from it stops sampling."""
         if num_images < 1:
             raise ConfigError(f"number of images must be at least 1, got {num_images}")
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
@@ -120,7 +122,7 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         for start in range(0, num_images, batch_size):
             stop = min(start + batch_size, num_images)
             x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
-                                     guidance_scale, steps, save_intermediates, bar)
+                                     guidance_scale, steps, save_intermediates, bar, callback_on_step_end)
             chunks.append(x)
             snapshots.append(snaps)
         bar.close()
@@ -135,7 +137,7 @@ class SliceDiffusionPipeline(DiffusionPipeline):
                                     labels=None if labels is None else labels.numpy().astype(np.int64),
                                     intermediates=intermediates)
 
-    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar):
+    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback):
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device
         size = unet.config.sample_size
         shape = (len(generators), unet.config.in_channels, size, size)
@@ -163,6 +165,8 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             if save_intermediates and i in keep:
                 snaps.append((int(t), np.clip((x.float().cpu().numpy() + 1) / 2, 0, 1)))
             bar.update(len(generators))
+            if callback is not None:
+                callback(self, i, t, {})
         return x, snaps
 
 

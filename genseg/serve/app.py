@@ -3,96 +3,98 @@
 Routes come from AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE (defaults /health, /predict); the model from the
 given path or AIP_STORAGE_URI: a segmentation run, or a saved GenSegPipeline folder, which also enables
 generate requests (`parameters.generate = N`). Health answers 503 while the model loads and 200 once it is
-ready. Every
-error is a JSON body {"error": {"message", "instance"?}} with a 4xx status; nothing leaks a traceback or a
-path, and no request can name a file for the server to read or write.
+ready. Every error is a JSON body {"error": {"message", "instance"?}}; nothing leaks a traceback, a path or a
+value from the request, and no request can name a file for the server to read or write. The event loop only
+routes: decoding, the model, resizing and encoding run on threads, so health answers while they work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import threading
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode import MAX_SLICE_PIXELS
 from ..errors import ConfigError, DataError, GensegError
 from ..inference import load_segmenter, prepare_input, resize_mask
 from ..metrics import dice_iou
 from .batcher import MicroBatcher
-from .codec import MASK_FORMATS, RequestError, decode_instance, describe_prediction, encode_mask, png_b64
+from .codec import RequestError, decode_instance, describe_prediction, encode_mask, png_b64, read_instance
+from .generation import GenerationQueue
+from .guard import MemoryBudget, RequestGuard, error_response
+from .schema import B64Instance, Parameters, PredictRequest, validation_message
+from .storage import resolve_model_uri
+
+__all__ = ["MAX_BODY_BYTES", "ServeSettings", "create_app", "resolve_model_uri"]
 
 MAX_BODY_BYTES = 1_500_000  # Vertex AI's public-endpoint limit
-PREDICT_PARAMETERS = {"threshold", "mask_format", "return_probabilities"}
-GENERATE_PARAMETERS = PREDICT_PARAMETERS | {"generate", "class", "steps", "seed", "scheduler", "guidance"}
-MAX_GENERATE_STEPS = 1000
 log = logging.getLogger("genseg.serve")
 
 
+@dataclass
+class ServeSettings:
+    """Limits of one server process. Pixel budgets count decoded pixels: `request_pixels` is the most one
+    request may carry in all its instances, `decode_pixels` what all requests may decode at the same time."""
+
+    max_batch: int = 16
+    max_instances: int = 64
+    max_generate: int = 8
+    generate_queue: int = 2  # generate requests that may wait behind the running one
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = 30.0
+    request_pixels: int = 64 * 2**20
+    decode_pixels: int = 48 * 2**20
+    compile: bool = False
+
+
 def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: str | os.PathLike | None = None,
-               max_batch: int = 16, max_instances: int = 64, max_generate: int = 8,
-               max_body_bytes: int = MAX_BODY_BYTES, compile: bool = False) -> FastAPI:
-    health_route = os.environ.get("AIP_HEALTH_ROUTE", "/health")
-    predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
+               settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
     if model_path and pipeline_path:
         raise GensegError("give --checkpoint (a segmentation run) or --pipeline (a saved pipeline), not both")
     source = pipeline_path or model_path or os.environ.get("AIP_STORAGE_URI")
     if not source:
         raise GensegError("no model given: pass --checkpoint RUN_DIR, --pipeline DIR or set AIP_STORAGE_URI")
-    state: dict[str, Any] = {"segmenter": None, "pipeline": None, "failed": None}
-    generating = threading.Lock()  # one generation at a time: the sampler is swapped per request
+    state: dict[str, Any] = {"segmenter": None, "pipeline": None, "failed": None, "train_scheduler_config": None}
+    batcher = MicroBatcher(lambda images: state["segmenter"].predict(images), max_batch=settings.max_batch)
+    generation = GenerationQueue(settings.generate_queue)
+    budget = MemoryBudget(settings.decode_pixels)
 
     def load() -> None:
         try:
-            path = resolve_model_uri(str(source))
-            if pipeline_path or (path / "model_index.json").is_file():  # AIP_STORAGE_URI may hold either kind
-                from ..pipeline.genseg import GenSegPipeline
-
-                pipe = GenSegPipeline.load(path)
-                state["train_scheduler_config"] = pipe.scheduler.config
-                segmenter = pipe.predictor(batch_size=max_batch, compile=compile)
-            else:
-                pipe, segmenter = None, load_segmenter(path, batch_size=max_batch, compile=compile)
-            if compile:  # compile now, for the batch shapes requests will bring, not inside the first requests
-                for n in sorted({1, max_batch}):
-                    segmenter.predict(np.zeros((n, segmenter.channels, segmenter.size, segmenter.size), np.float32))
-            state["pipeline"], state["segmenter"] = pipe, segmenter
-            log.info("model loaded from %s%s%s", source, " and compiled" if compile else "",
-                     "; generate requests enabled" if pipe is not None else "")
+            state["pipeline"], state["segmenter"] = _load_model(str(source), bool(pipeline_path), settings)
+            if state["pipeline"] is not None:  # requests swap the sampler; each new one starts from the trained one
+                state["train_scheduler_config"] = state["pipeline"].scheduler.config
+            log.info("model loaded from %s%s%s", source, " and compiled" if settings.compile else "",
+                     "; generate requests enabled" if state["pipeline"] is not None else "")
         except Exception as exc:  # noqa: BLE001 - reported by the health route, not a crash
             state["failed"] = str(exc)
             log.error("could not load the model: %s", exc)
-
-    batcher = MicroBatcher(lambda images: state["segmenter"].predict(images), max_batch=max_batch)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
         loading = asyncio.get_running_loop().run_in_executor(None, load)
         yield
+        generation.shutdown()
         await batcher.stop()
         await loading
 
     app = FastAPI(title="genseg", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.generation = batcher, generation
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
+    _add_error_handlers(app, settings)
 
-    @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return JSONResponse({"error": {"message": "internal error"}}, status_code=500)
-
-    @app.get(health_route)
+    @app.get(os.environ.get("AIP_HEALTH_ROUTE", "/health"))
     async def health() -> JSONResponse:
         if state["segmenter"] is not None:
             return JSONResponse({"status": "ready", "generate": state["pipeline"] is not None})
@@ -101,65 +103,142 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
                                 status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.post(predict_route)
-    async def predict(request: Request) -> JSONResponse:
+    @app.post(os.environ.get("AIP_PREDICT_ROUTE", "/predict"),
+              responses={code: {"description": "error", "content": {"application/json": {}}}
+                         for code in (400, 408, 413, 415, 422, 499, 503)})
+    async def predict(body: PredictRequest, request: Request) -> JSONResponse:
         segmenter = state["segmenter"]
         if segmenter is None:
             raise RequestError("the model is not loaded yet", status=503)
-        body = await _read_body(request, max_body_bytes)
-        instances, parameters = _parse(body, max_instances)
-        if "generate" in parameters:
-            return JSONResponse({"predictions": await asyncio.to_thread(_generate_locked, instances, parameters)})
-        threshold, mask_format, return_probabilities = _parameters(parameters, PREDICT_PARAMETERS)
-        raw, inputs = await asyncio.to_thread(_prepare, instances, segmenter.channels, segmenter.size)
-        to_run = [x for x in inputs if x is not None]
-        results = iter(await batcher.submit(to_run) if to_run else [])
-        predictions = []
-        for image, x in zip(raw, inputs):
-            probabilities = next(results) if x is not None else None
-            mask = _mask_like_cli(probabilities, threshold, image.shape[-2:])
-            predictions.append(describe_prediction(mask, probabilities, segmenter.size, threshold, mask_format,
-                                                   return_probabilities))
+        parameters = body.parameters or Parameters()
+        if parameters.generate is not None:
+            return JSONResponse({"predictions": await _generate_route(request, body, parameters)})
+        if not body.instances:
+            raise RequestError('"instances" must be a non-empty list')
+        if len(body.instances) > settings.max_instances:
+            raise RequestError(f"at most {settings.max_instances} instances per request, got {len(body.instances)}",
+                               status=413)
+        async with budget.reserve(MAX_SLICE_PIXELS):  # the most one instance can hold while it is decoded
+            inputs = await asyncio.to_thread(_prepare, body.instances, segmenter.channels, segmenter.size,
+                                             settings.request_pixels)
+        to_run = [x for x, _ in inputs if x is not None]
+        probabilities = await batcher.submit(to_run) if to_run else []
+        predictions = await asyncio.to_thread(_describe, inputs, probabilities, segmenter.size, parameters)
         return JSONResponse({"predictions": predictions})
 
-    def _generate_locked(instances: list, parameters: dict) -> list[dict[str, Any]]:
+    async def _generate_route(request: Request, body: PredictRequest, parameters: Parameters) -> list[dict]:
         pipe = state["pipeline"]
         if pipe is None:
             raise RequestError("this server segments only: generate requests need a pipeline (genseg serve "
                                "--pipeline DIR)")
-        if any(instance != {} for instance in instances):
+        if any(not isinstance(instance, B64Instance) or instance.b64 is not None for instance in body.instances):
             raise RequestError('a generate request takes no image instances: send "instances": [] or [{}]')
-        with generating:
-            return _generate(pipe, state["train_scheduler_config"], parameters, max_generate)
+        if parameters.generate > settings.max_generate:
+            raise RequestError(validation_message([{"loc": ("parameters", "generate")}], settings.max_generate)[0])
+        return await generation.run(request, lambda check: _generate(pipe, state["train_scheduler_config"],
+                                                                     parameters, check))
 
     return app
 
 
-def _generate(pipe, train_scheduler_config, parameters: dict, max_generate: int) -> list[dict[str, Any]]:
+def _load_model(source: str, is_pipeline: bool, settings: ServeSettings):
+    """(pipeline or None, Segmenter) from a run directory, a pipeline folder or a gs:// copy of either."""
+    path = resolve_model_uri(source)
+    if is_pipeline or (path / "model_index.json").is_file():  # AIP_STORAGE_URI may hold either kind
+        from ..pipeline.genseg import GenSegPipeline
+
+        pipe = GenSegPipeline.load(path)
+        segmenter = pipe.predictor(batch_size=settings.max_batch, compile=settings.compile)
+    else:
+        pipe, segmenter = None, load_segmenter(path, batch_size=settings.max_batch, compile=settings.compile)
+    if settings.compile:  # compile now, for the batch shapes requests will bring, not inside the first requests
+        for n in sorted({1, settings.max_batch}):
+            segmenter.predict(np.zeros((n, segmenter.channels, segmenter.size, segmenter.size), np.float32))
+    return pipe, segmenter
+
+
+def _add_error_handlers(app: FastAPI, settings: ServeSettings) -> None:
+    """Every error leaves in the one {"error": {"message", "instance"?}} shape, 4xx for the client's faults."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, index = validation_message(list(exc.errors()), settings.max_generate)
+        error: dict[str, Any] = {"message": message}
+        if index is not None:
+            error["instance"] = index
+        return JSONResponse({"error": error}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {400: "malformed JSON body",  # FastAPI's own parse failures (huge numbers, deep nesting, ...)
+                    404: "no such route", 405: "method not allowed on this route"}
+        message = messages.get(exc.status_code, exc.detail if isinstance(exc.detail, str) else "request refused")
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(500, "internal error")
+
+
+def _prepare(instances: list, channels: int, size: int, request_pixels: int) -> list[tuple[np.ndarray | None, tuple]]:
+    """(model input or None for a blank image, original H x W) per instance, decoded and preprocessed exactly as
+    `genseg segment` does, one at a time so only one raw image is held; the first bad one is reported. Decoding
+    stops (413) once the request's images would hold more than `request_pixels` in total."""
+    uploads = [read_instance(instance, index) for index, instance in enumerate(instances)]
+    inputs, left = [], request_pixels
+    for index, upload in enumerate(uploads):
+        if left <= 0:
+            raise RequestError(f"the request's images hold more than {request_pixels} pixels in total; send fewer "
+                               f"or smaller images per request", status=413)
+        image = decode_instance(upload, index, min(left, MAX_SLICE_PIXELS))
+        left -= image.size
+        try:
+            inputs.append((prepare_input(image, channels, size), tuple(image.shape[-2:])))
+        except DataError as exc:
+            raise RequestError(exc.problem, status=422, index=index) from None
+        uploads[index] = image = None  # release the upload and its raw image before decoding the next
+    return inputs
+
+
+def _describe(inputs: list, probabilities: list, model_size: int, parameters: Parameters) -> list[dict[str, Any]]:
+    """The JSON of each instance; the mask at the input's resolution, computed the way `genseg segment` writes it."""
+    results = iter(probabilities)
+    predictions = []
+    for x, shape in inputs:
+        probs = next(results) if x is not None else None
+        mask = (np.zeros(shape, np.uint8) if probs is None
+                else resize_mask((probs >= parameters.threshold).astype(np.uint8), shape))
+        predictions.append(describe_prediction(mask, probs, model_size, parameters.threshold, parameters.mask_format,
+                                               parameters.return_probabilities))
+    return predictions
+
+
+def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancelled) -> list[dict[str, Any]]:
     """Sample `generate` slices with the pipeline and describe each like a segmentation prediction, plus the
     generated image (8-bit PNG) and, in joint mode, the generator's own mask and its Dice with the prediction."""
     from ..models.diffusion import make_sampling_scheduler
 
-    threshold, mask_format, return_probabilities = _parameters(parameters, GENERATE_PARAMETERS)
-    num = _whole_number(parameters, "generate", 1, max_generate)
-    steps = _whole_number(parameters, "steps", 1, MAX_GENERATE_STEPS, default=20)
-    seed = _whole_number(parameters, "seed", 0, 2**31 - 1, default=0)
-    class_label = _whole_number(parameters, "class", 0, 10**6, default=None)
-    guidance = parameters.get("guidance", 1.0)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 < guidance <= 50:
-        raise RequestError(f"guidance must be a number in (0, 50], got {guidance!r}")
     try:
-        pipe.scheduler = make_sampling_scheduler(str(parameters.get("scheduler", "dpmsolver")), train_scheduler_config)
-        result = pipe(num, class_labels=class_label, guidance_scale=float(guidance), num_inference_steps=steps,
-                      generator=seed, progress=False)
-    except ConfigError as exc:  # unknown scheduler, class out of range, class of an unconditional model ...
+        pipe.scheduler = make_sampling_scheduler(parameters.scheduler, train_scheduler_config)
+        result = pipe(parameters.generate, class_labels=parameters.class_label, guidance_scale=parameters.guidance,
+                      num_inference_steps=parameters.steps, generator=parameters.seed, progress=False,
+                      callback_on_step_end=lambda *_: check_cancelled())
+    except ConfigError as exc:  # class out of range, class of an unconditional model ...: our own messages
         raise RequestError(str(exc)) from None
     size = int(pipe.unet.config.sample_size)
+    threshold, mask_format = parameters.threshold, parameters.mask_format
     predictions = []
     for i, (image, probabilities) in enumerate(zip(result.images, result.probabilities)):
         predicted = (probabilities >= threshold).astype(np.uint8)
-        prediction = describe_prediction(predicted, probabilities, size, threshold, mask_format, return_probabilities)
-        prediction.update({"index": i, "seed": seed, "image": {"format": "png_b64", "data": png_b64(image)}})
+        prediction = describe_prediction(predicted, probabilities, size, threshold, mask_format,
+                                         parameters.return_probabilities)
+        prediction.update({"index": i, "seed": parameters.seed,
+                           "image": {"format": "png_b64", "data": png_b64(image)}})
         if result.labels is not None:
             prediction["class"] = int(result.labels[i])
         if result.generated_masks is not None:
@@ -169,101 +248,3 @@ def _generate(pipe, train_scheduler_config, parameters: dict, max_generate: int)
             prediction["dice_generated_vs_predicted"] = float(dice_iou(predicted[None], generated[None])[0][0])
         predictions.append(prediction)
     return predictions
-
-
-def _whole_number(parameters: dict, name: str, low: int, high: int, default: int | None = ...) -> int | None:
-    value = parameters.get(name, default)
-    if value is ...:
-        raise RequestError(f"{name} is required")
-    if value is None and default is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise RequestError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
-    return value
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"request body is larger than {limit} bytes", status=413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"request body is larger than {limit} bytes", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse(body: bytes, max_instances: int) -> tuple[list, dict]:
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(f"malformed JSON ({exc.__class__.__name__})") from None
-    if not isinstance(payload, dict) or "instances" not in payload:
-        raise RequestError('the body must be a JSON object with an "instances" list')
-    instances, parameters = payload["instances"], payload.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise RequestError('"parameters" must be an object')
-    if not isinstance(instances, list) or not (instances or "generate" in parameters):
-        raise RequestError('"instances" must be a non-empty list')
-    if len(instances) > max_instances:
-        raise RequestError(f"at most {max_instances} instances per request, got {len(instances)}", status=413)
-    return instances, parameters
-
-
-def _parameters(parameters: dict, allowed: set[str]) -> tuple[float, str, bool]:
-    unknown = set(parameters) - allowed
-    if unknown:
-        raise RequestError(f"unknown parameter(s) {sorted(unknown)}")
-    threshold = parameters.get("threshold", 0.5)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise RequestError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    mask_format = parameters.get("mask_format", "png_b64")
-    if mask_format not in MASK_FORMATS:
-        raise RequestError(f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
-    return_probabilities = parameters.get("return_probabilities", False)
-    if not isinstance(return_probabilities, bool):
-        raise RequestError("return_probabilities must be true or false")
-    return float(threshold), mask_format, return_probabilities
-
-
-def _prepare(instances: list, channels: int, size: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """Decode and preprocess every instance exactly as `genseg segment` does; the first bad one is reported.
-    A blank (constant) image gives None: like the CLI, it gets an empty mask without running the model."""
-    raw, inputs = [], []
-    for index, instance in enumerate(instances):
-        image = decode_instance(instance, index)
-        try:
-            inputs.append(prepare_input(image, channels, size))
-        except DataError as exc:
-            raise RequestError(exc.problem, status=422, index=index) from None
-        raw.append(image)
-    return raw, inputs
-
-
-def _mask_like_cli(probabilities: np.ndarray | None, threshold: float, shape: tuple[int, int]) -> np.ndarray:
-    """The binary mask at the input's resolution, computed the way `genseg segment` writes it."""
-    if probabilities is None:
-        return np.zeros(shape, np.uint8)
-    return resize_mask((probabilities >= threshold).astype(np.uint8), tuple(shape))
-
-
-def resolve_model_uri(uri: str) -> Path:
-    """A local path as it is; a gs:// URI downloaded to a temporary folder (needs google-cloud-storage)."""
-    if not uri.startswith("gs://"):
-        return Path(uri)
-    try:
-        from google.cloud import storage
-    except ImportError:
-        raise GensegError(f"{uri}: reading gs:// needs google-cloud-storage: pip install 'genseg[gcs]'") from None
-    import tempfile
-
-    bucket_name, _, prefix = uri[len("gs://"):].partition("/")
-    target = Path(tempfile.mkdtemp(prefix="genseg-model-"))
-    for blob in storage.Client().list_blobs(bucket_name, prefix=prefix):
-        relative = blob.name[len(prefix):].lstrip("/")
-        if relative and not blob.name.endswith("/"):
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            blob.download_to_filename(str(target / relative))
-    return target

@@ -1,6 +1,7 @@
 """Request decoding and response encoding for the prediction server.
 
-Nothing here touches the file system: instances arrive as bytes or numbers, and masks leave as bytes.
+Nothing here touches the file system: instances arrive as bytes or numbers and are decoded from memory, and
+masks leave as bytes.
 """
 
 from __future__ import annotations
@@ -8,19 +9,23 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import tempfile
-from pathlib import Path
+import logging
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-MASK_FORMATS = ("png_b64", "rle", "none")
-MIN_SIDE, MAX_SIDE = 8, 4096
+from ..decode import MAX_SIDE, sniff
+from ..errors import DataError
+from ..inference import load_upload
+
+MIN_SIDE = 8
+log = logging.getLogger("genseg.serve")
 
 
 class RequestError(Exception):
-    """A problem with the request: answered with `status` and a JSON body naming the instance."""
+    """A problem with the request: answered with `status` and a JSON body naming the instance. Messages name
+    the rule broken, never a value taken from the request."""
 
     def __init__(self, message: str, status: int = 400, index: int | None = None):
         super().__init__(message)
@@ -34,63 +39,47 @@ class RequestError(Exception):
         return {"error": error}
 
 
-def decode_instance(instance: Any, index: int) -> np.ndarray:
-    """An instance ({"b64": ...} with PNG/JPEG/.npy/.mat bytes, or a nested list) -> raw image (H, W) or (C, H, W).
-
-    Files go through the very decoders `genseg segment` uses (genseg.inference.load_inputs), so a served mask
-    equals the CLI's for the same file. The bytes are written to a private temporary file whose name the server
-    picks from the content's magic number; nothing in a request names a path.
-    """
-    if isinstance(instance, dict):
-        if set(instance) != {"b64"} or not isinstance(instance["b64"], str):
-            raise RequestError('an object instance must be {"b64": "<base64 string>"}', index=index)
+def read_instance(instance: Any, index: int) -> bytes | np.ndarray:
+    """The upload's bytes (a {"b64": ...} instance) or the float32 array of a nested-list instance."""
+    if isinstance(instance, list):
         try:
-            data = base64.b64decode(instance["b64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise RequestError("invalid base64 in 'b64'", index=index) from None
-        image = _decode_bytes(data, index)
-    elif isinstance(instance, list):
-        try:
-            image = np.asarray(instance, dtype=np.float32)
-        except (ValueError, TypeError):
+            return np.asarray(instance, dtype=np.float32)
+        except (ValueError, TypeError, OverflowError, RecursionError):
             raise RequestError("a list instance must be a rectangular nested list of numbers", index=index) from None
+    data = getattr(instance, "b64", None)
+    if not isinstance(data, str):
+        raise RequestError('an object instance must be {"b64": "<base64 string>"}', index=index)
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("invalid base64 in 'b64'", index=index) from None
+
+
+def decode_instance(upload: bytes | np.ndarray, index: int, max_pixels: int) -> np.ndarray:
+    """A read instance -> raw image (H, W) or (C, H, W), decoded from memory by the very decoders `genseg segment`
+    uses (genseg.inference.load_upload), so a served mask equals the CLI's for the same file. Nothing larger
+    than `max_pixels` is allocated."""
+    if isinstance(upload, np.ndarray):
+        image = upload
     else:
-        raise RequestError('an instance must be {"b64": ...} or a nested list of numbers', index=index)
+        try:
+            slices = load_upload(upload, max_pixels=max_pixels)
+        except DataError as exc:
+            raise _unreadable(exc, sniff(upload) or "upload", index) from None
+        if len(slices) != 1:
+            raise RequestError(f"expected one 2-D image, the file holds {len(slices)}", 422, index)
+        image = slices[0].image
     if image.ndim not in (2, 3):
-        raise RequestError(f"expected a 2-D image (H x W or C x H x W), got shape {list(image.shape)}", 422, index)
+        raise RequestError(f"expected a 2-D image (H x W or C x H x W), got {image.ndim} dimensions", 422, index)
     if not (MIN_SIDE <= image.shape[-2] <= MAX_SIDE and MIN_SIDE <= image.shape[-1] <= MAX_SIDE):
-        raise RequestError(f"image sides must be {MIN_SIDE}..{MAX_SIDE} pixels, got {list(image.shape[-2:])}",
-                           422, index)
+        raise RequestError(f"image sides must be {MIN_SIDE}..{MAX_SIDE} pixels", 422, index)
     return image
 
 
-MAGIC_SUFFIXES = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"MATLAB", ".mat"),
-                  (b"\x89HDF", ".mat"))
-
-
-def _decode_bytes(data: bytes, index: int) -> np.ndarray:
-    if data.startswith(b"\x93NUMPY"):
-        try:
-            return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
-        except (ValueError, OSError, EOFError):
-            raise RequestError("unreadable .npy array (object arrays are refused)", 422, index) from None
-    suffix = next((s for magic, s in MAGIC_SUFFIXES if data.startswith(magic)), None)
-    if suffix is None:
-        raise RequestError("bytes are not a PNG, JPEG, .npy or MATLAB .mat file", 422, index)
-    from ..errors import DataError
-    from ..inference import load_inputs
-
-    with tempfile.TemporaryDirectory(prefix="genseg-serve-") as tmp:
-        path = Path(tmp) / f"instance{suffix}"
-        path.write_bytes(data)
-        try:
-            slices = load_inputs(path)
-        except DataError as exc:  # decoders may quote the file name: the temporary path is the server's business
-            problem = exc.problem.replace(str(path), "the upload").replace(tmp, "")
-            raise RequestError(f"unreadable {suffix[1:]} file: {problem}", 422, index) from None
-    if len(slices) != 1:
-        raise RequestError(f"expected one 2-D image, the file holds {len(slices)}", 422, index)
-    return slices[0].image
+def _unreadable(exc: DataError, kind: str, index: int) -> RequestError:
+    """The client hears the kind of file and the rule it broke; the detail (library text) stays in the log."""
+    log.info("instance %d: %s", index, exc)
+    return RequestError(f"unreadable {kind} file: {exc.problem}", 422, index)
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
