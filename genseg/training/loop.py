@@ -11,15 +11,19 @@ import csv
 import dataclasses
 import json
 import math
+import pickle
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration
+from accelerate.utils import load as weights_only_load
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -146,9 +150,30 @@ class Checkpointer:
         if not (path / STATE_FILE).exists():
             raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
         self.accelerator.load_state(str(path))
+        _check_rng_restored(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
         for name, obj in self.extra.items():
             obj.load_state_dict(_load_state_dict(path / name))
         return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _check_rng_restored(file: Path) -> None:
+    """accelerate's load_state skips an RNG file it cannot load or apply with only an info log, and the run would
+    go on with other random draws than the one it resumes: refuse such a checkpoint, saying why."""
+    try:
+        saved = weights_only_load(file)  # accelerate's own reader: weights_only, so pickled code is refused
+        numpy_state = np.random.get_state()
+        restored = (random.getstate() == saved["random_state"]
+                    and all(np.array_equal(a, b) for a, b in zip(numpy_state, saved["numpy_random_seed"], strict=True))
+                    and torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]))
+    except Exception as exc:
+        lines = str(exc).splitlines() or [""]
+        if isinstance(exc, pickle.UnpicklingError):  # torch's message opens with advice to unpickle it anyway
+            lines = [line for line in lines if "GLOBAL" in line] or lines
+        raise CheckpointError(f"{file}: cannot restore the random-number state ({type(exc).__name__}: {lines[0]}); "
+                              f"resuming without it would not continue the run exactly") from None
+    if not restored:
+        raise CheckpointError(f"{file}: its random-number state was not restored (accelerate could not apply it); "
+                              f"resuming without it would not continue the run exactly")
 
 
 def _save_state_dict(state: dict[str, Any], stem: Path) -> None:
