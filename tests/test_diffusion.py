@@ -317,7 +317,8 @@ def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
     cut = train_diffusion(cfg, data, tmp_path / "cut", resume=True, cpu=True).run_dir
 
     final = Path("checkpoints") / "step-00000008"
-    for name in (final / "model.safetensors", final / "ema.safetensors", Path("unet", "diffusion_pytorch_model.safetensors")):
+    unet = Path("unet", "diffusion_pytorch_model.safetensors")  # the EMA weights users load
+    for name in (final / "model.safetensors", final / "ema.safetensors", unet):
         a, b = load_file(whole / name), load_file(cut / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert (whole / final / "ema.json").read_text() == (cut / final / "ema.json").read_text()  # warm-up counters
