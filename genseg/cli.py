@@ -230,14 +230,19 @@ def evaluate(checkpoint, data, split, fold, as_json):
               help="Probability at or above which a pixel is tumour (default: the run's threshold, 0.5).")
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network first: a one-off ~40 s, then ~1.4x faster on CPU (for many slices).")
-def segment(inputs, checkpoint, out, threshold, compile_):
+@click.option("--force", is_flag=True, help="Replace output files that already exist.")
+def segment(inputs, checkpoint, out, threshold, compile_, force):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM, PNG/JPG and .npy files: mask + overlay PNGs, NIfTI masks.
 
-    A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
+    Outputs keep the inputs' folders below their common parent folder: a/scan.png and b/scan.png give
+    OUT/a/scan_mask.png, OUT/a/scan_overlay.png and OUT/b/scan_..., files of one folder land in OUT itself.
+    Inputs whose output names would meet, such as a/scan.png and a/scan.tif, use their whole file name:
+    OUT/a/scan.png_mask.png, OUT/a/scan.tif_mask.png. If any output already exists nothing is written, unless
+    --force. A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
     """
-    from .inference import load_segmenter, segment_files
+    from .inference import segment_files
 
-    report = segment_files(inputs, load_segmenter(checkpoint, compile=compile_), out, threshold)
+    report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
@@ -417,7 +422,8 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
                    "of generating; repeat the option for several files.")
 @click.option("--save-pipeline", type=click.Path(file_okay=False),
               help="Also save the assembled pipeline as one diffusers folder here (reload with --pipeline).")
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing --out folder (with --input: existing output files).")
 def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, class_label, guidance, seed, batch_size,
              inputs, save_pipeline, force):
     """Generate slices with the diffusion model and segment them, end to end.
@@ -433,8 +439,8 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, cla
         pipe.save_pretrained(save_pipeline)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
-        report = segment_inputs(pipe, inputs, out)
-        click.echo(f"segmented {len(inputs) - len(report['failed'])} file(s) into {out}")
+        report = segment_inputs(pipe, inputs, out, force)
+        click.echo(f"segmented {len(report['segmented'])} file(s) into {out}")
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return

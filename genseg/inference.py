@@ -8,6 +8,8 @@ server decodes an upload exactly as `genseg segment` decodes the same file.
 from __future__ import annotations
 
 import json
+import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -21,7 +23,7 @@ from .data.figshare import read_figshare_mat
 from .data.records import normalize_intensity, preprocess_image
 from .decode import (MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_dicom, decode_nifti, decode_npy, decode_picture,
                      sniff)
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, GensegError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
 from .training.seg import SegTrainConfig
@@ -129,7 +131,7 @@ def load_segmenter(path: str | Path, device: str | torch.device | None = None, b
 class InputSlice(NamedTuple):
     """One 2-D image from an input file: raw intensities (H, W) or (C, H, W) plus where it came from."""
 
-    name: str  # output file stem, unique within one input file
+    part: str  # what its output names add to the file's: "" for a one-slice file, _z007 / _f002 in a volume
     image: np.ndarray
     meta: dict[str, Any]
 
@@ -154,25 +156,23 @@ def load_inputs(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> list[Inp
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
-    suffix, stem = _suffix(path), _stem(path)
+    suffix = _suffix(path)
     try:
         if suffix == ".mat":
-            return [_figshare_slice(path, stem, max_pixels)]
+            return [_figshare_slice(path, "", max_pixels)]
         if suffix in NIFTI_SUFFIXES:
             img, voxels = decode_nifti(path, path, max_pixels)
             volume = {"format": "nifti", "affine": img.affine, "header": img.header, "shape": img.shape}
-            return [InputSlice(f"{stem}_z{k:03d}", voxels[..., k], {**volume, "slice": k})
-                    for k in range(voxels.shape[-1])]
+            return [InputSlice(f"_z{k:03d}", voxels[..., k], {**volume, "slice": k}) for k in range(voxels.shape[-1])]
         if suffix == ".dcm" or _is_dicom(path):
             frames = decode_dicom(path, path, max_pixels)
             if len(frames) == 1:
-                return [InputSlice(stem, frames[0], {"format": "dicom"})]
-            return [InputSlice(f"{stem}_f{k:03d}", frame, {"format": "dicom", "frame": k})
-                    for k, frame in enumerate(frames)]
+                return [InputSlice("", frames[0], {"format": "dicom"})]
+            return [InputSlice(f"_f{k:03d}", frame, {"format": "dicom", "frame": k}) for k, frame in enumerate(frames)]
         if suffix == ".npy":
-            return [InputSlice(stem, decode_npy(path, path, max_pixels), {"format": "npy"})]
+            return [InputSlice("", decode_npy(path, path, max_pixels), {"format": "npy"})]
         if suffix in IMAGE_SUFFIXES:
-            return [InputSlice(stem, decode_picture(path, path, max_pixels), {"format": "image"})]
+            return [InputSlice("", decode_picture(path, path, max_pixels), {"format": "image"})]
     except DataError:
         raise
     except Exception as exc:  # every decoder's own failure becomes one clear line naming the file
@@ -191,11 +191,11 @@ def load_upload(data: bytes, max_pixels: int = MAX_SLICE_PIXELS) -> list[InputSl
     kind = sniff(data)
     try:
         if kind == "mat":
-            return [_figshare_slice(data, UPLOAD, max_pixels)]
+            return [_figshare_slice(data, "", max_pixels)]
         if kind == "npy":
-            return [InputSlice(UPLOAD, decode_npy(data, UPLOAD, max_pixels), {"format": "npy"})]
+            return [InputSlice("", decode_npy(data, UPLOAD, max_pixels), {"format": "npy"})]
         if kind in ("png", "jpeg"):
-            return [InputSlice(UPLOAD, decode_picture(data, UPLOAD, max_pixels, (kind.upper(),)), {"format": "image"})]
+            return [InputSlice("", decode_picture(data, UPLOAD, max_pixels, (kind.upper(),)), {"format": "image"})]
     except DataError:
         raise
     except Exception as exc:
@@ -203,9 +203,9 @@ def load_upload(data: bytes, max_pixels: int = MAX_SLICE_PIXELS) -> list[InputSl
     raise DataError(UPLOAD, "not a PNG, JPEG, .npy or MATLAB .mat file")
 
 
-def _figshare_slice(source: Path | bytes, name: str, max_pixels: int) -> InputSlice:
+def _figshare_slice(source: Path | bytes, part: str, max_pixels: int) -> InputSlice:
     record = read_figshare_mat(source, min(max_pixels, MAX_SLICE_PIXELS))
-    return InputSlice(name, record.image, {"format": "figshare", "label": record.label, "patient": record.patient})
+    return InputSlice(part, record.image, {"format": "figshare", "label": record.label, "patient": record.patient})
 
 
 def prepare_input(image: np.ndarray, channels: int, size: int, where: str | Path = "input") -> np.ndarray | None:
@@ -234,10 +234,17 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
 
 
-def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path,
-                 threshold: float | None = None) -> list[Path]:
-    """Segment every slice of one file; write <name>_mask.png (0/255) and <name>_overlay.png at the input's
-    resolution, and for NIfTI a uint8 <stem>_mask.nii.gz with the source affine and header. Returns the paths."""
+def output_names(slices: Sequence[InputSlice], stem: str) -> list[str]:
+    """The files `segment_file` writes for these slices of one input, in the order it writes them."""
+    names = [f"{stem}{s.part}_{kind}.png" for s in slices for kind in ("mask", "overlay")]
+    return (names + [f"{stem}_mask.nii.gz"]) if slices[0].meta["format"] == "nifti" else names
+
+
+def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, threshold: float | None = None,
+                 stem: str | None = None) -> list[Path]:
+    """Segment every slice of one file; write <stem>_mask.png (0/255) and <stem>_overlay.png at the input's
+    resolution (<stem>_z007_... per slice of a volume), and for NIfTI a uint8 <stem>_mask.nii.gz with the source
+    affine and header. `stem` defaults to the file's name without its extension. Returns the paths."""
     path, out_dir = Path(path), Path(out_dir)
     threshold = segmenter.threshold if threshold is None else threshold
     slices = load_inputs(path)
@@ -245,16 +252,17 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path,
     todo = [i for i, p in enumerate(prepared) if p is not None]
     probs = segmenter.predict(np.stack([prepared[i] for i in todo])) if todo else []
     masks = {i: (p >= threshold).astype(np.uint8) for i, p in zip(todo, probs)}
+    targets = iter(out_dir / name for name in output_names(slices, _stem(path) if stem is None else stem))
     written, full_masks = [], []
     for i, s in enumerate(slices):
         shape = s.image.shape[-2:]
         mask = resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
         shown = normalize_intensity(s.image) if i in masks else np.zeros(shape, np.float32)
-        written.append(save_png(Image.fromarray(mask * 255), out_dir / f"{s.name}_mask.png"))
-        written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), out_dir / f"{s.name}_overlay.png"))
+        written.append(save_png(Image.fromarray(mask * 255), next(targets)))
+        written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), next(targets)))
         full_masks.append(mask)
     if slices[0].meta["format"] == "nifti":
-        written.append(_write_nifti_mask(full_masks, slices[0].meta, out_dir / f"{_stem(path)}_mask.nii.gz"))
+        written.append(_write_nifti_mask(full_masks, slices[0].meta, next(targets)))
     return written
 
 
@@ -274,17 +282,69 @@ def _write_nifti_mask(masks: Sequence[np.ndarray], meta: dict, target: Path) -> 
     return target
 
 
+def plan_outputs(paths: Sequence[str | Path]) -> tuple[dict[Path, Path], dict[Path, list[Path]], list[dict]]:
+    """Name every output before anything is written: (input -> output stem, input -> its output files, both
+    relative to the output folder; failures). Each input is decoded here once for its slice names.
+
+    Outputs keep the inputs' folders below their common parent folder (a/scan.png and b/scan.png ->
+    a/scan_mask.png and b/scan_mask.png; files of one folder stay flat). Inputs whose names would meet
+    (scan.png and scan.tif in one folder, vol.nii.gz's slice vol_z000 and vol_z000.png) use their whole file name
+    as the stem (scan.png_mask.png, scan.tif_mask.png). A file given twice counts once.
+    """
+    first: dict[str, Path] = {}
+    for path in paths:
+        first.setdefault(os.path.abspath(path), Path(path))
+    folders = {path: Path(key).parent for key, path in first.items()}
+    root = Path(os.path.commonpath(list(folders.values()))) if folders else Path()
+    slices, failed = {}, []
+    for path in folders:
+        try:
+            slices[path] = [s._replace(image=None) for s in load_inputs(path)]  # names only, not the pixels
+        except DataError as exc:
+            failed.append({"path": str(path), "reason": exc.reason})
+    whole_name: set[Path] = set()
+    while True:
+        stems = {p: folders[p].relative_to(root) / (p.name if p in whole_name else _stem(p)) for p in slices}
+        outputs = {p: [stem.parent / name for name in output_names(slices[p], stem.name)] for p, stem in stems.items()}
+        writers = defaultdict(list)
+        for p, names in outputs.items():
+            for name in names:
+                writers[name].append(p)
+        clash = {name: ps for name, ps in writers.items() if len(ps) > 1}
+        if not clash:
+            return stems, outputs, failed
+        meeting = {p for ps in clash.values() for p in ps}
+        if meeting <= whole_name:
+            name, (a, b, *_) = next(iter(clash.items()))
+            raise GensegError(f"{a} and {b} would both write {name}; rename one of them")
+        whole_name |= meeting
+
+
 def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
-                  threshold: float | None = None, progress: bool = True) -> dict[str, Any]:
-    """Segment many files with a run directory or a loaded Segmenter; a file that fails is reported in `failed`
-    and the others are still written."""
+                  threshold: float | None = None, progress: bool = True, force: bool = False,
+                  compile: bool = False) -> dict[str, Any]:
+    """Segment many files with a run directory (loaded with `compile`) or a loaded Segmenter into `out_dir`,
+    named by `plan_outputs`.
+
+    Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
+    anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
+    `failed` (with the reason); a file that fails does not stop the others.
+    """
     from tqdm.auto import tqdm
 
-    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(checkpoint)
-    report: dict[str, Any] = {"written": [], "failed": []}
-    for path in tqdm(paths, desc="segment", disable=not progress or len(paths) < 2):
+    out_dir = Path(out_dir)
+    stems, outputs, failed = plan_outputs(paths)
+    existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
+        raise GensegError(f"{existing[0]}: already exists{more}; pass --force to replace, or choose another --out")
+    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(checkpoint, compile=compile)
+    report: dict[str, Any] = {"segmented": [], "written": [], "failed": failed}
+    for path, stem in tqdm(stems.items(), desc="segment", disable=not progress or len(stems) < 2):
         try:
-            report["written"] += [str(p) for p in segment_file(segmenter, path, out_dir, threshold)]
+            report["written"] += [str(p) for p in segment_file(segmenter, path, out_dir / stem.parent, threshold,
+                                                                stem.name)]
+            report["segmented"].append(str(path))
         except DataError as exc:
-            report["failed"].append({"path": str(path), "reason": exc.problem})
+            report["failed"].append({"path": str(path), "reason": exc.reason})
     return report

@@ -130,3 +130,47 @@ def test_resume_without_checkpoint_is_clear(tmp_path):
 
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _fit(tmp_path / "empty", 1, resume=True)
+
+
+
+@pytest.mark.parametrize("tamper", ["pickled code", "unusable state", "missing"])
+def test_resume_refuses_a_checkpoint_whose_rng_state_cannot_be_restored(tmp_path, tamper):
+    """accelerate skips an RNG file it cannot load or apply with an info log; resume must refuse the checkpoint,
+    naming the file, instead of going on with other random draws."""
+    from genseg.errors import CheckpointError
+
+    _fit(tmp_path, 2)
+    rng_file = tmp_path / "checkpoints" / "step-00000016" / "random_states_0.pkl"
+    states = torch.load(rng_file, weights_only=False)
+    if tamper == "missing":
+        rng_file.unlink()
+    else:
+        states["random_state"] = _RunsCode(tmp_path / "ran") if tamper == "pickled code" else (3, (1, 2), None)
+        torch.save(states, rng_file)
+    reason = {"pickled code": r"cannot restore the random-number state \(UnpicklingError: .*GLOBAL posix.mkdir",
+              "unusable state": "its random-number state was not restored",
+              "missing": r"cannot restore the random-number state \(FileNotFoundError"}[tamper]
+    with pytest.raises(CheckpointError, match=rf"step-00000016/random_states_0\.pkl: {reason}"):
+        _fit(tmp_path, 3, resume=True)
+    assert not (tmp_path / "ran").exists()  # the pickled call never ran
+    assert [int(r["epoch"]) for r in _log_rows(tmp_path)] == [1, 2]  # nothing trained on after the refusal
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())][-1] == "step-00000016"
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(path): what a tampered pickle could do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def _log_rows(run_dir):
+    import csv
+
+    with (run_dir / "log.csv").open() as f:
+        return list(csv.DictReader(f))

@@ -5,6 +5,7 @@ Tiny models (16 px, channels 16/32) on phantom slices keep the whole file well u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -284,6 +285,51 @@ def _log(run: Path) -> list[dict]:
 
     with (run / "log.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("checkpoint_every", [4, 3], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
+    """8 slices in batches of 4: 2 steps per epoch, so the step-4 checkpoint ends an epoch and step 3 is mid-epoch.
+    A run killed after its first log row past that checkpoint and resumed ends with the same weights, EMA and
+    log (bar the timings) as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from genseg.training.loop import CsvLog
+
+    cfg = tiny_config(max_steps=8, checkpoint_every_steps=checkpoint_every, log_every_steps=1, sample_every_steps=0,
+                      lr_warmup_steps=2, model={"num_classes": 4})
+    whole = train_diffusion(cfg, data, tmp_path / "whole", cpu=True).run_dir
+    append = CsvLog.append
+
+    def append_then_die(log, row):
+        append(log, row)
+        if int(row["step"]) > checkpoint_every:
+            raise _Killed
+
+    monkeypatch.setattr(CsvLog, "append", append_then_die)
+    with pytest.raises(_Killed):
+        train_diffusion(cfg, data, tmp_path / "cut", cpu=True)
+    monkeypatch.undo()
+    cut = train_diffusion(cfg, data, tmp_path / "cut", resume=True, cpu=True).run_dir
+
+    final = Path("checkpoints") / "step-00000008"
+    unet = Path("unet", "diffusion_pytorch_model.safetensors")  # the EMA weights users load
+    for name in (final / "model.safetensors", final / "ema.safetensors", unet):
+        a, b = load_file(whole / name), load_file(cut / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (whole / final / "ema.json").read_text() == (cut / final / "ema.json").read_text()  # warm-up counters
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in _log(whole)]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in _log(cut)] == rows
+    epoch_rows = [r for r in rows if r["train_loss"]]
+    assert [int(r["epoch"]) for r in epoch_rows] == [1, 2, 3, 4] and all(float(r["train_loss"]) > 0 for r in epoch_rows)
+
+    (cut / final / "rng.safetensors").unlink()  # what a checkpoint of a genseg before the saved generator lacks
+    with pytest.raises(CheckpointError, match="incomplete training checkpoint, rng.safetensors missing"):
+        train_diffusion(dataclasses.replace(cfg, max_steps=10), data, cut, resume=True, cpu=True)
 
 
 def test_real_fraction_learns_from_the_patients_train_seg_keeps(tmp_path):

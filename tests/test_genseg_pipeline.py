@@ -123,6 +123,8 @@ def test_input_mode_segments_real_files_like_segment(genseg_cli, saved, parts, t
     for name in ("real_mask.png", "real_overlay.png"):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "piped" / name)),
                               np.asarray(Image.open(tmp_path / "segmented" / name)))
+    again = genseg_cli("pipeline", "--pipeline", saved, "--input", png, "--out", tmp_path / "piped", returncode=2)
+    assert "real_mask.png: already exists (and 1 more of the outputs); pass --force" in again.stderr  # as `segment`
 
 
 def test_a_segmenter_of_another_size_is_fed_resized_images_and_says_so(parts, tmp_path):

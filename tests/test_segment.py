@@ -19,7 +19,8 @@ from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
 
 from genseg.data.figshare import write_figshare_mat
 from genseg.errors import CheckpointError, DataError
-from genseg.inference import load_inputs, load_segmenter, prepare_input, segment_files
+from genseg.inference import (load_inputs, load_segmenter, plan_outputs, prepare_input, segment_file,
+                              segment_files)
 from genseg.metrics import dice_iou
 from genseg.training.seg import SegTrainConfig, train_segmenter
 
@@ -139,6 +140,59 @@ def test_bad_files_are_reported_and_the_rest_segmented(tmp_path, genseg_cli):
     for name, fragment in expected.items():
         assert any(name in line and fragment in line for line in errors), (name, errors)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_mask.png", "good_overlay.png"]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_inputs_with_the_same_name_never_overwrite_each_other(tmp_path, genseg_cli):
+    """Issue 20: a/scan.png, b/scan.png and a/scan.tif all went to OUT/scan_*.png ("wrote 6 files", 2 on disk)."""
+    run = make_untrained_segmenter(tmp_path / "run", size=SIZE, base_channels=4, depth=2)
+    images, _ = raw_phantoms(5, tumours=(True, True, False))
+    inputs = [tmp_path / "in" / n for n in ("a/scan.png", "b/scan.png", "a/scan.tif")]
+    for path, image in zip(inputs, images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image / 8).astype(np.uint8)).save(path)
+    out = tmp_path / "out"
+    done = genseg_cli("segment", *inputs, "--checkpoint", run, "--out", out)
+    assert "wrote 6 files" in done.stdout
+    written = _files(out)
+    assert sorted(written) == ["a/scan.png_mask.png", "a/scan.png_overlay.png", "a/scan.tif_mask.png",
+                               "a/scan.tif_overlay.png", "b/scan_mask.png", "b/scan_overlay.png"]
+    segmenter = load_segmenter(run)
+    for path, stem in zip(inputs, ["a/scan.png", "b/scan", "a/scan.tif"]):  # each output is its own input's
+        alone = segment_file(segmenter, path, tmp_path / "alone" / path.parent.name)
+        assert [p.read_bytes() for p in alone] == [written[f"{stem}_mask.png"], written[f"{stem}_overlay.png"]]
+
+    shutil.rmtree(out)
+    (out / "b").mkdir(parents=True)
+    (out / "b" / "scan_overlay.png").write_bytes(b"an earlier result")
+    again = genseg_cli("segment", *inputs, "--checkpoint", run, "--out", out, returncode=2)
+    assert "b/scan_overlay.png: already exists; pass --force" in again.stderr and "Traceback" not in again.stderr
+    assert _files(out) == {"b/scan_overlay.png": b"an earlier result"}  # checked before writing anything
+    genseg_cli("segment", *inputs, "--checkpoint", run, "--out", out, "--force")
+    assert _files(out) == written
+
+
+def test_output_names_that_would_meet_use_the_whole_file_name(tmp_path):
+    """A volume's slice names can meet another input's name too; the count written is the count on disk."""
+    images, _ = raw_phantoms(6, tumours=(True, False))
+    nib.save(nib.Nifti1Image(np.moveaxis(images, 0, -1), np.eye(4)), tmp_path / "vol.nii.gz")
+    Image.fromarray((images[0] / 8).astype(np.uint8)).save(tmp_path / "vol_z001.png")  # also vol.nii.gz's slice 1
+    Image.fromarray((images[1] / 8).astype(np.uint8)).save(tmp_path / "other.png")
+    paths = [tmp_path / "vol.nii.gz", tmp_path / "vol_z001.png", tmp_path / "other.png", tmp_path / "missing.png"]
+    stems, outputs, failed = plan_outputs([*paths, tmp_path / "x" / ".." / "other.png"])  # given twice: once
+    assert {p.name: str(s) for p, s in stems.items()} == {"vol.nii.gz": "vol.nii.gz", "vol_z001.png": "vol_z001.png",
+                                                          "other.png": "other"}
+    assert [str(n) for n in outputs[paths[0]]] == ["vol.nii.gz_z000_mask.png", "vol.nii.gz_z000_overlay.png",
+                                                   "vol.nii.gz_z001_mask.png", "vol.nii.gz_z001_overlay.png",
+                                                   "vol.nii.gz_mask.nii.gz"]
+    assert [f["reason"] for f in failed] == ["file not found"]
+    run = make_untrained_segmenter(tmp_path / "run", size=SIZE, base_channels=4, depth=2)
+    report = segment_files([*paths, paths[2]], run, tmp_path / "out", progress=False)
+    assert len(report["written"]) == len(_files(tmp_path / "out")) == 5 + 2 + 2
+    assert len(report["segmented"]) == 3
 
 
 def test_dicom_without_pydicom_says_how_to_install(tmp_path, monkeypatch):

@@ -142,8 +142,10 @@ def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, scheduler: 
     return write_pipeline_outputs(result, out, settings, force=force)
 
 
-def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
-    """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs."""
+def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str | Path,
+                   force: bool = False) -> dict[str, Any]:
+    """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs (and its
+    refusal to replace existing ones unless `force`)."""
     from ..inference import segment_files
 
-    return segment_files(inputs, pipe.predictor(), out)
+    return segment_files(inputs, pipe.predictor(), out, force=force)

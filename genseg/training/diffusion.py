@@ -3,6 +3,8 @@
 Each step noises a batch at random timesteps (the forward process) and regresses the UNet's output on the
 noise (`epsilon`) or the velocity (`v_prediction`), optionally with min-SNR weighting and an extra weight on
 the mask channel. An EMA copy of the weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
+Every random draw of a step (flips, class dropout, noise, timesteps) comes from one generator saved in each
+checkpoint, so a resumed run continues exactly like an uninterrupted one, also from the middle of an epoch.
 
 A run directory is a diffusers pipeline folder plus training files:
   model_index.json, unet/ (EMA weights, safetensors), scheduler/   -> `load_diffusion`, plain diffusers
@@ -29,13 +31,12 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 
 from ..config import config_from_dict, load_config, save_config
-from ..data.augment import PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_path, replace_path
 from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
 from ..pipeline.diffusion import SliceDiffusionPipeline
-from .loop import Hooks, Trainer, effective_precision, make_accelerator
+from .loop import Hooks, SavedGenerator, Trainer, effective_precision, make_accelerator
 from .mixing import kept_patient_ids, subsample_patients
 from .seg import default_run_dir
 from .transfer import initial_unet
@@ -137,11 +138,18 @@ def to_model_space(batch: dict, joint: bool) -> torch.Tensor:
     return torch.cat([x, batch["mask"] * 2 - 1], dim=1) if joint else x
 
 
-def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionTrainConfig
-                   ) -> torch.Tensor:
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each slice (with its mask channel) mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(x), generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionTrainConfig,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """One denoising-regression loss on a clean batch `x0` in [-1, 1] (module docstring)."""
-    noise = torch.randn_like(x0)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
+                      device=x0.device)
     noisy = noise_scheduler.add_noise(x0, noise, t)
     target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     pred = model(noisy, t, class_labels=labels).sample
@@ -159,12 +167,13 @@ def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tenso
     return per_sample.mean()
 
 
-def _conditioning(labels: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.Tensor | None:
+def _conditioning(labels: torch.Tensor, cfg: DiffusionTrainConfig, generator: torch.Generator | None = None
+                  ) -> torch.Tensor | None:
     """Class ids for the UNet: unknown (-1) labels and a `class_dropout` share become the null class."""
     m = cfg.model
     if not m.num_classes:
         return None
-    drop = (labels < 0) | (torch.rand(labels.shape, device=labels.device) < cfg.class_dropout)
+    drop = (labels < 0) | (torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.class_dropout)
     return torch.where(drop, torch.full_like(labels, m.null_class), labels)
 
 
@@ -213,7 +222,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     set_seed(cfg.seed)
     dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split)
     kept = dataset.rows[subsample_patients(dataset.patients, cfg.real_fraction, cfg.seed)]
-    dataset = PreparedDataset(data, indices=kept, transform=PairedAugment(hflip=cfg.hflip, max_rotation=0.0))
+    dataset = PreparedDataset(data, indices=kept)  # flipped in the step, with the saved generator
     if len(dataset) == 0:
         raise DataError(data, f"has no slices in split {cfg.split!r}")
     if m.num_classes and dataset.labels.max() >= m.num_classes:
@@ -224,6 +233,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     for message in init.messages:
         acc.print(message)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+    rng = SavedGenerator(cfg.seed, acc.device)  # the same on every process, as set_seed leaves the global RNG
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
@@ -231,7 +241,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     trainer = Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
                       checkpoint_every_steps=cfg.checkpoint_every_steps, keep_last=cfg.keep_last,
-                      extra_state={"ema": ema})
+                      extra_state={"ema": ema, "rng": rng})
     info = {"data": str(Path(data).resolve()), "slices": len(dataset), "real_fraction": cfg.real_fraction,
             "patients": int(len(set(dataset.patients.tolist()))),
             "kept_patients": kept_patient_ids(dataset.patients, cfg.real_fraction), "precision": effective_precision(acc),
@@ -247,14 +257,13 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     ema.to(acc.device)
     noise_scheduler = build_scheduler(m)
     joint = m.mode == "joint"
-    running = torch.zeros(2, device=acc.device)  # loss sum, batches since the last log row
 
     def compute_loss(model, batch):
-        loss = diffusion_loss(model, noise_scheduler, to_model_space(batch, joint),
-                              _conditioning(batch["label"], cfg), cfg)
-        running[0] += loss.detach()
-        running[1] += 1
-        return loss
+        x0 = to_model_space(batch, joint)
+        if cfg.hflip:
+            x0 = random_hflip(x0, rng.generator)
+        labels = _conditioning(batch["label"], cfg, rng.generator)
+        return diffusion_loss(model, noise_scheduler, x0, labels, cfg, rng.generator)
 
     def ema_unet() -> UNet2DModel:
         copy = build_unet(m)
@@ -265,9 +274,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
         ema.step(acc.unwrap_model(trainer.model).parameters())
         row = None
         if state.step % cfg.log_every_steps == 0 or state.step == cfg.max_steps:
-            total = acc.gather(running[None]).sum(0)
-            row = {"loss": float(total[0] / total[1].clamp(min=1)), "ema_decay": ema.cur_decay_value}
-            running.zero_()
+            row = {"loss": trainer.take_mean_loss(), "ema_decay": ema.cur_decay_value}
         due_save = state.step % cfg.checkpoint_every_steps == 0 or state.step >= cfg.max_steps
         due_grid = cfg.sample_every_steps and state.step % cfg.sample_every_steps == 0
         if acc.is_main_process and (due_save or due_grid):

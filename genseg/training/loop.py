@@ -11,15 +11,19 @@ import csv
 import dataclasses
 import json
 import math
+import pickle
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import RNG_STATE_NAME, DataLoaderConfiguration
+from accelerate.utils import load as weights_only_load
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,6 +44,9 @@ class TrainState:
     best_epoch: int = -1
     evals_since_best: int = 0
     elapsed_s: float = 0.0
+    loss_sum: float = 0.0  # training loss summed over this epoch's batches so far, all processes
+    log_loss_sum: float = 0.0  # and over the batches since the last `take_mean_loss` (per-N-steps log rows)
+    log_batches: int = 0
 
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False, seed: int = 0) -> Accelerator:
@@ -146,9 +153,48 @@ class Checkpointer:
         if not (path / STATE_FILE).exists():
             raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
         self.accelerator.load_state(str(path))
+        _check_rng_restored(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
         for name, obj in self.extra.items():
             obj.load_state_dict(_load_state_dict(path / name))
         return TrainState(**json.loads((path / STATE_FILE).read_text()))
+
+
+class SavedGenerator:
+    """A torch.Generator for a trainer's own random draws, saved in every checkpoint (pass it in `extra_state`).
+
+    The global RNG that accelerate saves cannot make a mid-epoch resume exact: the data loader draws from it
+    too, a batch ahead of the step and once per epoch for its workers' seeds, so after a resume the same draws
+    would land on other batches.
+    """
+
+    def __init__(self, seed: int, device: str | torch.device = "cpu"):
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["state"])
+
+
+def _check_rng_restored(file: Path) -> None:
+    """accelerate's load_state skips an RNG file it cannot load or apply with only an info log, and the run would
+    go on with other random draws than the one it resumes: refuse such a checkpoint, saying why."""
+    try:
+        saved = weights_only_load(file)  # accelerate's own reader: weights_only, so pickled code is refused
+        numpy_state = np.random.get_state()
+        restored = (random.getstate() == saved["random_state"]
+                    and all(np.array_equal(a, b) for a, b in zip(numpy_state, saved["numpy_random_seed"], strict=True))
+                    and torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]))
+    except Exception as exc:
+        lines = str(exc).splitlines() or [""]
+        if isinstance(exc, pickle.UnpicklingError):  # torch's message opens with advice to unpickle it anyway
+            lines = [line for line in lines if "GLOBAL" in line] or lines
+        raise CheckpointError(f"{file}: cannot restore the random-number state ({type(exc).__name__}: {lines[0]}); "
+                              f"resuming without it would not continue the run exactly") from None
+    if not restored:
+        raise CheckpointError(f"{file}: its random-number state was not restored (accelerate could not apply it); "
+                              f"resuming without it would not continue the run exactly")
 
 
 def _save_state_dict(state: dict[str, Any], stem: Path) -> None:
@@ -168,6 +214,10 @@ def _save_state_dict(state: dict[str, Any], stem: Path) -> None:
 
 
 def _load_state_dict(stem: Path) -> dict[str, Any]:
+    missing = [p.name for p in (Path(f"{stem}.safetensors"), Path(f"{stem}.json")) if not p.exists()]
+    if missing:
+        raise CheckpointError(f"{stem.parent}: incomplete training checkpoint, {' and '.join(missing)} missing "
+                              f"(written by an older genseg?)")
     tensors = load_file(str(stem) + ".safetensors")
     state: dict[str, Any] = json.loads(Path(str(stem) + ".json").read_text())
     for key, value in list(state.items()):
@@ -210,6 +260,7 @@ class Trainer:
         self.log = CsvLog(self.run_dir / "log.csv")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.state = TrainState()
+        self._losses = torch.zeros(3, device=accelerator.device)  # this process: epoch sum, sum and batches since log
 
     def resume(self, checkpoint: Path | None = None) -> TrainState:
         """Load the given or the newest checkpoint in the run; a clear error when there is none."""
@@ -219,7 +270,25 @@ class Trainer:
         self.state = self.checkpointer.load(Path(checkpoint))
         if self.accelerator.is_main_process:
             self.log.truncate_after("step", self.state.step)
+            self._losses = torch.tensor([self.state.loss_sum, self.state.log_loss_sum, self.state.log_batches],
+                                        device=self.accelerator.device)  # the other processes carry on from 0
         return self.state
+
+    def take_mean_loss(self) -> float:
+        """Mean training loss over every process's batches since the previous call, for per-N-steps log rows;
+        every process must call it at the same step."""
+        total = self.accelerator.gather(self._losses[None, 1:]).sum(0)
+        self._losses[1:] = 0
+        return float(total[0] / total[1].clamp(min=1))
+
+    def _save(self) -> None:
+        """A checkpoint that also holds the loss sums so far, so rows logged after a resume average the same batches."""
+        totals = self.accelerator.gather(self._losses[None]).sum(0).tolist()
+        self.state.loss_sum, self.state.log_loss_sum, self.state.log_batches = totals[0], totals[1], int(totals[2])
+        self.checkpointer.save(self.state)
+
+    def _step_checkpoint_due(self) -> bool:
+        return bool(self.checkpoint_every_steps) and self.state.step % self.checkpoint_every_steps == 0
 
     def _improved(self, value: float) -> bool:
         best = self.state.best_metric
@@ -246,7 +315,6 @@ class Trainer:
             if state.batches_into_epoch:
                 loader = acc.skip_first_batches(loader, state.batches_into_epoch)
             self.model.train()
-            loss_sum, loss_count = torch.zeros((), device=acc.device), 0
             for batch in loader:
                 with acc.accumulate(self.model):
                     loss = compute_loss(self.model, batch)
@@ -258,8 +326,8 @@ class Trainer:
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 state.batches_into_epoch += 1
-                loss_sum += loss.detach()
-                loss_count += 1
+                self._losses[:2] += loss.detach()
+                self._losses[2] += 1
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
@@ -268,20 +336,24 @@ class Trainer:
                 row = hooks.after_step(state) if hooks.after_step else None
                 if row:
                     self._log(row)
-                due = self.checkpoint_every_steps and state.step % self.checkpoint_every_steps == 0
-                if due or state.step >= max_steps:
+                # a checkpoint due on the epoch's last batch waits for the epoch's end (its row, hooks and early
+                # stopping), so that resuming from it starts the next epoch instead of replaying this one's end
+                end_of_epoch = state.batches_into_epoch == len(self.train_loader)
+                if not end_of_epoch and (self._step_checkpoint_due() or state.step >= max_steps):
                     state.elapsed_s += time.perf_counter() - started
                     started = time.perf_counter()
-                    self.checkpointer.save(state)
+                    self._save()
                 if state.step >= max_steps:
                     stopped = True
                     break
             if stopped and state.batches_into_epoch < len(self.train_loader):
                 break  # stopped mid-epoch on max_steps: the checkpoint above already holds this point
             state.epoch += 1
+            batches = state.batches_into_epoch * acc.num_processes
+            mean_loss = acc.gather(self._losses[None, :1]).sum().item() / max(1, batches)
+            self._losses[0] = 0
             state.batches_into_epoch = 0
             state.elapsed_s += time.perf_counter() - started
-            mean_loss = acc.gather(loss_sum[None]).sum().item() / max(1, loss_count * acc.num_processes)
             metrics = {"train_loss": mean_loss}
             if hooks.after_epoch:
                 metrics.update(hooks.after_epoch(state) or {})
@@ -294,8 +366,9 @@ class Trainer:
                 else:
                     state.evals_since_best += 1
             self._log(metrics)
-            if self.checkpoint_every_steps is None or state.epoch >= max_epochs:
-                self.checkpointer.save(state)
+            if (self.checkpoint_every_steps is None or self._step_checkpoint_due() or state.epoch >= max_epochs
+                    or state.step >= max_steps):
+                self._save()
             stopped = state.epoch >= max_epochs or state.step >= max_steps or self._patience_exhausted()
         bar.close()
         return state
