@@ -129,7 +129,8 @@ def _seg_training_options(command):
         click.option("--data", required=True, type=click.Path(dir_okay=False),
                      help="Prepared real dataset (genseg prepare); validation and test always come from it."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="YAML config (e.g. configs/seg-cpu-small.yaml); flags below override its keys."),
+                     help="YAML config file, or a shipped one by name (seg-cpu-small, seg-demo, seg-paper, ...); "
+                          "flags below override its keys."),
         click.option("--epochs", type=int, help="Maximum number of epochs."),
         click.option("--batch-size", type=int, help="Training batch size."),
         click.option("--lr", type=float, help="Adam learning rate (paper: 1e-3)."),
@@ -328,7 +329,7 @@ def export_onnx_cmd(checkpoint, out, opset):
 @main.command("train-diffusion")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Prepared real dataset (genseg prepare).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML config (configs/diffusion-cpu-small.yaml, configs/diffusion-paper.yaml); flags override it.")
+              help="YAML config file, or a shipped one by name (diffusion-cpu-small, diffusion-paper); flags override it.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory (default: checkpoints/diffusion-DATE-TIME).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (step count kept).")
 @click.option("--max-steps", type=int, help="Total optimizer steps (a resumed run trains up to this many).")

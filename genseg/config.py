@@ -1,13 +1,16 @@
-"""One config mechanism: dataclasses, filled from YAML files in configs/, overridden by CLI flags.
+"""One config mechanism: dataclasses, filled from YAML files, overridden by CLI flags.
 
 Every training entry point takes a dataclass instance; `load_config` builds it from a file and a dict of
 overrides (the CLI passes only the flags the user actually gave), and `save_config` writes the resolved
-config into the run directory so later commands read sizes and preprocessing from there.
+config into the run directory so later commands read sizes and preprocessing from there. The shipped configs
+are package data (genseg/configs/, also reachable as configs/ in a checkout): a bare name such as `seg-demo`
+finds them from any directory and from a wheel install.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -20,6 +23,28 @@ from .errors import ConfigError
 C = TypeVar("C")
 
 
+SHIPPED_CONFIGS = Path(str(importlib.resources.files("genseg") / "configs"))  # package data, a folder once installed
+
+
+def builtin_config(name: str) -> Path:
+    """The shipped config `name` (with or without .yaml)."""
+    path = SHIPPED_CONFIGS / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+        raise ConfigError(f"no shipped config named {name!r}; shipped: {', '.join(shipped)}")
+    return path
+
+
+def config_path(path: str | Path) -> Path:
+    """`path` as given when it exists; else, for a bare name or configs/NAME, the shipped config of that name
+    (so `--config configs/seg-demo.yaml` and `--config seg-demo` work from any directory and from a wheel)."""
+    given = Path(path)
+    if given.exists() or given.parent not in (Path("."), Path("configs")):
+        return given
+    shipped = SHIPPED_CONFIGS / f"{given.name.removesuffix('.yaml')}.yaml"
+    return shipped if shipped.is_file() else given
+
+
 def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
     """Build `cls` from an optional YAML file, then apply `overrides` (keys whose value is None are ignored)."""
     values: dict[str, Any] = {}
@@ -27,7 +52,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
     if path is not None:
         origin = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(config_path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as exc:

@@ -47,7 +47,7 @@ import numpy as np
 from genseg.config import load_config
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.io import atomic_path
-from genseg.pipeline.demo import (REPO, ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
+from genseg.pipeline.demo import (ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
                                   generator_source, load_generator, sample_synthetic)
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.mixing import select_synthetic, subsample_patients
@@ -55,6 +55,7 @@ from genseg.training.diffusion import DiffusionTrainConfig
 from genseg.training.seg import SegTrainConfig
 from genseg.viz import plot_curves
 
+REPO = Path(__file__).resolve().parents[1]  # scripts are run from a checkout
 CONFIG = REPO / "configs" / "study-synthetic-ratio.yaml"
 CHANGES = ("none", "agreement", "more")
 

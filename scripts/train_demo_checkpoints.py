@@ -29,10 +29,11 @@ import torch
 from genseg.config import load_config
 from genseg.data.prepared import read_metadata
 from genseg.io import atomic_path
-from genseg.pipeline.demo import (DIFFUSION_CPU_CONFIG, REPO, diffusion_checkpoint_step, ensure_demo_data,
+from genseg.pipeline.demo import (DIFFUSION_CPU_CONFIG, diffusion_checkpoint_step, ensure_demo_data,
                                   ensure_diffusion, ensure_prepared, ensure_segmenter, load_generator,
                                   sample_synthetic, seg_demo_config)
 from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.run import DEMO_PIPELINE
 from genseg.synthetic_quality import evaluate_synthetic, markdown_table
 from genseg.training.diffusion import DiffusionTrainConfig
 from genseg.training.loop import CsvLog
@@ -151,7 +152,8 @@ def readme(n: dict, quality: dict, grid: str | None) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="Folder for the stages (reused when finished).")
-    parser.add_argument("--out", type=Path, default=REPO / "checkpoints" / "demo", help="Where the models go.")
+    parser.add_argument("--out", type=Path, default=DEMO_PIPELINE.parent,
+                        help="Where the models go (default: the shipped genseg/demo_models).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--diffusion-steps", type=int, help="Generator optimizer steps (default 2500; --tiny: 2).")
     parser.add_argument("--max-mb", type=float, default=MAX_MB, help="Save fp16 when fp32 would exceed this.")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import load_config
+from ..config import builtin_config, load_config
 from ..data.demo import make_demo_dataset
 from ..data.prepare import prepare
 from ..data.prepared import read_metadata
@@ -41,9 +41,8 @@ from ..training.loop import STATE_FILE
 from ..training.seg import SegTrainConfig, train_segmenter
 from .diffusion import SliceDiffusionPipeline, load_diffusion, model_channels
 
-REPO = Path(__file__).resolve().parents[2]
-SEG_DEMO_CONFIG = REPO / "configs" / "seg-demo.yaml"
-DIFFUSION_CPU_CONFIG = REPO / "configs" / "diffusion-cpu-small.yaml"
+SEG_DEMO_CONFIG = builtin_config("seg-demo")
+DIFFUSION_CPU_CONFIG = builtin_config("diffusion-cpu-small")
 BUDGET_S = 600  # the demo's promise on 2 CPU cores
 DEMO_DATA_S_PER_SLICE = 0.1  # demo-data at 256 px (measured 0.16 s/slice on a busy 2-core machine); scales with pixels
 GRID_SLICES = 16

@@ -3,6 +3,7 @@ what a person looks at — PNGs, overlays, a contact sheet — next to `summary.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..metrics import dice_iou
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
 from .genseg import GenSegOutput, GenSegPipeline
 
-DEMO_PIPELINE = Path(__file__).resolve().parents[2] / "checkpoints" / "demo" / "pipeline"
+DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
 CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
 
 
