@@ -425,6 +425,7 @@ def comparison_table(test: dict[str, dict]) -> str:
 
 
 def _report(out: Path, summary: dict, rows: list[dict]) -> str:
+    from ..synthetic_quality import kid_reading
     from ..viz import plot_bars
 
     test = summary["test"]
@@ -439,6 +440,7 @@ def _report(out: Path, summary: dict, rows: list[dict]) -> str:
     kid = "n/a" if q["kid_mean"] is None else f"{1e3 * q['kid_mean']:.2f} ± {1e3 * q['kid_std']:.2f}"
     kid_ref = ("n/a" if q["kid_real_reference"] is None
                else f"{1e3 * q['kid_real_reference']:.2f} ± {1e3 * q['kid_real_reference_std']:.2f}")
+    reading = kid_reading(q["kid_mean"], q["kid_std"], q["kid_real_reference"], q["kid_real_reference_std"])
     agreement = "n/a" if q["agreement_dice_mean"] is None else f"{q['agreement_dice_mean']:.3f}"
     agreement_ref = "n/a" if q.get("agreement_real_reference") is None else f"{q['agreement_real_reference']:.3f}"
     lines = [
@@ -459,7 +461,8 @@ def _report(out: Path, summary: dict, rows: list[dict]) -> str:
         f"- nearest-neighbour ratio to the real training set (median; ~1 = as far as an unseen patient, 0 = a copy): "
         f"{q['nn_ratio_median']:.3f}; near-copies {q['near_copy_percent']} % (real held-out reference "
         f"{q['real_near_copy_percent']} %)",
-        f"- KID x 1e3 (real-only segmenter's features): synthetic {kid}, real held-out reference {kid_ref}",
+        f"- KID x 1e3 (real-only segmenter's features): synthetic {kid}, real held-out reference {kid_ref}" +
+        (f"; {reading}" if reading else ""),
         f"- Dice of generated masks vs the real-only segmenter's predictions: {agreement} (the same segmenter on "
         f"real held-out slices: {agreement_ref})",
         f"- share of slices with a tumour: synthetic {q['tumour_slice_share']['synthetic']}, "
