@@ -79,6 +79,9 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path
     assert again.exit_code == 0, again.output
     stages = ["data", "prepare", "generator", "sample", "seg-real", "quality", "seg-mixed", "pipeline", "report"]
     assert all(f"[{s}] reused" in again.output for s in stages), again.output
+    # the plan times only the stages that will run: none here, so nothing is above any budget
+    assert all(f"  {s:<10} reused" in again.output for s in stages) and "total      ~     0 s" in again.output
+    assert "above the" not in again.output and "(expected ~" not in again.output
     assert model_file.stat().st_mtime_ns == stamp
 
     # a damaged stage is redone, and so is everything after it; earlier stages stay
@@ -87,6 +90,9 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path
     assert third.exit_code == 0, third.output
     assert "[seg-real] reused" in third.output and "[quality] done" in third.output
     assert "[seg-mixed] done" in third.output and "[report] done" in third.output
+    assert "  seg-real   reused" in third.output and "  quality    ~" in third.output
+    times = (out / "report.md").read_text().split("## Time")[1]
+    assert "| seg-real | reused |" in times and "| quality | reused |" not in times
 
 
 def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
