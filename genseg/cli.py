@@ -415,6 +415,7 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, cla
     predicted Dice) and OUT/report.md. With no model options it uses the shipped demo pipeline. With --input
     it segments the real files named after it instead.
     """
+    from .io import atomic_path
     from .pipeline.run import load_pipeline, run_pipeline, segment_inputs
 
     if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
@@ -423,7 +424,8 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, cla
     inputs = (*inputs, *more_inputs)
     pipe = load_pipeline(pipeline_dir, diffusion, segmenter)
     if save_pipeline:
-        pipe.save_pretrained(save_pipeline)
+        with atomic_path(save_pipeline, is_dir=True) as tmp:
+            pipe.save_pretrained(tmp)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
         report = segment_inputs(pipe, inputs, out)

@@ -103,7 +103,18 @@ def _untouched_for(path: Path, seconds: float) -> bool:
 
 
 def replace_path(src: Path, dst: Path) -> None:
-    """Move `src` onto `dst`, replacing a file or a whole folder that is already there."""
+    """Move `src` onto `dst`, replacing a file or a whole folder that is already there.
+
+    Safetensors weights in `src` first get the mode of a plain write: safetensors 0.8 writes every file 0600
+    through a private temporary of its own (safetensors issue 782), whatever the umask.
+    """
+    src, dst = Path(src), Path(dst)
+    weights = [src] if src.suffix == ".safetensors" else list(src.rglob("*.safetensors")) if src.is_dir() else []
+    if weights:
+        mode = 0o666 & ~_umask()
+        for path in weights:
+            if not path.is_symlink():
+                os.chmod(path, mode)
     if dst.is_dir() and not dst.is_symlink():
         old = dst.with_name(f".{dst.name}.old")
         _remove(old)
@@ -112,6 +123,17 @@ def replace_path(src: Path, dst: Path) -> None:
         _remove(old)
     else:
         os.replace(src, dst)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (setting it is process-wide)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from genseg import io
-from genseg.io import atomic_path, remove_stale_temporaries
+from genseg.io import atomic_path, remove_stale_temporaries, replace_path
 from genseg.viz import save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +42,14 @@ def test_atomic_outputs_have_the_modes_of_plain_writes(tmp_path, umask):
     with atomic_path(tmp_path / "model", is_dir=True) as tmp:
         (tmp / "weights.safetensors").write_bytes(b"w")
     with atomic_path(tmp_path / "model", is_dir=True) as tmp:  # replacing a folder that exists
-        (tmp / "weights.safetensors").write_bytes(b"v")
+        save_file({"w": torch.zeros(2)}, tmp / "weights.safetensors")  # safetensors itself writes 0600 files
+    staged = tmp_path / "staged"  # a folder moved into place with replace_path (training checkpoints)
+    staged.mkdir()
+    save_file({"w": torch.zeros(2)}, staged / "model.safetensors")
+    replace_path(staged, tmp_path / "step-1")
     assert mode(tmp_path / "plain.txt") == 0o666 & ~umask
     assert mode(tmp_path / "plain_dir") == 0o777 & ~umask
-    for name in ("report.md", "figure.png", "model/weights.safetensors"):
+    for name in ("report.md", "figure.png", "model/weights.safetensors", "step-1/model.safetensors"):
         assert mode(tmp_path / name) == 0o666 & ~umask, name
     assert mode(tmp_path / "model") == 0o777 & ~umask
 
