@@ -132,12 +132,22 @@ def test_kid_of_noise_exceeds_the_real_reference(real, tmp_path):
     assert not h5py.File(tmp_path / "good.h5", "r").attrs.get("quality")  # write=False leaves the file alone
 
 
+def test_bootstrap_kid_spreads_where_subsets_would_all_be_the_whole_sets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 16)), rng.normal(size=(60, 16)) + 0.3
+    whole, spread = kid(a, b, num_subsets=5, subset_size=1000)
+    assert spread == 0  # every subset is both whole sets
+    mean, sd = kid(a, b, num_subsets=200, subset_size=1000, bootstrap=True)
+    assert sd > 0 and abs(mean - whole) < sd / 2  # centred on the whole sets' KID, with its uncertainty
+    same, same_sd = kid(a, rng.normal(size=(60, 16)), num_subsets=200, subset_size=1000, bootstrap=True)
+    assert abs(same) < 2 * same_sd < whole  # a row drawn twice is not paired with itself: no bias up
+
+
 def test_kid_spread_is_real_when_the_sets_are_equal_in_size(real, tmp_path):
-    """Subsets smaller than the sets: a synthetic set as large as the training split still gets a spread."""
+    """A synthetic set as large as the training split (both below the subset size) still gets a spread."""
     n_train = int((read_metadata(real)["split"] == "train").sum())
     images, masks = fresh_phantoms(n_train, seed=6)
     result = evaluate_synthetic(write_synth(tmp_path / "s.h5", images, masks), real, write=False, **FAST)
-    assert result["kid_subset_size"] < min(n_train, result["num_real_heldout"])
     assert result["kid_std"] > 0 and result["kid_real_reference_std"] > 0
     assert result["kid_reading"] and f"KID: {result['kid_reading']}" in markdown_table(result)
 
