@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 SEG_DEMO_CONFIG = REPO / "configs" / "seg-demo.yaml"
 DIFFUSION_CPU_CONFIG = REPO / "configs" / "diffusion-cpu-small.yaml"
 BUDGET_S = 600  # the demo's promise on 2 CPU cores
-DEMO_DATA_S_PER_SLICE = 0.1  # demo-data at 256 px (measured 0.16 s/slice on a busy 2-core machine); scales with pixels
+DEMO_DATA_S_PER_SLICE = 0.05  # demo-data seconds per 256 px slice on 2 CPU cores; scales with pixels
 GRID_SLICES = 16
 STAGES_FILE = "stages.json"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where training and sampling run (accelerate's pick too)
@@ -153,7 +153,7 @@ def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, 
 # --- the time budget --------------------------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any], repeats: int = 3) -> float:
+def _timed(fn: Callable[[], Any], repeats: int = 5) -> float:
     """Seconds of the fastest of `repeats` calls of `fn` after one warm-up call (GPU work waited for): a busy
     moment on a shared machine slows single calls, and the fastest one is the machine's own speed."""
     sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
@@ -168,8 +168,8 @@ def _timed(fn: Callable[[], Any], repeats: int = 3) -> float:
     return min(times)
 
 
-def measure_generator(unet, batch: int = 8) -> float:
-    """Seconds per image per denoising step of `unet` on this machine (one batched forward pass, timed)."""
+def measure_generator(unet, batch: int = 16) -> float:
+    """Seconds per image per denoising step of `unet` on this machine (one forward pass of a sampling batch)."""
     size, channels = int(unet.config.sample_size), int(unet.config.in_channels)
     x = torch.randn(batch, channels, size, size, device=unet.device, dtype=unet.dtype)
     labels = (torch.full((batch,), int(unet.config.num_class_embeds) - 1, device=unet.device)
@@ -435,7 +435,7 @@ def _expected_seconds(running: list[str], settings: DemoSettings, seg_cfg: SegTr
 
     def generator_s() -> float:
         if diffusion_cfg is None:
-            return 2
+            return 1
         step_s = measure_diffusion_step(diffusion_cfg)
         seconds = step_s * diffusion_cfg.max_steps * 1.1
         echo(f"--from-scratch: training the generator takes about {seconds / 60:.1f} min here "
@@ -444,14 +444,14 @@ def _expected_seconds(running: list[str], settings: DemoSettings, seg_cfg: SegTr
 
     estimates = {
         "data": lambda: raw_slices * DEMO_DATA_S_PER_SLICE * (settings.raw_size / 256) ** 2 + 2,
-        "prepare": lambda: 0.02 * raw_slices + 2,
+        "prepare": lambda: 0.005 * raw_slices * (settings.raw_size / 256) ** 2 + 1,
         "generator": generator_s,
         "sample": lambda: train_slices * settings.sample_steps * sample_s() + 3,
         "seg-real": seg_s,
-        "quality": lambda: 10,
+        "quality": lambda: 2,
         "seg-mixed": seg_s,
         "pipeline": lambda: settings.pipeline_slices * settings.sample_steps * sample_s() + 5,
-        "report": lambda: 2,
+        "report": lambda: 1,
     }
     return {name: estimates[name]() for name in running}
 
