@@ -212,3 +212,32 @@ def test_study_matched_generator_arm(tiny_pipeline, tmp_path):
     assert generator["kept_patients"] == segmenter["kept_patients"] and generator["real_fraction"] == 0.5
     assert segmenter["synthetic"]["path"] == str((out / "synthetic-matched" / "f0.5-s0.h5").resolve())
     assert "| matched generator | 50 % " in summary["table"] and "| matched generator | 100 % " not in summary["table"]
+
+
+def test_other_load_counts_the_cores_other_processes_take():
+    import subprocess
+    import time
+
+    from genseg.pipeline.demo import OtherLoad
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        with OtherLoad() as busy:
+            time.sleep(1.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy.cores > 0.5
+
+
+def test_the_plan_says_when_it_timed_on_a_busy_machine(tiny_pipeline, tmp_path, monkeypatch):
+    import itertools
+
+    import genseg.pipeline.demo as demo_module
+
+    ticks = itertools.count(0, 1000.0)  # every reading: another 1000 busy CPU seconds
+    monkeypatch.setattr(demo_module, "_busy_cpu_seconds", lambda: next(ticks))
+    done = demo("--out", tmp_path / "demo", "--pipeline", tiny_pipeline, "--tiny")
+    assert done.exit_code == 0, done.output
+    assert "note: other processes kept" in done.output and "while the models were timed" in done.output
