@@ -113,7 +113,8 @@ def run(argv: list[str], small: bool) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CI mode: the tiny demo and small sizes (SMALL_FLAGS).")
-    parser.add_argument("--work", type=Path, help="Run in this folder (kept) instead of a temporary one.")
+    parser.add_argument("--work", type=Path, help="Run in this new folder, kept afterwards, instead of a temporary "
+                                                  "one (the commands refuse to overwrite earlier runs).")
     parser.add_argument("--readme", type=Path, default=REPO / "README.md")
     args = parser.parse_args(argv)
     commands = runnable_commands(args.readme.read_text())
