@@ -419,25 +419,33 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
 @_generation_options
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
-              help="Segment these real files (.mat, NIfTI, DICOM, PNG/JPG) with the pipeline's segmenter instead "
-                   "of generating; repeat the option for several files.")
+              help="Segment real files (.mat, NIfTI, DICOM, PNG/JPG) with the pipeline's segmenter instead of "
+                   "generating: --input a.mat b.nii.gz, or --input repeated.")
 @click.option("--save-pipeline", type=click.Path(file_okay=False),
               help="Also save the assembled pipeline as one diffusers folder here (reload with --pipeline).")
 @click.option("--force", is_flag=True,
               help="Replace an existing --out folder (with --input: existing output files).")
+@click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
 def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, class_label, guidance, seed, batch_size,
-             inputs, save_pipeline, force):
+             inputs, save_pipeline, force, more_inputs):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
     mode), OUT/contact_sheet.png, OUT/summary.json (per slice: tumour area, mean probability, generated-vs-
-    predicted Dice) and OUT/report.md. With no model options it uses the shipped demo pipeline.
+    predicted Dice) and OUT/report.md. With no model options it uses the shipped demo pipeline. With --input
+    it segments the real files named after it instead.
     """
+    from .io import atomic_path
     from .pipeline.run import load_pipeline, run_pipeline, segment_inputs
 
+    if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
+        raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
+                               f"segment go after --input")
+    inputs = (*inputs, *more_inputs)
     pipe = load_pipeline(pipeline_dir, diffusion, segmenter)
     if save_pipeline:
-        pipe.save_pretrained(save_pipeline)
+        with atomic_path(save_pipeline, is_dir=True) as tmp:
+            pipe.save_pretrained(tmp)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
         report = segment_inputs(pipe, inputs, out, force)

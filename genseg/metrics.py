@@ -151,13 +151,16 @@ def nearest_neighbour_distances(queries: np.ndarray, references: np.ndarray, que
 
 
 def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+        seed: int = 0, bootstrap: bool = False) -> tuple[float, float]:
     """KID between two feature sets (N, D): mean and standard deviation over `num_subsets` random subsets.
 
     Each subset draws min(subset_size, N_a, N_b) rows of each set without replacement and computes the unbiased
     MMD^2 (diagonal kernel terms left out), so the expected value is 0 for two samples of one distribution and
-    can come out slightly negative. The three kernel matrices are computed once (float64) and subsets index
-    them, so keep each set to a few thousand rows. Needs at least 2 rows per set.
+    can come out slightly negative. With `bootstrap`, each subset draws min(subset_size, N) rows of each set
+    *with* replacement instead, and a row drawn twice is never paired with itself: for sets no larger than
+    `subset_size` the spread is then the bootstrap error of the whole sets' KID (subsets without replacement
+    would all be the whole sets, with a spread of 0). The three kernel matrices are computed once (float64)
+    and subsets index them, so keep each set to a few thousand rows. Needs at least 2 rows per set.
     """
     a = torch.as_tensor(np.asarray(features_a, np.float64))
     b = torch.as_tensor(np.asarray(features_b, np.float64))
@@ -169,10 +172,19 @@ def kid(features_a: np.ndarray, features_b: np.ndarray, num_subsets: int = 100, 
     dim = a.shape[1]
     k_aa, k_bb, k_ab = ((u @ v.T / dim + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))
     g = torch.Generator().manual_seed(seed)
+
+    def draw(n: int) -> torch.Tensor:
+        """A subset as a weight vector (how often each row was drawn): its kernel sums are quadratic forms."""
+        if bootstrap:
+            return torch.bincount(torch.randint(n, (min(subset_size, n),), generator=g), minlength=n).double()
+        return torch.zeros(n, dtype=torch.float64).index_fill_(0, torch.randperm(n, generator=g)[:m], 1)
+
+    def within(w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Mean kernel over pairs of different rows of one subset."""
+        return (w @ k @ w - (w * w) @ k.diagonal()) / (w.sum() ** 2 - (w * w).sum())
+
     values = []
-    for _ in range(num_subsets):  # a subset = a 0/1 weight vector: its kernel sums are quadratic forms
-        x = torch.zeros(len(a), dtype=torch.float64).index_fill_(0, torch.randperm(len(a), generator=g)[:m], 1)
-        y = torch.zeros(len(b), dtype=torch.float64).index_fill_(0, torch.randperm(len(b), generator=g)[:m], 1)
-        within = x @ k_aa @ x - x @ k_aa.diagonal() + y @ k_bb @ y - y @ k_bb.diagonal()
-        values.append(float(within / (m * (m - 1)) - 2 * (x @ k_ab @ y) / m**2))
+    for _ in range(num_subsets):
+        x, y = draw(len(a)), draw(len(b))
+        values.append(float(within(x, k_aa) + within(y, k_bb) - 2 * (x @ k_ab @ y) / (x.sum() * y.sum())))
     return float(np.mean(values)), float(np.std(values))

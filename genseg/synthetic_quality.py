@@ -10,9 +10,11 @@ Three views, each next to a real-vs-real reference so the number means something
   training set as an unseen real patient", 0 an exact copy. A slice is a near-copy when its ratio is below
   NEAR_COPY_RATIO (0.5: half the typical distance between different patients' slices); the same threshold
   applied to the held-out real slices is reported as the false-alarm reference.
-- Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, mean +- sd over random subsets,
-  genseg.metrics.kid) between synthetic and real training images, and between held-out (val/test) real and real
-  training images as the floor (None when the real file has no held-out slices). Features: with a segmenter,
+- Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, genseg.metrics.kid) between synthetic
+  and real training images, and between held-out (val/test) real and real training images as the floor (None
+  when the real file has no held-out slices), each as mean +- sd over bootstrap resamples of both sets (at most
+  `kid_subset_size` rows drawn with replacement): the spread is the KID's own uncertainty, also for sets
+  smaller than a subset, and `kid_reading` says in one sentence how far apart the two KIDs are. Features: with a segmenter,
   its encoder's bottleneck, global-average-pooled (a network trained on this domain); without one, a
   fixed-seed *randomly initialised* small CNN (random_feature_network), a much weaker proxy: random features
   react to intensity, texture and layout, not to anatomy. All features are divided by one scalar so that the
@@ -166,6 +168,26 @@ def _seeded_subset(rows: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
 
 
+def kid_reading(kid_mean: float | None, kid_std: float | None, reference: float | None,
+                reference_std: float | None) -> str | None:
+    """One sentence on what a KID means next to the real-vs-real reference (None when there is no reference)."""
+    if kid_mean is None or reference is None:
+        return None
+    spread = float(np.hypot(kid_std, reference_std))
+    if spread == 0:
+        return "no spread over subsets to judge the difference against (too few slices)"
+    z = (kid_mean - reference) / spread
+    if abs(z) <= 2:
+        return ("within two standard deviations of the real-vs-real reference: with this many slices these "
+                "features cannot tell synthetic from real")
+    if z < 0:
+        return (f"{-z:.0f} standard deviations below the real-vs-real reference: the synthetic slices sit closer to "
+                f"the training slices than unseen real patients do (look at the near-copies)")
+    times = f", {kid_mean / reference:.0f}x it" if reference > 2 * reference_std else ""
+    return (f"{z:.0f} standard deviations above the real-vs-real reference{times}: these features still tell "
+            f"synthetic from real")
+
+
 def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str | Path | Segmenter | None = None,
                        near_copy_ratio: float = NEAR_COPY_RATIO, max_features: int = 1000,
                        kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0, write: bool = True,
@@ -231,9 +253,10 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
 
     # (b) KID, on features scaled so the real training features have mean square 1 (module doc)
     scale = float(np.sqrt(np.mean(np.square(train.features, dtype=np.float64)))) or 1.0
-    kid_mean, kid_std = kid(syn.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed)
-    kid_ref = kid(held.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed) \
-        if held is not None and len(held.features) >= 2 else (None, None)
+    kid_mean, kid_std = kid(syn.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed,
+                            bootstrap=True)
+    kid_ref = kid(held.features / scale, train.features / scale, kid_subsets, kid_subset_size, seed,
+                  bootstrap=True) if held is not None and len(held.features) >= 2 else (None, None)
 
     # (c) agreement and histograms
     agreement = syn.agreement if segmenter is not None and masks_generated else None
@@ -267,7 +290,8 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         "kid_real_reference": kid_ref[0],
         "kid_real_reference_std": kid_ref[1],
         "kid_subsets": kid_subsets,
-        "kid_subset_size": min(kid_subset_size, len(syn.features), len(train.features)),
+        "kid_subset_size": kid_subset_size,
+        "kid_reading": kid_reading(kid_mean, kid_std, *kid_ref),
         "agreement_dice_mean": float(agreement.mean()) if agreement is not None else None,
         "agreement_dice_median": float(np.median(agreement)) if agreement is not None else None,
         # the same Dice on real held-out slices (the segmenter's own test Dice): what realistic pairs would reach
@@ -352,7 +376,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{fmt(result['nn_ratio_median'])} | 1 |",
         f"| near-copies (ratio < {result['near_copy_threshold']:g}) | {result['near_copies']} "
         f"({result['near_copy_percent']:g} %) | {result['real_near_copy_percent']:g} % |",
-        f"| KID x 1000 (mean ± sd) | {fmt(result['kid_mean'], 1e3)} ± {fmt(result['kid_std'], 1e3)} | {kid_ref} |",
+        f"| KID x 1000 (mean ± sd over {result['kid_subsets']} bootstrap resamples) | "
+        f"{fmt(result['kid_mean'], 1e3)} ± {fmt(result['kid_std'], 1e3)} | {kid_ref} |",
         f"| mask vs segmenter Dice, mean (median) | {fmt(result['agreement_dice_mean'])} "
         f"({fmt(result['agreement_dice_median'])}) | {fmt(result['agreement_real_reference'])} |",
         f"| share of slices with tumour | {fmt(shares['synthetic'])} | {fmt(shares['real'])} |",
@@ -361,7 +386,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for name in _class_order(result):
         lines.append(f"| class {name} share | {fmt(result['class_histogram']['synthetic'].get(name, 0.0))} | "
                      f"{fmt(result['class_histogram']['real'].get(name, 0.0))} |")
-    lines += ["", f"KID features: {result['feature_network']}",
+    lines += [""] + ([f"KID: {result['kid_reading']}"] if result["kid_reading"] else []) + [
+              f"KID features: {result['feature_network']}",
               f"Nearest-neighbour reference: {result['nn_reference']}; images pooled to "
               f"{result['nn_image_side']}px, RMS pixel distance",
               f"Figure: {result['figure']}"]

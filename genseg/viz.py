@@ -7,6 +7,8 @@ colour images are uint8 (H, W, 3), colours are RGB tuples, and files are written
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +22,7 @@ from .io import atomic_path
 CLASS_COLORS = {0: (255, 255, 0), 1: (255, 140, 0), 2: (255, 60, 60), 3: (60, 160, 255)}
 MASK_COLOR = (255, 60, 60)
 PREDICTION_COLOR = (60, 220, 60)
+CAPTION_MARGIN = 2  # pixels between a caption and its cell's sides
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -62,30 +65,82 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[int] = MASK_COL
     return np.rint(rgb).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class GridLayout:
+    """Where `grid_image` puts things: the canvas size, each tile's top-left corner, each caption's wrapped lines
+    (top-left corner, text) and the box its ink covers (left, top, right, bottom; None without a caption)."""
+
+    size: tuple[int, int]
+    tiles: list[tuple[int, int]]
+    lines: list[list[tuple[tuple[int, int], str]]]
+    caption_boxes: list[tuple[int, int, int, int] | None]
+
+
+def grid_layout(shapes: Sequence[tuple[int, int]], ncols: int, titles: Sequence[str] | None = None, pad: int = 4,
+                font_size: int = 12) -> GridLayout:
+    """Cells for tiles of (height, width) `shapes` in rows of `ncols`, each caption word-wrapped to its cell.
+
+    Every caption gets as many lines as the longest needs, so captions never run into each other, a tile or the
+    edge at any number of tiles or tile size; a cell is widened only when a single word is wider than the tile.
+    """
+    if not shapes:
+        raise ValueError("no tiles to arrange")
+    if titles is not None and len(titles) != len(shapes):
+        raise ValueError(f"{len(titles)} titles for {len(shapes)} tiles")
+    font = _font(font_size)
+    cell_h = max(h for h, _ in shapes)
+    cell_w = max(w for _, w in shapes)
+    words = [str(t).split() for t in titles] if titles is not None else []
+    cell_w = max([cell_w] + [math.ceil(font.getlength(w)) + 2 * CAPTION_MARGIN for ws in words for w in ws])
+    wrapped = [_wrap(ws, font, cell_w - 2 * CAPTION_MARGIN) for ws in words]
+    line_h = font_size + 4
+    caption_h = line_h * max((len(w) for w in wrapped), default=0) if titles is not None else 0
+    ncols = max(1, min(ncols, len(shapes)))
+    nrows = -(-len(shapes) // ncols)
+    size = (ncols * (cell_w + pad) + pad, nrows * (cell_h + caption_h + pad) + pad)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    tiles, lines, boxes = [], [], []
+    for i, (h, w) in enumerate(shapes):
+        left = pad + (i % ncols) * (cell_w + pad)
+        top = pad + (i // ncols) * (cell_h + caption_h + pad)
+        tiles.append((left + (cell_w - w) // 2, top + caption_h))
+        placed = [((left + CAPTION_MARGIN, top + 1 + k * line_h), text) for k, text in enumerate(wrapped[i])] \
+            if titles is not None else []
+        ink = [measure.textbbox(xy, text, font=font) for xy, text in placed if text]
+        lines.append(placed)
+        boxes.append((min(b[0] for b in ink), min(b[1] for b in ink), max(b[2] for b in ink), max(b[3] for b in ink))
+                     if ink else None)
+    return GridLayout(size, tiles, lines, boxes)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(words: list[str], font, width: float) -> list[str]:
+    """Greedy word wrap to lines no wider than `width` (a word wider than that gets a line of its own)."""
+    lines: list[str] = []
+    for word in words:
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def grid_image(tiles: Sequence[np.ndarray], ncols: int, titles: Sequence[str] | None = None, pad: int = 4,
                background: Sequence[int] = (16, 16, 16), text_color: Sequence[int] = (230, 230, 230),
                font_size: int = 12) -> Image.Image:
-    """Tiles (grey or RGB arrays, any sizes) in rows of `ncols`, each under an optional one-line caption."""
-    if not tiles:
-        raise ValueError("no tiles to arrange")
-    if titles is not None and len(titles) != len(tiles):
-        raise ValueError(f"{len(titles)} titles for {len(tiles)} tiles")
+    """Tiles (grey or RGB arrays, any sizes) in rows of `ncols`, each under an optional caption (`grid_layout`)."""
     rgb = [to_rgb(t) for t in tiles]
-    cell_h = max(t.shape[0] for t in rgb)
-    cell_w = max(t.shape[1] for t in rgb)
-    font = ImageFont.load_default(size=font_size)
-    caption_h = font_size + 4 if titles is not None else 0
-    ncols = max(1, min(ncols, len(rgb)))
-    nrows = -(-len(rgb) // ncols)
-    canvas = Image.new("RGB", (ncols * (cell_w + pad) + pad, nrows * (cell_h + caption_h + pad) + pad),
-                       tuple(background))
+    layout = grid_layout([t.shape[:2] for t in rgb], ncols, titles, pad, font_size)
+    canvas = Image.new("RGB", layout.size, tuple(background))
     draw = ImageDraw.Draw(canvas)
-    for i, tile in enumerate(rgb):
-        left = pad + (i % ncols) * (cell_w + pad)
-        top = pad + (i // ncols) * (cell_h + caption_h + pad)
-        if titles is not None:
-            draw.text((left + 2, top + 1), str(titles[i]), fill=tuple(text_color), font=font)
-        canvas.paste(Image.fromarray(tile), (left, top + caption_h))
+    font = _font(font_size)
+    for tile, corner, lines in zip(rgb, layout.tiles, layout.lines):
+        for xy, text in lines:
+            draw.text(xy, text, fill=tuple(text_color), font=font)
+        canvas.paste(Image.fromarray(tile), corner)
     return canvas
 
 

@@ -79,6 +79,9 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path
     assert again.exit_code == 0, again.output
     stages = ["data", "prepare", "generator", "sample", "seg-real", "quality", "seg-mixed", "pipeline", "report"]
     assert all(f"[{s}] reused" in again.output for s in stages), again.output
+    # the plan times only the stages that will run: none here, so nothing is above any budget
+    assert all(f"  {s:<10} reused" in again.output for s in stages) and "total      ~     0 s" in again.output
+    assert "above the" not in again.output and "(expected ~" not in again.output
     assert model_file.stat().st_mtime_ns == stamp
 
     # a damaged stage is redone, and so is everything after it; earlier stages stay
@@ -87,6 +90,9 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path
     assert third.exit_code == 0, third.output
     assert "[seg-real] reused" in third.output and "[quality] done" in third.output
     assert "[seg-mixed] done" in third.output and "[report] done" in third.output
+    assert "  seg-real   reused" in third.output and "  quality    ~" in third.output
+    times = (out / "report.md").read_text().split("## Time")[1]
+    assert "| seg-real | reused |" in times and "| quality | reused |" not in times
 
 
 def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
@@ -206,3 +212,32 @@ def test_study_matched_generator_arm(tiny_pipeline, tmp_path):
     assert generator["kept_patients"] == segmenter["kept_patients"] and generator["real_fraction"] == 0.5
     assert segmenter["synthetic"]["path"] == str((out / "synthetic-matched" / "f0.5-s0.h5").resolve())
     assert "| matched generator | 50 % " in summary["table"] and "| matched generator | 100 % " not in summary["table"]
+
+
+def test_other_load_counts_the_cores_other_processes_take():
+    import subprocess
+    import time
+
+    from genseg.pipeline.demo import OtherLoad
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        with OtherLoad() as busy:
+            time.sleep(1.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert busy.cores > 0.5
+
+
+def test_the_plan_says_when_it_timed_on_a_busy_machine(tiny_pipeline, tmp_path, monkeypatch):
+    import itertools
+
+    import genseg.pipeline.demo as demo_module
+
+    ticks = itertools.count(0, 1000.0)  # every reading: another 1000 busy CPU seconds
+    monkeypatch.setattr(demo_module, "_busy_cpu_seconds", lambda: next(ticks))
+    done = demo("--out", tmp_path / "demo", "--pipeline", tiny_pipeline, "--tiny")
+    assert done.exit_code == 0, done.output
+    assert "note: other processes kept" in done.output and "while the models were timed" in done.output

@@ -127,6 +127,27 @@ def test_input_mode_segments_real_files_like_segment(genseg_cli, saved, parts, t
     assert "real_mask.png: already exists (and 1 more of the outputs); pass --force" in again.stderr  # as `segment`
 
 
+def test_one_input_option_takes_several_files(saved, tmp_path):
+    """`--input a.png b.png` as the README writes it, mixed with a repeated --input; files without --input are
+    an error, not a silent generate run."""
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+
+    rng = np.random.default_rng(1)
+    names = ("a", "b", "c")
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    a, b, c = (tmp_path / f"{name}.png" for name in names)
+    done = CliRunner().invoke(main, ["pipeline", "--pipeline", str(saved), "--input", str(a), str(b),
+                                     "--out", str(tmp_path / "real"), "--input", str(c)])
+    assert done.exit_code == 0, done.output
+    assert "segmented 3 file(s)" in done.output
+    assert all((tmp_path / "real" / f"{name}_mask.png").is_file() for name in names)
+    done = CliRunner().invoke(main, ["pipeline", "--pipeline", str(saved), str(a), "--out", str(tmp_path / "x")])
+    assert done.exit_code == 2 and "go after --input" in done.output and not (tmp_path / "x").exists()
+
+
 def test_a_segmenter_of_another_size_is_fed_resized_images_and_says_so(parts, tmp_path):
     bigger = make_untrained_segmenter(tmp_path / "seg32", size=32, base_channels=8, depth=3)
     pipe = GenSegPipeline.from_runs(parts[0], bigger)

@@ -21,7 +21,7 @@ from genseg.inference import load_segmenter
 from genseg.metrics import kid
 from genseg.models.diffusion import build_unet
 from genseg.sampling import sample_to_file
-from genseg.synthetic_quality import evaluate_synthetic, markdown_table, random_feature_network
+from genseg.synthetic_quality import evaluate_synthetic, kid_reading, markdown_table, random_feature_network
 from genseg.training.diffusion import DiffusionTrainConfig, save_pipeline
 from genseg.training.mixing import select_synthetic
 from genseg.training.seg import SegTrainConfig, train_segmenter
@@ -130,6 +130,36 @@ def test_kid_of_noise_exceeds_the_real_reference(real, tmp_path):
     assert bad["kid_mean"] > 10 * abs(good["kid_mean"]) and bad["kid_mean"] > 10 * abs(bad["kid_real_reference"])
     assert good["kid_mean"] < good["kid_real_reference"] + 3 * good["kid_real_reference_std"] + 3 * good["kid_std"]
     assert not h5py.File(tmp_path / "good.h5", "r").attrs.get("quality")  # write=False leaves the file alone
+
+
+def test_bootstrap_kid_spreads_where_subsets_would_all_be_the_whole_sets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 16)), rng.normal(size=(60, 16)) + 0.3
+    whole, spread = kid(a, b, num_subsets=5, subset_size=1000)
+    assert spread == 0  # every subset is both whole sets
+    mean, sd = kid(a, b, num_subsets=200, subset_size=1000, bootstrap=True)
+    assert sd > 0 and abs(mean - whole) < sd / 2  # centred on the whole sets' KID, with its uncertainty
+    same, same_sd = kid(a, rng.normal(size=(60, 16)), num_subsets=200, subset_size=1000, bootstrap=True)
+    assert abs(same) < 2 * same_sd < whole  # a row drawn twice is not paired with itself: no bias up
+
+
+def test_kid_spread_is_real_when_the_sets_are_equal_in_size(real, tmp_path):
+    """A synthetic set as large as the training split (both below the subset size) still gets a spread."""
+    n_train = int((read_metadata(real)["split"] == "train").sum())
+    images, masks = fresh_phantoms(n_train, seed=6)
+    result = evaluate_synthetic(write_synth(tmp_path / "s.h5", images, masks), real, write=False, **FAST)
+    assert result["kid_std"] > 0 and result["kid_real_reference_std"] > 0
+    assert result["kid_reading"] and f"KID: {result['kid_reading']}" in markdown_table(result)
+
+
+def test_kid_reading_compares_with_the_reference_in_standard_deviations():
+    assert kid_reading(None, None, 0.01, 0.01) is None and kid_reading(0.5, 0.1, None, None) is None
+    assert kid_reading(0.02, 0.01, 0.01, 0.01).startswith("within two standard deviations")
+    far = kid_reading(2.278, 0.05, 0.0141, 0.0695)
+    assert far.startswith("26 standard deviations above") and "still tell synthetic from real" in far
+    assert "x it" not in far  # the reference is within its own noise of 0: no ratio
+    assert ", 100x it:" in kid_reading(1.0, 0.01, 0.01, 0.001)
+    assert "below the real-vs-real reference" in kid_reading(-0.5, 0.01, 0.01, 0.01)
 
 
 def test_agreement_with_the_segmenters_own_masks(real, seg_run, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genseg.viz import MASK_COLOR, grid_image, outline, overlay, save_grid, save_png, to_rgb
+from genseg.viz import MASK_COLOR, grid_image, grid_layout, outline, overlay, save_grid, save_png, to_rgb
 
 
 def test_to_rgb_takes_float_grey_channel_first_and_uint8():
@@ -55,3 +55,42 @@ def test_save_png_writes_arrays_and_pil_images(tmp_path):
     save_png(np.eye(4), tmp_path / "eye.png")
     with Image.open(tmp_path / "eye.png") as png:
         assert np.asarray(png.convert("L")).tolist() == (np.eye(4) * 255).astype(int).tolist()
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("side", [64, 256])
+@pytest.mark.parametrize("count", [1, 4, 16, 50])
+def test_contact_sheet_captions_never_overlap_and_stay_inside(side, count):
+    """The captions `genseg pipeline` writes (the longest numbers it can print), as the contact sheet lays them
+    out: their ink boxes meet neither each other nor a tile, lie inside the figure, and hold every caption pixel."""
+    from genseg.pipeline.run import CONTACT_SHEET_COLUMNS, caption
+
+    rows = [{"index": i, "tumour_share": 1.0, "dice_generated_vs_predicted": 0.86} for i in range(count)]
+    tiles = [np.zeros((side, side)) for _ in rows]
+    titles = [caption(r) for r in rows]
+    layout = grid_layout([t.shape for t in tiles], CONTACT_SHEET_COLUMNS, titles)
+    width, height = layout.size
+    tile_boxes = [(x, y, x + side, y + side) for x, y in layout.tiles]
+    boxes = layout.caption_boxes
+    assert all(0 <= b[0] and 0 <= b[1] and b[2] <= width and b[3] <= height for b in boxes + tile_boxes)
+    for i, box in enumerate(boxes):
+        assert not any(_overlaps(box, other) for other in boxes[i + 1:] + tile_boxes), (i, titles[i])
+    assert all(" ".join(text for _, text in lines) == title for lines, title in zip(layout.lines, titles))
+    pixels = np.asarray(grid_image(tiles, CONTACT_SHEET_COLUMNS, titles))
+    ys, xs = np.nonzero(pixels.max(axis=-1) > 40)  # text; tiles are black, the background is (16, 16, 16)
+    inside = np.zeros(len(xs), bool)
+    for left, top, right, bottom in boxes:
+        inside |= (left <= xs) & (xs < right) & (top <= ys) & (ys < bottom)
+    assert len(xs) and inside.all()
+
+
+def test_a_caption_wider_than_its_tile_wraps_and_a_long_word_widens_the_cell():
+    titles = ["image", "truth", "prediction", "truth red, pred. green"]  # the segmenter's sample grids
+    layout = grid_layout([(64, 64)] * 4, 4, titles)
+    assert len(layout.lines[3]) > 1 and " ".join(text for _, text in layout.lines[3]) == titles[3]
+    assert all(b[2] <= layout.tiles[i][0] + 64 + 2 for i, b in enumerate(layout.caption_boxes))
+    wide = grid_layout([(8, 8)], 1, ["supercalifragilistic"])
+    assert wide.caption_boxes[0][2] <= wide.size[0] and wide.tiles[0][0] > 4  # tile centred in the wider cell

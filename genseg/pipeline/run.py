@@ -19,6 +19,9 @@ from .genseg import GenSegOutput, GenSegPipeline
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
 CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
+CONTACT_SHEET_COLUMNS = 8
+CAPTION_LEGEND = ("Contact sheet captions: slice number, predicted tumour share of the slice and, for generated "
+                  "slices, the Dice of the generated vs the predicted mask.")
 
 
 def load_pipeline(pipeline: str | Path | None = None, diffusion: str | Path | None = None,
@@ -79,17 +82,18 @@ def write_pipeline_outputs(result: GenSegOutput, out: str | Path, settings: dict
             save_png(tile, tmp / "slices" / f"{i:04d}_overlay.png")
             if i < CONTACT_SHEET_MAX:
                 tiles.append(tile)
-        titles = [_caption(row) for row in rows[:CONTACT_SHEET_MAX]]
-        save_grid(tiles, tmp / "contact_sheet.png", ncols=8, titles=titles)
+        titles = [caption(row) for row in rows[:CONTACT_SHEET_MAX]]
+        save_grid(tiles, tmp / "contact_sheet.png", ncols=CONTACT_SHEET_COLUMNS, titles=titles)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "report.md").write_text(_report(summary, result.generated_masks is not None))
     return summary
 
 
-def _caption(row: dict[str, Any]) -> str:
+def caption(row: dict[str, Any]) -> str:
+    """A slice's contact-sheet caption (CAPTION_LEGEND says how to read it)."""
     text = f"#{row['index']} {100 * row['tumour_share']:.1f}%"
     if "dice_generated_vs_predicted" in row:
-        text += f" D{row['dice_generated_vs_predicted']:.2f}"
+        text += f" Dice {row['dice_generated_vs_predicted']:.2f}"
     return text
 
 
@@ -119,7 +123,7 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
                      "(how well the segmenter agrees with the mask the generator drew)")
     lines += ["", "![contact sheet](contact_sheet.png)", "",
               "Overlays: predicted mask tinted and outlined in green" + ("; generated mask outlined in red." if joint else "."),
-              ""]
+              CAPTION_LEGEND, ""]
     return "\n".join(lines)
 
 
