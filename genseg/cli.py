@@ -10,6 +10,8 @@ import click
 from . import __version__
 from .errors import GensegError
 
+MODALITY_CHOICES = ["t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f"]  # genseg.data.brats.MODALITIES
+
 
 class _Group(click.Group):
     """Prints genseg's own errors as one clean line (exit 2) instead of a traceback."""
@@ -38,8 +40,12 @@ def main():
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=8), help="Side in pixels every slice is resized to.")
 @click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
               show_default=True, help="Source layout; auto tells it from the folder's contents.")
-@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
-              help="BraTS volume to slice (other formats ignore it).")
+@click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
+              help="BraTS volume to slice (other formats ignore it); 2020 and 2023 names both work, whatever the "
+                   "release: t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f.")
+@click.option("--target", type=click.Choice(["wt", "tc", "et"]), default="wt", show_default=True,
+              help="BraTS tumour region the masks mark: whole tumour, tumour core (necrotic core + enhancing) or "
+                   "enhancing tumour (label 4 in 2020/2021 files, 3 in 2023 files, told from the names).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes that read and resize in parallel.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad file instead of reporting and skipping it.")
@@ -50,12 +56,13 @@ def main():
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True,
               help="Image folders only: 1 = grey (BUSI is grey ultrasound), 3 = keep colour.")
 @click.option("--test-fold", default=1, show_default=True, type=click.IntRange(1, 5), help="Fold (1-5) used as the test split; the next is val.")
-def prepare(source, out, size, format_, modality, workers, strict, seed, empty_fraction, channels, test_fold):
-    """Read a raw dataset folder (Figshare .mat, BraTS NIfTI, BUSI / image+mask folders) into one prepared file."""
+def prepare(source, out, size, format_, modality, target, workers, strict, seed, empty_fraction, channels, test_fold):
+    """Read a raw dataset folder (Figshare .mat, BraTS 2020-2024 NIfTI, BUSI / image+mask folders) into one prepared
+    file."""
     from .data.prepare import prepare as run
 
     report = run(source, out, size=size, format=format_, modality=modality, workers=workers, strict=strict,
-                 seed=seed, test_fold=test_fold, empty_fraction=empty_fraction, channels=int(channels))
+                 seed=seed, test_fold=test_fold, empty_fraction=empty_fraction, channels=int(channels), target=target)
     click.echo(report.summary())
 
 
@@ -69,17 +76,21 @@ def data():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
               show_default=True, help="Raw folders: source layout.")
-@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
-              help="Raw BraTS folders: volume to slice.")
+@click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
+              help="Raw BraTS folders: volume to slice (t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f).")
+@click.option("--target", type=click.Choice(["wt", "tc", "et"]), default="wt", show_default=True,
+              help="Raw BraTS folders: whole tumour, tumour core or enhancing tumour.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Raw folders: processes that read in parallel.")
-def info(path, as_json, format_, modality, workers):
-    """Slices, patients, classes, sizes, splits and bad files of a raw folder or a prepared file."""
+def info(path, as_json, format_, modality, target, workers):
+    """Slices, patients, classes, sizes, splits and bad files of a raw folder or a prepared file; for BraTS also
+    which naming (release) each case uses."""
     import json
 
     from .data.info import dataset_info, format_info
 
-    result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json)
+    result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json,
+                          target=target)
     click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
 
 

@@ -91,11 +91,12 @@ def make_brats_case():
     """make_brats_case(folder, name, ...): a small BraTS case (NIfTI, RAS identity affine unless given).
 
     Volume 40 x 48 x 12: brain (a non-zero ellipse) in slices 2..9, tumour labels 1/2/4 in slices 4..6 at the
-    patient's right-anterior (high x, high y). Returns the case folder.
+    patient's right-anterior (high x, high y). `names` lays the files out as a release does: "2020" (also 2021)
+    <name>_<modality>, "2023" <name>-<modality>, "bare" <modality>. Returns the case folder.
     """
 
     def make(folder: Path, name: str = "BraTS20_Training_001", modalities=("t1", "t1ce", "t2", "flair"),
-             seg: bool = True, suffix: str = ".nii.gz", affine=None, seg_labels=(1, 2, 4)) -> Path:
+             seg: bool = True, suffix: str = ".nii.gz", affine=None, seg_labels=(1, 2, 4), names: str = "2020") -> Path:
         case = folder / name
         case.mkdir(parents=True, exist_ok=True)
         x, y = np.meshgrid(np.arange(40), np.arange(48), indexing="ij")
@@ -110,10 +111,11 @@ def make_brats_case():
         if affine is not None:  # store the same anatomy in the file's own axis directions
             flips = [axis for axis in range(3) if affine[axis, axis] < 0]
             image, labels = np.flip(image, flips).copy(), np.flip(labels, flips).copy()
+        prefix = {"2020": f"{name}_", "2023": f"{name}-", "bare": ""}[names]
         for modality in modalities:
-            nib.save(nib.Nifti1Image(image * (1 + 0.1 * len(modality)), aff), case / f"{name}_{modality}{suffix}")
+            nib.save(nib.Nifti1Image(image * (1 + 0.1 * len(modality)), aff), case / f"{prefix}{modality}{suffix}")
         if seg:
-            nib.save(nib.Nifti1Image(labels, aff, dtype=np.uint8), case / f"{name}_seg{suffix}")
+            nib.save(nib.Nifti1Image(labels, aff, dtype=np.uint8), case / f"{prefix}seg{suffix}")
         return case
 
     return make

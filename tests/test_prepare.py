@@ -129,6 +129,28 @@ def test_brats_prepare_and_info(tmp_path, make_brats_case):
     assert info["tumour_free_share"] == pytest.approx(10 / 16)
 
 
+def test_brats_mixed_releases_prepare_and_info(tmp_path, make_brats_case, genseg_cli):
+    """2020 and 2023 cases in one folder: a case without the modality is listed and skipped, the others kept."""
+    data = tmp_path / "brats"
+    make_brats_case(data, "BraTS20_Training_001")
+    make_brats_case(data, "BraTS-GLI-00000-000", ("t1n", "t1c", "t2w", "t2f"), seg_labels=(1, 2, 3), names="2023")
+    make_brats_case(data, "BraTS-GLI-00001-000", ("t1n", "t2w"), seg_labels=(1, 2, 3), names="2023")
+    report = prepare(data, tmp_path / "et.h5", size=32, modality="flair", target="et", empty_fraction=0.0,
+                     progress=False)
+    assert report.slices == 2 and [Path(b["path"]).name for b in report.bad_files] == ["BraTS-GLI-00001-000-t2f.nii.gz"]
+    assert "BraTS-GLI-00001-000 has no t2f volume" in report.bad_files[0]["reason"]
+    metadata = read_metadata(tmp_path / "et.h5")["attrs"]["metadata"]
+    assert metadata["target"] == "et"
+    assert metadata["naming"] == {"BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3": 2,
+                                  "BraTS 2020 (t1/t1ce/t2/flair), enhancing = 4": 1}
+    done = genseg_cli("data", "info", data, "--modality", "t2f", "--target", "tc")
+    assert re.search(r"^naming\s+BraTS 2023 \(t1n/t1c/t2w/t2f\), enhancing = 3: 2 case\(s\)$", done.stdout, re.M)
+    assert re.search(r"^\s+BraTS 2020 \(t1/t1ce/t2/flair\), enhancing = 4: 1 case\(s\)$", done.stdout, re.M)
+    # tumour core: slices 4 and 6 of each readable case, plus one of its six tumour-free brain slices
+    assert re.search(r"^slices\s+6$", done.stdout, re.M) and "BraTS-GLI-00001-000 has no t2f volume" in done.stdout
+    assert dataset_info(tmp_path / "et.h5")["naming"] == metadata["naming"]
+
+
 def test_busi_prepare_info_and_class_names(tmp_path, make_busi):
     make_busi(tmp_path / "busi" / "Dataset_BUSI_with_GT")
     report = prepare(tmp_path / "busi", tmp_path / "u.h5", size=16, progress=False)
