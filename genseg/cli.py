@@ -242,8 +242,20 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network first: a one-off ~40 s, then ~1.4x faster on CPU (for many slices).")
 @click.option("--force", is_flag=True, help="Replace output files that already exist.")
-def segment(inputs, checkpoint, out, threshold, compile_, force):
-    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM, PNG/JPG and .npy files: mask + overlay PNGs, NIfTI masks.
+@click.option("--dicom-seg", is_flag=True,
+              help="DICOM inputs: also write NAME_seg.dcm, a DICOM Segmentation (segment 'tumour', algorithm genseg) "
+                   "that references the source series, for PACS and viewers (needs genseg[dicom]).")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write the tumour probabilities (0..1) as float32 NAME_probabilities.nii.gz on the "
+                   "input's grid (NIfTI has no float16 type).")
+def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities):
+    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
+    files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
+
+    A DICOM folder or zip is grouped by SeriesInstanceUID and each series segmented on its own, named by its
+    SeriesDescription (else series number or UID): OUT/exam_T1_AX_z000_mask.png, OUT/exam_T1_AX_mask.nii.gz.
+    A series whose slices are unevenly spaced or mix orientations is refused (no resampling), as are files
+    without pixel data; the rest of the folder is still segmented.
 
     Outputs keep the inputs' folders below their common parent folder: a/scan.png and b/scan.png give
     OUT/a/scan_mask.png, OUT/a/scan_overlay.png and OUT/b/scan_..., files of one folder land in OUT itself.
@@ -253,7 +265,8 @@ def segment(inputs, checkpoint, out, threshold, compile_, force):
     """
     from .inference import segment_files
 
-    report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_)
+    report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
+                           probabilities=save_probabilities)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
