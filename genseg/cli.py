@@ -38,8 +38,10 @@ def main():
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Prepared HDF5 file to write.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=8), help="Side in pixels every slice is resized to.")
-@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
-              show_default=True, help="Source layout; auto tells it from the folder's contents.")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder", "dicom"]),
+              default="auto", show_default=True,
+              help="Source layout; auto tells it from the folder's contents. dicom: image series labelled by the "
+                   "DICOM-SEG objects that reference them (a folder or a .zip).")
 @click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
               help="BraTS volume to slice (other formats ignore it); 2020 and 2023 names both work, whatever the "
                    "release: t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f.")
@@ -57,8 +59,8 @@ def main():
               help="Image folders only: 1 = grey (BUSI is grey ultrasound), 3 = keep colour.")
 @click.option("--test-fold", default=1, show_default=True, type=click.IntRange(1, 5), help="Fold (1-5) used as the test split; the next is val.")
 def prepare(source, out, size, format_, modality, target, workers, strict, seed, empty_fraction, channels, test_fold):
-    """Read a raw dataset folder (Figshare .mat, BraTS 2020-2024 NIfTI, BUSI / image+mask folders) into one prepared
-    file."""
+    """Read a raw dataset (Figshare .mat, BraTS 2020-2024 NIfTI, BUSI / image+mask folders, DICOM series with
+    DICOM-SEG labels) into one prepared file."""
     from .data.prepare import prepare as run
 
     report = run(source, out, size=size, format=format_, modality=modality, workers=workers, strict=strict,
@@ -74,8 +76,8 @@ def data():
 @data.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
-              show_default=True, help="Raw folders: source layout.")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder", "dicom"]),
+              default="auto", show_default=True, help="Raw folders: source layout.")
 @click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
               help="Raw BraTS folders: volume to slice (t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f).")
 @click.option("--target", type=click.Choice(["wt", "tc", "et"]), default="wt", show_default=True,

@@ -387,9 +387,9 @@ def write_segmentation(series: DicomSeries, masks: np.ndarray, target: Path) -> 
     algorithm = hd.AlgorithmIdentificationSequence(name="genseg", family=codes.cid7162.ArtificialIntelligence,
                                                    version=__version__)
     segment = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="tumour",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure, segmented_property_type=codes.SCT.Neoplasm, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm)
+        segment_number=1, segment_label="tumour", segmented_property_type=codes.SCT.Neoplasm,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
     try:
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -415,3 +415,30 @@ def _shared_geometry(header):
         if sequence not in shared:
             setattr(shared, sequence, header.PerFrameFunctionalGroupsSequence[0].get(sequence))
     return header
+
+
+def read_segmentation(member: Member, series: DicomSeries, max_pixels: int) -> np.ndarray:
+    """The tumour mask (N, H, W) bool of `series`, in its slice order, from a DICOM Segmentation object that
+    references it: all its segments together; source slices the SEG leaves out are tumour-free."""
+    try:
+        import highdicom as hd
+    except ImportError:
+        raise DataError(member.where, "reading DICOM-SEG needs highdicom: pip install 'genseg[dicom]'") from None
+    header = _read_header(pydicom_module(member.where), member)
+    check_size(member.where, int(header.Rows), int(header.Columns), max_pixels, slices=_frame_count(header))
+    if (int(header.Rows), int(header.Columns)) != series.shape[:2]:
+        raise DataError(member.where, "segmentation rows and columns differ from those of the series it references",
+                        f"{header.Rows} x {header.Columns}, series {series.shape[0]} x {series.shape[1]}")
+    try:
+        with member.open() as fp:
+            seg = hd.seg.segread(fp)
+        options = {"combine_segments": True, "assert_missing_frames_are_empty": True}
+        if series.frame_numbers:
+            labels = seg.get_pixels_by_source_frame(str(series.headers[0].SOPInstanceUID), series.frame_numbers,
+                                                    **options)
+        else:
+            labels = seg.get_pixels_by_source_instance([str(h.SOPInstanceUID) for h in series.headers], **options)
+    except Exception as exc:  # highdicom raises ValueError/KeyError/AttributeError for SEGs that do not fit
+        raise DataError(member.where, "segmentation does not fit the slices of the series it references",
+                        f"{type(exc).__name__}: {exc}") from None
+    return labels.reshape((series.shape[2],) + series.shape[:2]) > 0

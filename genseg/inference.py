@@ -314,8 +314,8 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, th
     A volume with patient geometry (NIfTI, a DICOM series) also gets a uint8 <stem>_mask.nii.gz on its own voxel
     grid (a NIfTI source's affine and header; a DICOM series' affine from its geometry). `probabilities` adds
     float32 <stem>_probabilities.nii.gz (NIfTI has no float16 type; per slice for inputs without geometry),
-    `dicom_seg` a DICOM Segmentation <stem>_seg.dcm for each DICOM series. `stem` defaults to the file's name without its extension. Returns the
-    paths, in `output_names` order."""
+    `dicom_seg` a DICOM Segmentation <stem>_seg.dcm for each DICOM series. `stem` defaults to the file's name
+    without its extension. Returns the paths, in `output_names` order."""
     path, out_dir = Path(path), Path(out_dir)
     threshold = segmenter.threshold if threshold is None else threshold
     slices = load_inputs(path)

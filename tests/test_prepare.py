@@ -151,6 +151,52 @@ def test_brats_mixed_releases_prepare_and_info(tmp_path, make_brats_case, genseg
     assert dataset_info(tmp_path / "et.h5")["naming"] == metadata["naming"]
 
 
+def test_dicom_series_labelled_by_dicom_seg(tmp_path):
+    """A series with the DICOM-SEG that `segment --dicom-seg` writes (highdicom) is a training case, from a folder
+    or a zip; a series nobody segmented, a structured report and a stray SEG are listed as bad files."""
+    import shutil
+    import zipfile
+
+    from pydicom.data import get_testdata_file
+
+    from conftest import write_dicom_series
+    from genseg.dicom import find_members, read_headers, write_segmentation
+    from seg_helpers import phantom
+
+    rng = np.random.default_rng(3)
+    pairs = [phantom(rng, 64, t) for t in (True, True, False, True, False, False)]
+    images = np.stack([(1000 * image + 200).astype(np.int16) for image, _ in pairs])
+    masks = np.stack([mask for _, mask in pairs])
+    exam = tmp_path / "exam"
+    write_dicom_series(exam / "t1", images, "T1 AX POST")
+    series, = read_headers(find_members(exam / "t1"), 2**28).series
+    write_segmentation(series, masks, exam / "t1_seg.dcm")
+    write_dicom_series(exam / "flair", images[::-1], "FLAIR AX", seed=1)
+    write_dicom_series(tmp_path / "elsewhere", images[:2], "PD", seed=2)
+    other, = read_headers(find_members(tmp_path / "elsewhere"), 2**28).series
+    write_segmentation(other, masks[:2], exam / "stray_seg.dcm")
+    shutil.copy(get_testdata_file("reportsi.dcm"), exam / "report.dcm")
+
+    report = prepare(exam, tmp_path / "d.h5", size=64, empty_fraction=1.0, progress=False)
+    assert report.source_format == "dicom" and report.slices == 6 and report.files_read == 1
+    reasons = {Path(bad["path"]).relative_to(exam).parts[0]: bad["reason"] for bad in report.bad_files}
+    assert "series FLAIR_AX needs exactly one DICOM Segmentation referencing it for training, found 0" in \
+        reasons["flair"]
+    assert reasons["report.dcm"] == "has no pixel data: not an image (Basic Text SR Storage)"
+    assert reasons["stray_seg.dcm"] == "DICOM Segmentation references no image series found here"
+    with h5py.File(tmp_path / "d.h5") as h5:
+        assert np.array_equal(h5["masks"][:], masks) and h5["slice_index"][:].tolist() == list(range(6))
+        assert h5.attrs["modality"] == "MR"
+    info = dataset_info(tmp_path / "d.h5")
+    assert info["classes"] == {"unknown": 3, "none": 3} and info["patients"] == 1
+
+    with zipfile.ZipFile(tmp_path / "exam.zip", "w") as archive:
+        for path in sorted(exam.rglob("*")):
+            archive.write(path, path.relative_to(exam))
+    raw = dataset_info(tmp_path / "exam.zip", empty_fraction=0.0)
+    assert (raw["kind"], raw["source_format"], raw["slices"], len(raw["bad_files"])) == ("raw", "dicom", 3, 3)
+
+
 def test_busi_prepare_info_and_class_names(tmp_path, make_busi):
     make_busi(tmp_path / "busi" / "Dataset_BUSI_with_GT")
     report = prepare(tmp_path / "busi", tmp_path / "u.h5", size=16, progress=False)

@@ -334,7 +334,8 @@ def test_multiframe_dicom_seg_follows_the_source_frames(run, tmp_path):
     for item in seg.PerFrameFunctionalGroupsSequence:
         ref = item.DerivationImageSequence[0].SourceImageSequence[0]
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        assert np.allclose(item.PlanePositionSequence[0].ImagePositionPatient, positions[int(ref.ReferencedFrameNumber) - 1])
+        frame = int(ref.ReferencedFrameNumber) - 1
+        assert np.allclose(item.PlanePositionSequence[0].ImagePositionPatient, positions[frame])
     mask = np.asarray(nib.load(tmp_path / "out" / "mprage_mask.nii.gz").dataobj)
     along = [p @ np.cross(*np.reshape(source.PerFrameFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
                                       .ImageOrientationPatient, (2, 3))) for p in positions]

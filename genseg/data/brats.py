@@ -16,7 +16,6 @@ patient's right on the image's left, whatever the orientation stored in the file
 from __future__ import annotations
 
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
-from .records import SliceRecord
+from .records import SliceRecord, sample_slices
 
 # both vocabularies, mapped to the 2023 names that genseg uses inside
 CANONICAL = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "t1n": "t1n", "t1c": "t1c", "t2w": "t2w",
@@ -98,11 +97,8 @@ def case_naming(case: str | Path) -> Naming:
 
 def read_brats_case(case: str | Path, modality: str = "t1ce", empty_fraction: float = 0.1, seed: int = 0,
                     target: str = "wt") -> list[SliceRecord]:
-    """All tumour slices of one case plus `empty_fraction` of its tumour-free brain slices, in axial order.
-
-    Which tumour-free slices are kept depends only on `seed` and the case name, so results do not change with
-    the order or number of worker processes.
-    """
+    """All tumour slices of one case plus `empty_fraction` of its tumour-free brain slices, in axial order
+    (records.sample_slices, seeded by the case name)."""
     case = Path(case)
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -123,12 +119,9 @@ def read_brats_case(case: str | Path, modality: str = "t1ce", empty_fraction: fl
     mask = np.isin(seg, naming.target_labels(target))
     brain = image.max(axis=(0, 1)) > image.min(axis=(0, 1))
     tumour = mask.any(axis=(0, 1)) & brain
-    empty = np.flatnonzero(brain & ~tumour)
-    rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
-    kept_empty = rng.choice(empty, size=int(round(empty_fraction * len(empty))), replace=False)
     label = _tumour_label(case)
     records = []
-    for z in sorted(np.flatnonzero(tumour).tolist() + kept_empty.tolist()):
+    for z in sample_slices(tumour, brain, empty_fraction, seed, case.name):
         record = SliceRecord(_radiological(image[:, :, z]), _radiological(mask[:, :, z]).astype(np.uint8),
                              label if tumour[z] else 0, case.name, str(image_path), slice_index=int(z))
         records.append(record.check())

@@ -24,7 +24,7 @@ def dataset_info(path: str | Path, format: str = "auto", modality: str = "t1ce",
     add synthetic, modality, size, channels; raw folders add files_read; BraTS data adds naming {naming: cases}.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() != ".zip":  # a zip holds raw DICOM data
         return _prepared_info(path)
     src = open_source(path, format, modality, empty_fraction, seed, channels, target)
     rows, bad = [], []
