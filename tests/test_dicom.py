@@ -9,7 +9,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import nibabel
 import numpy as np
 import pydicom
 import pytest
