@@ -10,6 +10,8 @@ import click
 from . import __version__
 from .errors import GensegError
 
+MODALITY_CHOICES = ["t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f"]  # genseg.data.brats.MODALITIES
+
 
 class _Group(click.Group):
     """Prints genseg's own errors as one clean line (exit 2) instead of a traceback."""
@@ -36,10 +38,16 @@ def main():
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Prepared HDF5 file to write.")
 @click.option("--size", default=256, show_default=True, type=click.IntRange(min=8), help="Side in pixels every slice is resized to.")
-@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
-              show_default=True, help="Source layout; auto tells it from the folder's contents.")
-@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
-              help="BraTS volume to slice (other formats ignore it).")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder", "dicom"]),
+              default="auto", show_default=True,
+              help="Source layout; auto tells it from the folder's contents. dicom: image series labelled by the "
+                   "DICOM-SEG objects that reference them (a folder or a .zip).")
+@click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
+              help="BraTS volume to slice (other formats ignore it); 2020 and 2023 names both work, whatever the "
+                   "release: t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f.")
+@click.option("--target", type=click.Choice(["wt", "tc", "et"]), default="wt", show_default=True,
+              help="BraTS tumour region the masks mark: whole tumour, tumour core (necrotic core + enhancing) or "
+                   "enhancing tumour (label 4 in 2020/2021 files, 3 in 2023 files, told from the names).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Processes that read and resize in parallel.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad file instead of reporting and skipping it.")
@@ -50,12 +58,13 @@ def main():
 @click.option("--channels", type=click.Choice(["1", "3"]), default="1", show_default=True,
               help="Image folders only: 1 = grey (BUSI is grey ultrasound), 3 = keep colour.")
 @click.option("--test-fold", default=1, show_default=True, type=click.IntRange(1, 5), help="Fold (1-5) used as the test split; the next is val.")
-def prepare(source, out, size, format_, modality, workers, strict, seed, empty_fraction, channels, test_fold):
-    """Read a raw dataset folder (Figshare .mat, BraTS NIfTI, BUSI / image+mask folders) into one prepared file."""
+def prepare(source, out, size, format_, modality, target, workers, strict, seed, empty_fraction, channels, test_fold):
+    """Read a raw dataset (Figshare .mat, BraTS 2020-2024 NIfTI, BUSI / image+mask folders, DICOM series with
+    DICOM-SEG labels) into one prepared file."""
     from .data.prepare import prepare as run
 
     report = run(source, out, size=size, format=format_, modality=modality, workers=workers, strict=strict,
-                 seed=seed, test_fold=test_fold, empty_fraction=empty_fraction, channels=int(channels))
+                 seed=seed, test_fold=test_fold, empty_fraction=empty_fraction, channels=int(channels), target=target)
     click.echo(report.summary())
 
 
@@ -67,19 +76,23 @@ def data():
 @data.command()
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder"]), default="auto",
-              show_default=True, help="Raw folders: source layout.")
-@click.option("--modality", type=click.Choice(["t1", "t1ce", "t2", "flair"]), default="t1ce", show_default=True,
-              help="Raw BraTS folders: volume to slice.")
+@click.option("--format", "format_", type=click.Choice(["auto", "figshare", "brats", "folder", "dicom"]),
+              default="auto", show_default=True, help="Raw folders: source layout.")
+@click.option("--modality", type=click.Choice(MODALITY_CHOICES), default="t1ce", show_default=True,
+              help="Raw BraTS folders: volume to slice (t1 = t1n, t1ce = t1c, t2 = t2w, flair = t2f).")
+@click.option("--target", type=click.Choice(["wt", "tc", "et"]), default="wt", show_default=True,
+              help="Raw BraTS folders: whole tumour, tumour core or enhancing tumour.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Raw folders: processes that read in parallel.")
-def info(path, as_json, format_, modality, workers):
-    """Slices, patients, classes, sizes, splits and bad files of a raw folder or a prepared file."""
+def info(path, as_json, format_, modality, target, workers):
+    """Slices, patients, classes, sizes, splits and bad files of a raw folder or a prepared file; for BraTS also
+    which naming (release) each case uses."""
     import json
 
     from .data.info import dataset_info, format_info
 
-    result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json)
+    result = dataset_info(path, format=format_, modality=modality, workers=workers, progress=not as_json,
+                          target=target)
     click.echo(json.dumps(result, indent=1) if as_json else format_info(result))
 
 
@@ -232,8 +245,20 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.option("--compile", "compile_", is_flag=True,
               help="torch.compile the network first: a one-off ~40 s, then ~1.4x faster on CPU (for many slices).")
 @click.option("--force", is_flag=True, help="Replace output files that already exist.")
-def segment(inputs, checkpoint, out, threshold, compile_, force):
-    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM, PNG/JPG and .npy files: mask + overlay PNGs, NIfTI masks.
+@click.option("--dicom-seg", is_flag=True,
+              help="DICOM inputs: also write NAME_seg.dcm, a DICOM Segmentation (segment 'tumour', algorithm genseg) "
+                   "that references the source series, for PACS and viewers (needs genseg[dicom]).")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write the tumour probabilities (0..1) as float32 NAME_probabilities.nii.gz on the "
+                   "input's grid (NIfTI has no float16 type).")
+def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities):
+    """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
+    files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
+
+    A DICOM folder or zip is grouped by SeriesInstanceUID and each series segmented on its own, named by its
+    SeriesDescription (else series number or UID): OUT/exam_T1_AX_z000_mask.png, OUT/exam_T1_AX_mask.nii.gz.
+    A series whose slices are unevenly spaced or mix orientations is refused (no resampling), as are files
+    without pixel data; the rest of the folder is still segmented.
 
     Outputs keep the inputs' folders below their common parent folder: a/scan.png and b/scan.png give
     OUT/a/scan_mask.png, OUT/a/scan_overlay.png and OUT/b/scan_..., files of one folder land in OUT itself.
@@ -243,7 +268,8 @@ def segment(inputs, checkpoint, out, threshold, compile_, force):
     """
     from .inference import segment_files
 
-    report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_)
+    report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
+                           probabilities=save_probabilities)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)

@@ -1,9 +1,9 @@
-"""Bounded decoding of input files and uploaded bytes into raw arrays (PNG/JPEG/TIFF/BMP, .npy, NIfTI, DICOM).
+"""Bounded decoding of input files and uploaded bytes into raw arrays (PNG/JPEG/TIFF/BMP, .npy, NIfTI).
 
 Every decoder reads the size a file claims from its header and refuses it before allocating anything in
 proportion to it, so a small hostile upload or a damaged file cannot exhaust memory; no decoder runs pickle,
-external programs or plugins chosen by the file. MATLAB .mat files are read by genseg.data.figshare under the
-same bounds. Messages follow DataError's rule: `problem` never quotes the input, `detail` may.
+external programs or plugins chosen by the file. MATLAB .mat files are read by genseg.data.figshare and DICOM by
+genseg.dicom under the same bounds. Messages follow DataError's rule: `problem` never quotes the input, `detail` may.
 """
 
 from __future__ import annotations
@@ -142,34 +142,6 @@ def decode_nifti(path: Path, where: str | Path, max_pixels: int):
     img = image_class.from_bytes(data)
     voxels = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     return img, voxels if voxels.ndim == 3 else voxels[..., None]
-
-
-def decode_dicom(path: Path, where: str | Path, max_pixels: int) -> np.ndarray:
-    """A DICOM file's float32 frames (N, H, W) or (N, C, H, W) in scanner units, MONOCHROME2.
-
-    Rows x Columns x frames x samples come from the header and are checked before the pixels are decoded;
-    deflated data sets (one zlib stream inflated whole by pydicom) are refused.
-    """
-    try:
-        import pydicom
-    except ImportError:
-        raise DataError(where, "reading DICOM needs pydicom: pip install 'genseg[dicom]'") from None
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    meta = pydicom.filereader.read_file_meta_info(path)
-    if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        raise DataError(where, "deflated DICOM files are not read; save it uncompressed or with JPEG compression")
-    ds = pydicom.dcmread(path)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-    check_size(where, int(ds.Rows), int(ds.Columns), max_pixels, slices=frames, channels=samples)
-    pixels = ds.pixel_array.astype(np.float32)
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":  # bright = low values: flip to MONOCHROME2
-        pixels = pixels.max() - pixels
-    if samples > 1:  # (..., H, W, C) -> (..., C, H, W)
-        pixels = np.moveaxis(pixels, -1, -3)
-    return pixels if pixels.ndim == (4 if samples > 1 else 3) else pixels[None]
 
 
 def _nifti_header(head: bytes, where: str | Path):

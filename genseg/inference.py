@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -21,8 +22,8 @@ from PIL import Image
 from .config import load_config
 from .data.figshare import read_figshare_mat
 from .data.records import normalize_intensity, preprocess_image
-from .decode import (MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_dicom, decode_nifti, decode_npy, decode_picture,
-                     sniff)
+from .decode import MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, decode_npy, decode_picture, sniff
+from .dicom import DicomSeries, read_dicom, write_segmentation
 from .errors import CheckpointError, DataError, GensegError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
@@ -133,7 +134,18 @@ class InputSlice(NamedTuple):
 
     part: str  # what its output names add to the file's: "" for a one-slice file, _z007 / _f002 in a volume
     image: np.ndarray
-    meta: dict[str, Any]
+    meta: dict[str, Any]  # "format", and for slices of a volume "volume" (a Volume) and "slice"
+
+
+@dataclass(eq=False)
+class Volume:
+    """Slices of one input that share a voxel grid (a NIfTI file, a DICOM series), and what volume outputs need."""
+
+    part: str  # what the volume's output names add to the input's: "" or _<series> for a series in a folder/zip
+    shape: tuple[int, ...]  # the voxel grid; slices run along the last axis
+    affine: np.ndarray | None  # voxel -> RAS mm; None when the source has no patient geometry (no NIfTI outputs)
+    header: Any = None  # a NIfTI source's header, which its masks keep
+    series: DicomSeries | None = None  # a DICOM source, which --dicom-seg references
 
 
 def _suffix(path: Path) -> str:
@@ -150,25 +162,26 @@ def _is_dicom(path: Path) -> bool:
         return f.read(132)[128:] == b"DICM"
 
 
-def load_inputs(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> list[InputSlice]:
-    """Decode one file into 2-D slices: Figshare .mat, NIfTI (slices along the last axis), DICOM, PNG/JPG/TIFF/BMP,
-    .npy. Sizes are checked against MAX_SIDE and `max_pixels` (all slices together) before decoding."""
+def load_inputs(path: str | Path, max_pixels: int = MAX_FILE_PIXELS,
+                skipped: list[DataError] | None = None) -> list[InputSlice]:
+    """Decode one input into 2-D slices: Figshare .mat, NIfTI (slices along the last axis), DICOM (a file, or the
+    series of a folder or .zip), PNG/JPG/TIFF/BMP, .npy. Sizes are checked against MAX_SIDE and `max_pixels` (all
+    slices together) before decoding. Files of a DICOM folder or zip that cannot be used are appended to `skipped`
+    while the readable series are returned."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(path, "file not found")
     suffix = _suffix(path)
     try:
+        if path.is_dir() or suffix in (".zip", ".dcm") or _is_dicom(path):
+            return _dicom_slices(path, max_pixels, skipped)
         if suffix == ".mat":
             return [_figshare_slice(path, "", max_pixels)]
         if suffix in NIFTI_SUFFIXES:
             img, voxels = decode_nifti(path, path, max_pixels)
-            volume = {"format": "nifti", "affine": img.affine, "header": img.header, "shape": img.shape}
-            return [InputSlice(f"_z{k:03d}", voxels[..., k], {**volume, "slice": k}) for k in range(voxels.shape[-1])]
-        if suffix == ".dcm" or _is_dicom(path):
-            frames = decode_dicom(path, path, max_pixels)
-            if len(frames) == 1:
-                return [InputSlice("", frames[0], {"format": "dicom"})]
-            return [InputSlice(f"_f{k:03d}", frame, {"format": "dicom", "frame": k}) for k, frame in enumerate(frames)]
+            volume = Volume("", img.shape, img.affine, img.header)
+            return [InputSlice(f"_z{k:03d}", voxels[..., k], {"format": "nifti", "volume": volume, "slice": k})
+                    for k in range(voxels.shape[-1])]
         if suffix == ".npy":
             return [InputSlice("", decode_npy(path, path, max_pixels), {"format": "npy"})]
         if suffix in IMAGE_SUFFIXES:
@@ -177,8 +190,29 @@ def load_inputs(path: str | Path, max_pixels: int = MAX_FILE_PIXELS) -> list[Inp
         raise
     except Exception as exc:  # every decoder's own failure becomes one clear line naming the file
         raise DataError(path, "cannot read", f"{type(exc).__name__}: {exc}") from None
-    raise DataError(path, f"unsupported file type {suffix or '(none)'}; expected .mat, .nii/.nii.gz, .dcm, .npy "
-                          f"or an image ({', '.join(IMAGE_SUFFIXES)})")
+    raise DataError(path, f"unsupported file type {suffix or '(none)'}; expected .mat, .nii/.nii.gz, .dcm, .npy, "
+                          f"an image ({', '.join(IMAGE_SUFFIXES)}), or a folder or .zip of DICOM files")
+
+
+def _dicom_slices(path: Path, max_pixels: int, skipped: list[DataError] | None) -> list[InputSlice]:
+    """Every series of a DICOM file, folder or zip as slices; a series in a folder or zip is named by its label."""
+    found = read_dicom(path, max_pixels)
+    problems = found.skipped + [DataError(m.where, "is a DICOM Segmentation, not an image to segment")
+                                for m, _ in found.segmentations]
+    grouped = path.is_dir() or _suffix(path) == ".zip"
+    if skipped is not None and grouped:
+        skipped.extend(problems)
+    if not found.series:
+        if not grouped:
+            raise problems[0]
+        raise DataError(path, "holds no DICOM image series that can be read", f"{len(problems)} file(s) skipped")
+    slices = []
+    for series, frames in zip(found.series, found.frames):
+        volume = Volume(f"_{series.label}" if grouped else "", series.shape, series.affine, series=series)
+        for k, frame in enumerate(frames):
+            index = "" if len(frames) == 1 else f"_{'z' if series.affine is not None else 'f'}{k:03d}"
+            slices.append(InputSlice(volume.part + index, frame, {"format": "dicom", "volume": volume, "slice": k}))
+    return slices
 
 
 def load_upload(data: bytes, max_pixels: int = MAX_SLICE_PIXELS) -> list[InputSlice]:
@@ -234,57 +268,113 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
 
 
-def output_names(slices: Sequence[InputSlice], stem: str) -> list[str]:
+def resize_probability(probability: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(probability, dtype=np.float32))[None, None]
+    if tuple(t.shape[-2:]) != tuple(shape):
+        t = F.interpolate(t, size=shape, mode="bilinear", align_corners=False)
+    return t[0, 0].clamp(0, 1).numpy()
+
+
+def _volumes(slices: Sequence[InputSlice]) -> list[tuple[Volume, list[int]]]:
+    """The volumes these slices belong to, each with its slices' indices, in input order."""
+    groups: dict[int, tuple[Volume, list[int]]] = {}
+    for i, s in enumerate(slices):
+        if "volume" in s.meta:
+            groups.setdefault(id(s.meta["volume"]), (s.meta["volume"], []))[1].append(i)
+    return list(groups.values())
+
+
+def _placed(s: InputSlice) -> bool:
+    """Whether the slice lies in a volume with patient geometry (its outputs then include the volume's NIfTI)."""
+    return "volume" in s.meta and s.meta["volume"].affine is not None
+
+
+def output_names(slices: Sequence[InputSlice], stem: str, dicom_seg: bool = False,
+                 probabilities: bool = False) -> list[str]:
     """The files `segment_file` writes for these slices of one input, in the order it writes them."""
-    names = [f"{stem}{s.part}_{kind}.png" for s in slices for kind in ("mask", "overlay")]
-    return (names + [f"{stem}_mask.nii.gz"]) if slices[0].meta["format"] == "nifti" else names
+    names = []
+    for s in slices:
+        names += [f"{stem}{s.part}_mask.png", f"{stem}{s.part}_overlay.png"]
+        if probabilities and not _placed(s):
+            names.append(f"{stem}{s.part}_probabilities.nii.gz")
+    for volume, _ in _volumes(slices):
+        if volume.affine is not None:
+            names.append(f"{stem}{volume.part}_mask.nii.gz")
+            if probabilities:
+                names.append(f"{stem}{volume.part}_probabilities.nii.gz")
+        if dicom_seg and volume.series is not None:
+            names.append(f"{stem}{volume.part}_seg.dcm")
+    return names
 
 
 def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, threshold: float | None = None,
-                 stem: str | None = None) -> list[Path]:
-    """Segment every slice of one file; write <stem>_mask.png (0/255) and <stem>_overlay.png at the input's
-    resolution (<stem>_z007_... per slice of a volume), and for NIfTI a uint8 <stem>_mask.nii.gz with the source
-    affine and header. `stem` defaults to the file's name without its extension. Returns the paths."""
+                 stem: str | None = None, dicom_seg: bool = False, probabilities: bool = False) -> list[Path]:
+    """Segment every slice of one input; write <stem>_mask.png (0/255) and <stem>_overlay.png at the input's
+    resolution (<stem>_z007_... per slice of a volume, <stem>_<series>_... per series of a DICOM folder or zip).
+    A volume with patient geometry (NIfTI, a DICOM series) also gets a uint8 <stem>_mask.nii.gz on its own voxel
+    grid (a NIfTI source's affine and header; a DICOM series' affine from its geometry). `probabilities` adds
+    float32 <stem>_probabilities.nii.gz (NIfTI has no float16 type; per slice for inputs without geometry),
+    `dicom_seg` a DICOM Segmentation <stem>_seg.dcm for each DICOM series. `stem` defaults to the file's name
+    without its extension. Returns the paths, in `output_names` order."""
     path, out_dir = Path(path), Path(out_dir)
     threshold = segmenter.threshold if threshold is None else threshold
     slices = load_inputs(path)
     prepared = [prepare_input(s.image, segmenter.channels, segmenter.size, path) for s in slices]
     todo = [i for i, p in enumerate(prepared) if p is not None]
-    probs = segmenter.predict(np.stack([prepared[i] for i in todo])) if todo else []
-    masks = {i: (p >= threshold).astype(np.uint8) for i, p in zip(todo, probs)}
-    targets = iter(out_dir / name for name in output_names(slices, _stem(path) if stem is None else stem))
-    written, full_masks = [], []
+    probs = dict(zip(todo, segmenter.predict(np.stack([prepared[i] for i in todo])))) if todo else {}
+    targets = iter(out_dir / name for name in output_names(slices, _stem(path) if stem is None else stem, dicom_seg,
+                                                           probabilities))
+    written, full_masks, full_probs = [], [], []
     for i, s in enumerate(slices):
         shape = s.image.shape[-2:]
-        mask = resize_mask(masks[i], shape) if i in masks else np.zeros(shape, np.uint8)
-        shown = normalize_intensity(s.image) if i in masks else np.zeros(shape, np.float32)
+        mask = resize_mask((probs[i] >= threshold).astype(np.uint8), shape) if i in probs else np.zeros(shape, np.uint8)
+        shown = normalize_intensity(s.image) if i in probs else np.zeros(shape, np.float32)
         written.append(save_png(Image.fromarray(mask * 255), next(targets)))
         written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), next(targets)))
         full_masks.append(mask)
-    if slices[0].meta["format"] == "nifti":
-        written.append(_write_nifti_mask(full_masks, slices[0].meta, next(targets)))
+        full_probs.append(resize_probability(probs[i], shape) if i in probs else np.zeros(shape, np.float32))
+        if probabilities and not _placed(s):
+            written.append(_write_nifti(full_probs[-1][..., None], np.float32, None, next(targets)))
+    for volume, indices in _volumes(slices):
+        if volume.affine is not None:
+            written.append(_write_nifti(np.stack([full_masks[i] for i in indices], -1), np.uint8, volume,
+                                        next(targets)))
+            if probabilities:
+                written.append(_write_nifti(np.stack([full_probs[i] for i in indices], -1), np.float32, volume,
+                                            next(targets)))
+        if dicom_seg and volume.series is not None:
+            written.append(write_segmentation(volume.series, np.stack([full_masks[i] for i in indices]),
+                                              next(targets)))
     return written
 
 
-def _write_nifti_mask(masks: Sequence[np.ndarray], meta: dict, target: Path) -> Path:
-    """uint8 volume in the source's voxel grid, with its affine and header so viewers overlay it."""
+def _write_nifti(values: np.ndarray, dtype, volume: Volume | None, target: Path) -> Path:
+    """`values` (H, W, Z) as a NIfTI in the source volume's voxel grid, with its affine (and a NIfTI source's
+    header) so viewers overlay it; without a volume, the picture's own pixel grid (identity affine)."""
     import gzip
 
     import nibabel as nib
 
-    volume = np.stack(masks, axis=-1).reshape(meta["shape"]).astype(np.uint8)
-    header = meta["header"].copy()
-    header.set_data_dtype(np.uint8)
-    image = nib.Nifti1Image(volume, meta["affine"], header)
+    if volume is not None and volume.header is not None:
+        header = volume.header.copy()
+        header.set_data_dtype(dtype)
+        image = nib.Nifti1Image(values.reshape(volume.shape).astype(dtype), volume.affine, header)
+    else:
+        affine = np.eye(4) if volume is None else volume.affine
+        image = nib.Nifti1Image(values.astype(dtype), affine)
+        image.set_qform(affine, code="scanner")
+        image.set_sform(affine, code="scanner")
     image.header["scl_slope"], image.header["scl_inter"] = 1, 0
     with atomic_path(target) as tmp:
         tmp.write_bytes(gzip.compress(image.to_bytes()))
     return target
 
 
-def plan_outputs(paths: Sequence[str | Path]) -> tuple[dict[Path, Path], dict[Path, list[Path]], list[dict]]:
+def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
+                 probabilities: bool = False) -> tuple[dict[Path, Path], dict[Path, list[Path]], list[dict]]:
     """Name every output before anything is written: (input -> output stem, input -> its output files, both
-    relative to the output folder; failures). Each input is decoded here once for its slice names.
+    relative to the output folder; failures, including the unusable files of DICOM folders and zips). Each input
+    is decoded here once for its slice names.
 
     Outputs keep the inputs' folders below their common parent folder (a/scan.png and b/scan.png ->
     a/scan_mask.png and b/scan_mask.png; files of one folder stay flat). Inputs whose names would meet
@@ -296,16 +386,18 @@ def plan_outputs(paths: Sequence[str | Path]) -> tuple[dict[Path, Path], dict[Pa
         first.setdefault(os.path.abspath(path), Path(path))
     folders = {path: Path(key).parent for key, path in first.items()}
     root = Path(os.path.commonpath(list(folders.values()))) if folders else Path()
-    slices, failed = {}, []
+    slices, failed, skipped = {}, [], []
     for path in folders:
         try:
-            slices[path] = [s._replace(image=None) for s in load_inputs(path)]  # names only, not the pixels
+            slices[path] = [s._replace(image=None) for s in load_inputs(path, skipped=skipped)]  # names only
         except DataError as exc:
             failed.append({"path": str(path), "reason": exc.reason})
+    failed = [{"path": exc.path, "reason": exc.reason} for exc in skipped] + failed
     whole_name: set[Path] = set()
     while True:
         stems = {p: folders[p].relative_to(root) / (p.name if p in whole_name else _stem(p)) for p in slices}
-        outputs = {p: [stem.parent / name for name in output_names(slices[p], stem.name)] for p, stem in stems.items()}
+        outputs = {p: [stem.parent / name for name in output_names(slices[p], stem.name, dicom_seg, probabilities)]
+                   for p, stem in stems.items()}
         writers = defaultdict(list)
         for p, names in outputs.items():
             for name in names:
@@ -322,9 +414,9 @@ def plan_outputs(paths: Sequence[str | Path]) -> tuple[dict[Path, Path], dict[Pa
 
 def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
                   threshold: float | None = None, progress: bool = True, force: bool = False,
-                  compile: bool = False) -> dict[str, Any]:
-    """Segment many files with a run directory (loaded with `compile`) or a loaded Segmenter into `out_dir`,
-    named by `plan_outputs`.
+                  compile: bool = False, dicom_seg: bool = False, probabilities: bool = False) -> dict[str, Any]:
+    """Segment many inputs with a run directory (loaded with `compile`) or a loaded Segmenter into `out_dir`,
+    named by `plan_outputs`; `dicom_seg` and `probabilities` as in `segment_file`.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
@@ -333,7 +425,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    stems, outputs, failed = plan_outputs(paths)
+    stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities)
     existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
@@ -343,7 +435,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     for path, stem in tqdm(stems.items(), desc="segment", disable=not progress or len(stems) < 2):
         try:
             report["written"] += [str(p) for p in segment_file(segmenter, path, out_dir / stem.parent, threshold,
-                                                                stem.name)]
+                                                                stem.name, dicom_seg, probabilities)]
             report["segmented"].append(str(path))
         except DataError as exc:
             report["failed"].append({"path": str(path), "reason": exc.reason})

@@ -129,6 +129,74 @@ def test_brats_prepare_and_info(tmp_path, make_brats_case):
     assert info["tumour_free_share"] == pytest.approx(10 / 16)
 
 
+def test_brats_mixed_releases_prepare_and_info(tmp_path, make_brats_case, genseg_cli):
+    """2020 and 2023 cases in one folder: a case without the modality is listed and skipped, the others kept."""
+    data = tmp_path / "brats"
+    make_brats_case(data, "BraTS20_Training_001")
+    make_brats_case(data, "BraTS-GLI-00000-000", ("t1n", "t1c", "t2w", "t2f"), seg_labels=(1, 2, 3), names="2023")
+    make_brats_case(data, "BraTS-GLI-00001-000", ("t1n", "t2w"), seg_labels=(1, 2, 3), names="2023")
+    report = prepare(data, tmp_path / "et.h5", size=32, modality="flair", target="et", empty_fraction=0.0,
+                     progress=False)
+    assert report.slices == 2 and [Path(b["path"]).name for b in report.bad_files] == ["BraTS-GLI-00001-000-t2f.nii.gz"]
+    assert "BraTS-GLI-00001-000 has no t2f volume" in report.bad_files[0]["reason"]
+    metadata = read_metadata(tmp_path / "et.h5")["attrs"]["metadata"]
+    assert metadata["target"] == "et"
+    assert metadata["naming"] == {"BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3": 2,
+                                  "BraTS 2020 (t1/t1ce/t2/flair), enhancing = 4": 1}
+    done = genseg_cli("data", "info", data, "--modality", "t2f", "--target", "tc")
+    assert re.search(r"^naming\s+BraTS 2023 \(t1n/t1c/t2w/t2f\), enhancing = 3: 2 case\(s\)$", done.stdout, re.M)
+    assert re.search(r"^\s+BraTS 2020 \(t1/t1ce/t2/flair\), enhancing = 4: 1 case\(s\)$", done.stdout, re.M)
+    # tumour core: slices 4 and 6 of each readable case, plus one of its six tumour-free brain slices
+    assert re.search(r"^slices\s+6$", done.stdout, re.M) and "BraTS-GLI-00001-000 has no t2f volume" in done.stdout
+    assert dataset_info(tmp_path / "et.h5")["naming"] == metadata["naming"]
+
+
+def test_dicom_series_labelled_by_dicom_seg(tmp_path):
+    """A series with the DICOM-SEG that `segment --dicom-seg` writes (highdicom) is a training case, from a folder
+    or a zip; a series nobody segmented, a structured report and a stray SEG are listed as bad files."""
+    import shutil
+    import zipfile
+
+    from pydicom.data import get_testdata_file
+
+    from conftest import write_dicom_series
+    from genseg.dicom import find_members, read_headers, write_segmentation
+    from seg_helpers import phantom
+
+    rng = np.random.default_rng(3)
+    pairs = [phantom(rng, 64, t) for t in (True, True, False, True, False, False)]
+    images = np.stack([(1000 * image + 200).astype(np.int16) for image, _ in pairs])
+    masks = np.stack([mask for _, mask in pairs])
+    exam = tmp_path / "exam"
+    write_dicom_series(exam / "t1", images, "T1 AX POST")
+    series, = read_headers(find_members(exam / "t1"), 2**28).series
+    write_segmentation(series, masks, exam / "t1_seg.dcm")
+    write_dicom_series(exam / "flair", images[::-1], "FLAIR AX", seed=1)
+    write_dicom_series(tmp_path / "elsewhere", images[:2], "PD", seed=2)
+    other, = read_headers(find_members(tmp_path / "elsewhere"), 2**28).series
+    write_segmentation(other, masks[:2], exam / "stray_seg.dcm")
+    shutil.copy(get_testdata_file("reportsi.dcm"), exam / "report.dcm")
+
+    report = prepare(exam, tmp_path / "d.h5", size=64, empty_fraction=1.0, progress=False)
+    assert report.source_format == "dicom" and report.slices == 6 and report.files_read == 1
+    reasons = {Path(bad["path"]).relative_to(exam).parts[0]: bad["reason"] for bad in report.bad_files}
+    assert "series FLAIR_AX needs exactly one DICOM Segmentation referencing it for training, found 0" in \
+        reasons["flair"]
+    assert reasons["report.dcm"] == "has no pixel data: not an image (Basic Text SR Storage)"
+    assert reasons["stray_seg.dcm"] == "DICOM Segmentation references no image series found here"
+    with h5py.File(tmp_path / "d.h5") as h5:
+        assert np.array_equal(h5["masks"][:], masks) and h5["slice_index"][:].tolist() == list(range(6))
+        assert h5.attrs["modality"] == "MR"
+    info = dataset_info(tmp_path / "d.h5")
+    assert info["classes"] == {"unknown": 3, "none": 3} and info["patients"] == 1
+
+    with zipfile.ZipFile(tmp_path / "exam.zip", "w") as archive:
+        for path in sorted(exam.rglob("*")):
+            archive.write(path, path.relative_to(exam))
+    raw = dataset_info(tmp_path / "exam.zip", empty_fraction=0.0)
+    assert (raw["kind"], raw["source_format"], raw["slices"], len(raw["bad_files"])) == ("raw", "dicom", 3, 3)
+
+
 def test_busi_prepare_info_and_class_names(tmp_path, make_busi):
     make_busi(tmp_path / "busi" / "Dataset_BUSI_with_GT")
     report = prepare(tmp_path / "busi", tmp_path / "u.h5", size=16, progress=False)

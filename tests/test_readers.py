@@ -1,13 +1,15 @@
 """Readers on real file layouts: Figshare v7.3 / v5 .mat, cvind.mat, BraTS NIfTI, BUSI and image+mask folders."""
 
 import h5py
+import nibabel as nib
 import hdf5storage
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from conftest import matlab_border, polygon_slice, save_png, tumour_polygon, write_v5_slice
-from genseg.data.brats import find_brats_cases, read_brats_case
+from genseg.cli import MODALITY_CHOICES
+from genseg.data.brats import MODALITIES, case_naming, find_brats_cases, read_brats_case
 from genseg.data.figshare import (find_figshare_files, read_cvind, read_figshare_mat, write_cvind_mat,
                                   write_figshare_mat)
 from genseg.data.folders import find_busi_pairs, find_folder_pairs, read_image_pair
@@ -169,6 +171,63 @@ def test_brats_bad_volumes(tmp_path, make_brats_case):
     with pytest.raises(DataError, match="unreadable NIfTI") as info:
         read_brats_case(case, "flair")
     assert info.value.path == str(flair)
+
+
+def test_brats_releases_are_told_apart_per_case(tmp_path, make_brats_case):
+    """2020, 2021, 2023 (GLI, MEN, MET) and bare names in one folder; either vocabulary asks for the same volume."""
+    data = tmp_path / "brats"
+    cases = {
+        "2020": make_brats_case(data, "BraTS20_Training_001"),
+        "2021": make_brats_case(data, "BraTS2021_00000"),
+        "2023": make_brats_case(data, "BraTS-GLI-00000-000", ("t1n", "t1c", "t2w", "t2f"), seg_labels=(1, 2, 3),
+                                names="2023"),
+        "men": make_brats_case(data, "BraTS-MEN-00004-000", ("t1n", "t1c", "t2w", "t2f"), seg_labels=(1, 2, 3),
+                               names="2023"),
+        "met": make_brats_case(data, "BraTS-MET-00001-000", ("t1c",), seg_labels=(1, 2, 3), names="2023"),
+        "bare": make_brats_case(data, "case_bare", ("t1c", "t2f"), seg_labels=(1, 2, 3), names="bare"),
+        "bare 2020 names": make_brats_case(data, "case_old", ("t1ce",), names="bare"),
+    }
+    assert find_brats_cases(data) == sorted(cases.values())
+    described = {key: case_naming(case).describe() for key, case in cases.items()}
+    assert described == {"2020": "BraTS 2020 (t1/t1ce/t2/flair), enhancing = 4",
+                         "2021": "BraTS 2021 (t1/t1ce/t2/flair), enhancing = 4",
+                         "2023": "BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3",
+                         "men": "BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3",
+                         "met": "BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3",
+                         "bare": "bare names (t1n/t1c/t2w/t2f), enhancing = 3",
+                         "bare 2020 names": "bare names (t1/t1ce/t2/flair), enhancing = 4"}
+    for key, case in cases.items():
+        for old, new in (("t1ce", "t1c"), ("flair", "t2f")):
+            if key in ("met", "bare 2020 names") and old == "flair":
+                continue
+            a, b = read_brats_case(case, old, empty_fraction=0.0), read_brats_case(case, new, empty_fraction=0.0)
+            assert [r.source for r in a] == [r.source for r in b] and len(a) == 3, key
+        # slice 4 holds label 1 (necrotic core), 5 oedema, 6 enhancing (4 in 2020/2021 files, 3 from 2023)
+        regions = {target: [r.slice_index for r in read_brats_case(case, "t1c", 0.0, target=target)]
+                   for target in ("wt", "tc", "et")}
+        assert regions == {"wt": [4, 5, 6], "tc": [4, 6], "et": [6]}, key
+    labels = {key: {r.label for r in read_brats_case(case, "t1c", 0.0)} for key, case in cases.items()}
+    assert labels == {"2020": {2}, "2021": {2}, "2023": {2}, "men": {1}, "met": {-1}, "bare": {2},
+                      "bare 2020 names": {2}}
+    with pytest.raises(DataError, match="BraTS-GLI-00000-000 has no t1c volume .*BraTS-GLI-00000-000-t1c.nii.gz"):
+        (cases["2023"] / "BraTS-GLI-00000-000-t1c.nii.gz").unlink()
+        read_brats_case(cases["2023"], "t1ce")
+    with pytest.raises(DataError, match="unexpected segmentation labels 4; BraTS uses 0, 1, 2, 3 with BraTS 2023"):
+        read_brats_case(make_brats_case(tmp_path, "BraTS-PED-00002-000", ("t1c",), seg_labels=(4,), names="2023"),
+                        "t1c")
+    mixed = make_brats_case(tmp_path, "mixed", ("t1c", "t1ce"), names="bare")
+    with pytest.raises(DataError, match="mixes 2020 names"):
+        read_brats_case(mixed, "t1c")
+    assert MODALITY_CHOICES == list(MODALITIES)  # the CLI's choices, kept apart so --help imports no nibabel
+
+
+def test_brats_seg_of_another_shape(tmp_path, make_brats_case):
+    case = make_brats_case(tmp_path, "BraTS-GLI-00003-000", ("t1c",), seg_labels=(1, 2, 3), names="2023")
+    seg = case / "BraTS-GLI-00003-000-seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(seg).dataobj)[:, :, :10], np.eye(4)), seg)
+    with pytest.raises(DataError, match=r"segmentation shape \(40, 48, 10\) differs from the t1c volume's") as info:
+        read_brats_case(case, "t1c")
+    assert info.value.path == str(seg)
 
 
 def test_busi_split_rgb_and_normal_masks(tmp_path, make_busi):

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from genseg.serve.testing import make_untrained_segmenter
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
 
+from conftest import oblique_orientation, write_dicom_series, write_enhanced_mr
+
 from genseg.data.figshare import write_figshare_mat
 from genseg.errors import CheckpointError, DataError
 from genseg.inference import (load_inputs, load_segmenter, plan_outputs, prepare_input, segment_file,
@@ -242,3 +244,136 @@ def test_untrained_helper_gives_a_loadable_run(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         segmenter.predict(np.full((1, 3, 32, 32), np.nan, np.float32))
     assert json.loads((tmp_path / "r" / "model" / "config.json").read_text())["_class_name"] == "SegmentationUNet"
+
+
+def _seg_frames(seg) -> list[tuple[str, np.ndarray]]:
+    """(referenced SOP instance UID, ImagePositionPatient) of each frame of a read-back DICOM Segmentation."""
+    frames = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        frames.append((str(source.ReferencedSOPInstanceUID), np.asarray(item.PlanePositionSequence[0]
+                                                                      .ImagePositionPatient, float)))
+    return frames
+
+
+def test_dicom_series_get_nifti_probabilities_and_dicom_seg(run, tmp_path):
+    """Two series and a structured report in one folder: each series segmented on its own, named by its
+    SeriesDescription, with a NIfTI mask on its grid, float32 probabilities and a DICOM-SEG read back with
+    highdicom against the source series; the report is named as unusable."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from genseg import __version__
+
+    images, masks = raw_phantoms(7, tumours=(True, True, False, True))
+    t1 = write_dicom_series(tmp_path / "exam", images, "T1 AX POST", slope=0.5, intercept=10.0)
+    flair = write_dicom_series(tmp_path / "exam", raw_phantoms(8, tumours=(True, False))[0], "FLAIR AX", seed=1)
+    shutil.copy(get_testdata_file("test-SR.dcm"), tmp_path / "exam" / "report.dcm")
+    out = tmp_path / "out"
+    report = segment_files([tmp_path / "exam"], run, out, progress=False, dicom_seg=True, probabilities=True)
+    assert report["failed"] == [{"path": str(tmp_path / "exam" / "report.dcm"),
+                                 "reason": "has no pixel data: not an image (Comprehensive SR Storage)"}]
+    assert report["segmented"] == [str(tmp_path / "exam")]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == [
+        "exam_FLAIR_AX_mask.nii.gz", "exam_FLAIR_AX_probabilities.nii.gz", "exam_FLAIR_AX_seg.dcm",
+        "exam_T1_AX_POST_mask.nii.gz", "exam_T1_AX_POST_probabilities.nii.gz", "exam_T1_AX_POST_seg.dcm"]
+    assert len(report["written"]) == (4 + 2) * 2 + 6
+
+    nifti = nib.load(out / "exam_T1_AX_POST_mask.nii.gz")
+    volume = np.asarray(nifti.dataobj)
+    assert volume.dtype == np.uint8 and volume.shape == (SIZE, SIZE, 4)
+    for k, w in enumerate(t1):  # voxel (0, 0, k) sits at slice k's ImagePositionPatient, LPS -> RAS
+        assert np.allclose((nifti.affine @ [0, 0, k, 1])[:3], w["ipp"] * [-1, -1, 1], atol=1e-4)
+        assert np.array_equal(volume[..., k] > 0, read_mask(out / f"exam_T1_AX_POST_z{k:03d}_mask.png"))
+    assert nifti.header["sform_code"] > 0 and nifti.header["qform_code"] > 0
+    assert dice_iou(np.moveaxis(volume, -1, 0)[[0, 1, 3]] > 0, masks[[0, 1, 3]])[0].min() > 0.8
+    assert not volume[..., 2].any()
+    probabilities = nib.load(out / "exam_T1_AX_POST_probabilities.nii.gz")
+    assert probabilities.get_data_dtype() == np.float32 and np.allclose(probabilities.affine, nifti.affine)
+    assert np.mean((np.asarray(probabilities.dataobj) >= 0.5) == (volume > 0)) > 0.999
+
+    for name, source in (("T1_AX_POST", t1), ("FLAIR_AX", flair)):
+        seg = hd.seg.segread(out / f"exam_{name}_seg.dcm")
+        first = pydicom.dcmread(source[0]["path"], stop_before_pixels=True)
+        assert (seg.Modality, seg.Rows, seg.Columns, seg.NumberOfFrames) == ("SEG", SIZE, SIZE, len(source))
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+        assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (first.StudyInstanceUID, first.FrameOfReferenceUID)
+        assert {uid for _, _, uid in seg.get_source_image_uids()} == {w["uid"] for w in source}
+        positions = {w["uid"]: w["ipp"] for w in source}
+        frames = _seg_frames(seg)
+        assert sorted(uid for uid, _ in frames) == sorted(positions)  # one frame per source slice, empty ones too
+        assert all(np.allclose(ipp, positions[uid], atol=1e-4) for uid, ipp in frames)
+        segment = seg.SegmentSequence[0]
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert (segment.SegmentLabel, segment.SegmentAlgorithmType, segment.SegmentAlgorithmName) == (
+            "tumour", "AUTOMATIC", "genseg")
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion, seg.SoftwareVersions) == (
+            "genseg", __version__, __version__)
+        pixels = seg.get_pixels_by_source_instance([w["uid"] for w in source], combine_segments=True)
+        nifti_mask = np.asarray(nib.load(out / f"exam_{name}_mask.nii.gz").dataobj)
+        assert np.array_equal(pixels, np.moveaxis(nifti_mask, -1, 0))
+
+
+def test_multiframe_dicom_seg_follows_the_source_frames(run, tmp_path):
+    """A real Enhanced MR header (24 frames, conftest.write_enhanced_mr) holding phantoms with a tumour in every
+    third frame: the SEG's frames reference the source frames, and its pixels read back per source frame equal
+    the NIfTI mask of the position-ordered stack."""
+    import highdicom as hd
+    import pydicom
+
+    rng = np.random.default_rng(10)
+    stored = np.stack([np.kron(1000 * phantom(rng, SIZE, f % 3 == 0)[0] + 200, np.ones((4, 4))) for f in range(24)])
+    source = pydicom.dcmread(write_enhanced_mr(tmp_path / "mprage.dcm", stored), stop_before_pixels=True)
+    report = segment_files([tmp_path / "mprage.dcm"], run, tmp_path / "out", progress=False, dicom_seg=True)
+    assert report["failed"] == [] and len(report["written"]) == 24 * 2 + 2
+    seg = hd.seg.segread(tmp_path / "out" / "mprage_seg.dcm")
+    assert (seg.Rows, seg.Columns, seg.NumberOfFrames) == (256, 256, 24)
+    positions = [np.asarray(g.PlanePositionSequence[0].ImagePositionPatient, float)
+                 for g in source.PerFrameFunctionalGroupsSequence]
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        frame = int(ref.ReferencedFrameNumber) - 1
+        assert np.allclose(item.PlanePositionSequence[0].ImagePositionPatient, positions[frame])
+    mask = np.asarray(nib.load(tmp_path / "out" / "mprage_mask.nii.gz").dataobj)
+    along = [p @ np.cross(*np.reshape(source.PerFrameFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                                      .ImageOrientationPatient, (2, 3))) for p in positions]
+    order = np.argsort(along)  # stack order: frame order[k] is slice k of the NIfTI mask
+    by_frame = seg.get_pixels_by_source_frame(source.SOPInstanceUID, list(range(1, 25)), combine_segments=True)
+    assert np.array_equal(by_frame[order], np.moveaxis(mask, -1, 0))
+    assert [bool(m.any()) for m in by_frame] == [f % 3 == 0 for f in range(24)]  # the tumour frames, in frame order
+
+
+def test_cli_dicom_folder_zip_and_bad_inputs(tmp_path, genseg_cli):
+    """A folder with a good and an unevenly spaced series, a zip with a path-traversal member, a good zip and a
+    real single file: errors name the files, the good ones are segmented (exit status 1)."""
+    import zipfile
+
+    from pydicom.data import get_testdata_file
+
+    run = make_untrained_segmenter(tmp_path / "run", size=SIZE, base_channels=4, depth=2)
+    images, _ = raw_phantoms(9, tumours=(True, True, False))
+    write_dicom_series(tmp_path / "exam", images, "T2 AX")
+    normal = oblique_orientation()[2]
+    uneven = write_dicom_series(tmp_path / "exam", images, "T2 gap", positions=[normal * z for z in (0, 3, 9)], seed=2)
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as archive:
+        archive.write(get_testdata_file("MR_small.dcm"), "../../evil.dcm")
+    good = write_dicom_series(tmp_path / "zipped", images[:2], "PD AX", seed=3)
+    with zipfile.ZipFile(tmp_path / "good.zip", "w") as archive:
+        for w in good:
+            archive.write(w["path"], w["path"].name)
+    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), tmp_path / "mr.dcm")
+    out = tmp_path / "out"
+    done = genseg_cli("segment", tmp_path / "exam", tmp_path / "evil.zip", tmp_path / "good.zip", tmp_path / "mr.dcm",
+                      "--checkpoint", run, "--out", out, returncode=1)
+    errors = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr
+    assert any(str(tmp_path / "evil.zip") in line and "zip member paths must stay inside the archive" in line
+               and "../../evil.dcm" in line for line in errors), errors
+    assert any(str(uneven[0]["path"].parent) in line and "slice spacing of the series is not even" in line
+               for line in errors), errors
+    names = sorted(p.name for p in out.iterdir())
+    assert "exam_T2_AX_mask.nii.gz" in names and "good_PD_AX_mask.nii.gz" in names and "mr_mask.nii.gz" in names
+    assert "exam_T2_AX_z002_overlay.png" in names and not any("gap" in n for n in names)
+    assert f"wrote {len(names)} files" in done.stdout and len(names) == 3 * 2 + 1 + 2 * 2 + 1 + 2 + 1

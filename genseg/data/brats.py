@@ -1,68 +1,138 @@
 """BraTS case folders: one NIfTI volume per modality plus a segmentation, cut into axial slices.
 
-A case folder holds `<case>_{t1,t1ce,t2,flair,seg}.nii.gz` (or `.nii`). The binary mask is the whole tumour,
-seg labels {1, 2, 4}. Every tumour slice is kept, plus a seeded share of tumour-free brain slices (the model
-must learn to predict nothing there); slices outside the brain (constant, usually all zero) are skipped.
+The releases name files differently, and the naming is told apart per case from the file names:
+2020 `BraTS20_Training_001_{t1,t1ce,t2,flair,seg}.nii.gz`, 2021 the same names with `BraTS2021_00000`,
+2023-2024 `BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz` (challenges GLI, MEN, MET, PED, SSA), and bare
+`t1c.nii.gz` (or `t1ce.nii.gz`) in a case folder. Either vocabulary asks for the same modality (t1 = t1n,
+t1ce = t1c, t2 = t2w, flair = t2f). The seg labels follow the naming: enhancing tumour is 4 in 2020/2021 and 3
+from 2023 on; 1 is the necrotic core and 2 oedema in both. The binary mask is the `target`: whole tumour (wt),
+tumour core (tc = necrotic core + enhancing) or enhancing tumour (et).
+Every tumour slice is kept, plus a seeded share of tumour-free brain slices (the model must learn to predict
+nothing there); slices outside the brain (constant, usually all zero) are skipped.
 Slices are shown the way radiologists view axial images, as in the Figshare set: anterior at the top, the
 patient's right on the image's left, whatever the orientation stored in the file.
 """
 
 from __future__ import annotations
 
-import zlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from ..errors import DataError
-from .records import SliceRecord
+from .records import SliceRecord, sample_slices
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-SEG_LABELS = (0, 1, 2, 4)
-WHOLE_TUMOUR = (1, 2, 4)
-GLIOMA = 2  # every BraTS case is a glioma; tumour-free slices get 0
+# both vocabularies, mapped to the 2023 names that genseg uses inside
+CANONICAL = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "t1n": "t1n", "t1c": "t1c", "t2w": "t2w",
+             "t2f": "t2f"}
+MODALITIES = tuple(CANONICAL)
+NAMES_2020 = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
+TARGETS = ("wt", "tc", "et")
+NECROTIC, OEDEMA = 1, 2
+ENHANCING = {"2020": 4, "2023": 3}  # by vocabulary: 2020 names (2020, 2021) or 2023 names (2023, 2024)
+CHALLENGE_LABELS = {"MEN": 1, "MET": -1}  # meningioma; metastases are none of genseg's classes (-1 = unknown)
+GLIOMA = 2  # BraTS 2020/2021 and the GLI, PED and SSA challenges are gliomas; tumour-free slices get 0
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_CHALLENGE = re.compile(r"brats-([a-z]+)-", re.I)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How one case folder names its files: the release, the vocabulary and the separator before the kind."""
+
+    release: str  # "2020", "2021", "2023" or "bare"
+    vocabulary: str  # "2020" (t1, t1ce, t2, flair) or "2023" (t1n, t1c, t2w, t2f)
+
+    @property
+    def enhancing(self) -> int:
+        return ENHANCING[self.vocabulary]
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return (0, NECROTIC, OEDEMA, self.enhancing)
+
+    def target_labels(self, target: str) -> tuple[int, ...]:
+        return {"wt": (NECROTIC, OEDEMA, self.enhancing), "tc": (NECROTIC, self.enhancing),
+                "et": (self.enhancing,)}[target]
+
+    def word(self, kind: str) -> str:
+        """What this vocabulary calls `kind` (a canonical modality or "seg")."""
+        return NAMES_2020.get(kind, kind) if self.vocabulary == "2020" else kind
+
+    def file_name(self, case: Path, kind: str, suffix: str = ".nii.gz") -> str:
+        """The name this naming gives the `kind` volume of `case`."""
+        if self.release == "bare":
+            return f"{self.word(kind)}{suffix}"
+        return f"{case.name}{'-' if self.release == '2023' else '_'}{self.word(kind)}{suffix}"
+
+    def describe(self) -> str:
+        names = "t1/t1ce/t2/flair" if self.vocabulary == "2020" else "t1n/t1c/t2w/t2f"
+        release = f"bare names ({names})" if self.release == "bare" else f"BraTS {self.release} ({names})"
+        return f"{release}, enhancing = {self.enhancing}"
 
 
 def find_brats_cases(folder: str | Path) -> list[Path]:
-    """Folders (at any depth) that hold at least one `*_<modality>.nii[.gz]` or `*_seg.nii[.gz]` file."""
+    """Folders (at any depth) that hold at least one BraTS modality or seg volume in any release's naming."""
     return sorted({p.parent for p in Path(folder).rglob("*.nii*") if _volume_kind(p) is not None})
 
 
-def read_brats_case(case: str | Path, modality: str = "t1ce", empty_fraction: float = 0.1,
-                    seed: int = 0) -> list[SliceRecord]:
-    """All tumour slices of one case plus `empty_fraction` of its tumour-free brain slices, in axial order.
+def case_naming(case: str | Path) -> Naming:
+    """The naming of a case folder, told from its volumes' names; DataError if it mixes the vocabularies."""
+    case = Path(case)
+    kinds = [k for k in (_volume_kind(p) for p in sorted(case.iterdir())) if k is not None]
+    vocabularies = {vocabulary for _, vocabulary, _ in kinds if vocabulary}
+    if len(vocabularies) > 1:
+        raise DataError(case, "BraTS case mixes 2020 names (t1, t1ce, t2, flair) and 2023 names (t1n, t1c, t2w, "
+                              "t2f); keep one naming per case folder")
+    vocabulary = vocabularies.pop() if vocabularies else "2020"
+    if any(separator == "" for *_, separator in kinds):
+        return Naming("bare", vocabulary)
+    if vocabulary == "2023":
+        return Naming("2023", vocabulary)
+    return Naming("2021" if case.name.lower().startswith("brats2021") else "2020", vocabulary)
 
-    Which tumour-free slices are kept depends only on `seed` and the case name, so results do not change with
-    the order or number of worker processes.
-    """
+
+def read_brats_case(case: str | Path, modality: str = "t1ce", empty_fraction: float = 0.1, seed: int = 0,
+                    target: str = "wt") -> list[SliceRecord]:
+    """All tumour slices of one case plus `empty_fraction` of its tumour-free brain slices, in axial order
+    (records.sample_slices, seeded by the case name)."""
     case = Path(case)
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    image_path, seg_path = _find_volume(case, modality), _find_volume(case, "seg")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    naming = case_naming(case)
+    image_path, seg_path = _find_volume(case, CANONICAL[modality], naming), _find_volume(case, "seg", naming)
     image, seg = _load_volume(image_path), _load_volume(seg_path)
     if image.shape != seg.shape:
         raise DataError(seg_path, f"segmentation shape {seg.shape} differs from the {modality} volume's {image.shape}")
     if not np.isfinite(image).all():
         raise DataError(image_path, "volume contains NaN or infinite values")
-    unexpected = [f"{v:g}" for v in np.unique(seg).tolist() if v not in SEG_LABELS]
+    unexpected = [f"{v:g}" for v in np.unique(seg).tolist() if v not in naming.labels]
     if unexpected:
         raise DataError(seg_path, f"unexpected segmentation labels {', '.join(unexpected[:5])}; BraTS uses "
-                                  f"{', '.join(map(str, SEG_LABELS))}")
+                                  f"{', '.join(map(str, naming.labels))} with {naming.describe()}")
 
-    mask = np.isin(seg, WHOLE_TUMOUR)
+    mask = np.isin(seg, naming.target_labels(target))
     brain = image.max(axis=(0, 1)) > image.min(axis=(0, 1))
     tumour = mask.any(axis=(0, 1)) & brain
-    empty = np.flatnonzero(brain & ~tumour)
-    rng = np.random.default_rng([seed, zlib.crc32(case.name.encode())])
-    kept_empty = rng.choice(empty, size=int(round(empty_fraction * len(empty))), replace=False)
+    label = _tumour_label(case)
     records = []
-    for z in sorted(np.flatnonzero(tumour).tolist() + kept_empty.tolist()):
+    for z in sample_slices(tumour, brain, empty_fraction, seed, case.name):
         record = SliceRecord(_radiological(image[:, :, z]), _radiological(mask[:, :, z]).astype(np.uint8),
-                             GLIOMA if tumour[z] else 0, case.name, str(image_path), slice_index=int(z))
+                             label if tumour[z] else 0, case.name, str(image_path), slice_index=int(z))
         records.append(record.check())
     return records
+
+
+def _tumour_label(case: Path) -> int:
+    """The class of a case's tumour slices, from its challenge (BraTS-MEN-..., BraTS-MET-...)."""
+    names = [case.name] + [p.name for p in case.iterdir()]
+    challenge = next((m[1].upper() for m in map(_CHALLENGE.match, names) if m), "GLI")
+    return CHALLENGE_LABELS.get(challenge, GLIOMA)
 
 
 def _radiological(axial: np.ndarray) -> np.ndarray:
@@ -70,24 +140,32 @@ def _radiological(axial: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.flip(axial.T, axis=(0, 1)))
 
 
-def _volume_kind(path: Path) -> str | None:
+def _volume_kind(path: Path) -> tuple[str, str | None, str] | None:
+    """(canonical kind, vocabulary or None for seg, separator: "_", "-" or "" for a bare name) of a volume."""
     name = path.name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            kind = name[: -len(suffix)].rsplit("_", 1)[-1]
-            return kind if kind in MODALITIES + ("seg",) else None
+    suffix = next((s for s in NIFTI_SUFFIXES if name.endswith(s)), None)
+    if suffix is None:
+        return None
+    stem = name[: -len(suffix)]
+    for separator in ("", "_", "-"):
+        word = stem.rsplit(separator, 1)[-1] if separator else stem
+        if word == "seg":
+            return "seg", None, separator
+        if word in CANONICAL:
+            return CANONICAL[word], "2020" if word in NAMES_2020.values() else "2023", separator
     return None
 
 
-def _find_volume(case: Path, kind: str) -> Path:
-    found = sorted(p for p in case.iterdir() if _volume_kind(p) == kind)
+def _find_volume(case: Path, kind: str, naming: Naming) -> Path:
+    found = sorted(p for p in case.iterdir() if _volume_kind(p) is not None and _volume_kind(p)[0] == kind)
     if len(found) == 1:
         return found[0]
-    expected = case / f"{case.name}_{kind}.nii.gz"
+    expected = case / naming.file_name(case, kind)
     if found:
-        raise DataError(expected, f"BraTS case {case.name} has {len(found)} {kind} volumes: "
+        raise DataError(expected, f"BraTS case {case.name} has {len(found)} {naming.word(kind)} volumes: "
                                   f"{', '.join(p.name for p in found)}")
-    problem = f"BraTS case {case.name} has no {kind} volume (*_{kind}.nii.gz or *_{kind}.nii)"
+    problem = (f"BraTS case {case.name} has no {naming.word(kind)} volume ({naming.file_name(case, kind)} or "
+               f"{naming.file_name(case, kind, '.nii')}; the case uses {naming.describe()})")
     if kind == "seg":
         others = [p.name for p in sorted(case.iterdir()) if p.name.lower().endswith(NIFTI_SUFFIXES)
                   and _volume_kind(p) is None]
@@ -95,7 +173,7 @@ def _find_volume(case: Path, kind: str) -> Path:
         if others:
             problem += (f". Found other NIfTI file(s): {', '.join(others)}. If one is the segmentation (a known "
                         f"re-distribution names case 355's seg 'W39_1998.09.19_Segm.nii'), rename it to "
-                        f"{case.name}_seg.nii")
+                        f"{naming.file_name(case, 'seg', '.nii')}")
     raise DataError(expected, problem)
 
 

@@ -16,17 +16,17 @@ from .sources import choose_folds, open_source, scan, worker_pool
 
 def dataset_info(path: str | Path, format: str = "auto", modality: str = "t1ce", empty_fraction: float = 0.1,
                  seed: int = 0, num_folds: int = 5, test_fold: int = 1, channels: int = 1, workers: int = 1,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, target: str = "wt") -> dict[str, Any]:
     """Counts for a prepared file, or for a raw folder as `prepare` with the same options would write it.
 
     Keys: path, kind, source_format, slices, patients, classes {name: slices}, image_sizes {"HxW": slices},
     tumour_free_share, splits {train/val/test: slices}, folds_from, bad_files [{path, reason}]; prepared files
-    add synthetic, modality, size, channels; raw folders add files_read.
+    add synthetic, modality, size, channels; raw folders add files_read; BraTS data adds naming {naming: cases}.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and path.suffix.lower() != ".zip":  # a zip holds raw DICOM data
         return _prepared_info(path)
-    src = open_source(path, format, modality, empty_fraction, seed, channels)
+    src = open_source(path, format, modality, empty_fraction, seed, channels, target)
     rows, bad = [], []
     with worker_pool(workers) as pool:
         for result in scan(src, _describe, pool, progress, desc=f"info {path.name}"):
@@ -43,6 +43,8 @@ def dataset_info(path: str | Path, format: str = "auto", modality: str = "t1ce",
                     split_from_folds(np.asarray(folds), num_folds, test_fold), folds_from, bad + bad_cvind,
                     src.class_names)
     info["files_read"] = len(rows)
+    if "naming" in src.settings:
+        info["naming"] = src.settings["naming"]
     return info
 
 
@@ -59,6 +61,8 @@ def format_info(info: dict[str, Any]) -> str:
         ("image sizes", ", ".join(f"{size}: {n}" for size, n in info["image_sizes"].items()) or "-"),
         ("tumour-free", "-" if share is None else f"{100 * share:.1f} % of slices"),
         ("splits", ", ".join(f"{name} {n}" for name, n in info["splits"].items()) + f" ({info['folds_from']})"),
+        *[("naming" if i == 0 else "", f"{naming}: {n} case(s)") for i, (naming, n) in
+          enumerate(info.get("naming", {}).items())],
         ("bad files", len(info["bad_files"])),
     ]
     width = max(len(name) for name, _ in rows) + 2
@@ -81,6 +85,8 @@ def _prepared_info(path: Path) -> dict[str, Any]:
                     attrs.get("bad_files") or [], names)
     info.update(synthetic=bool(attrs.get("synthetic", False)), modality=attrs.get("modality", "unknown"),
                 size=size, channels=int(attrs["channels"]))
+    if "naming" in metadata:
+        info["naming"] = metadata["naming"]
     return info
 
 

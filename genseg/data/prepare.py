@@ -45,15 +45,17 @@ class PrepareReport:
 
 def prepare(source: str | Path, out: str | Path, size: int = 256, format: str = "auto", modality: str = "t1ce",
             workers: int = 1, strict: bool = False, seed: int = 0, num_folds: int = 5, test_fold: int = 1,
-            empty_fraction: float = 0.1, channels: int = 1, progress: bool = True) -> PrepareReport:
+            empty_fraction: float = 0.1, channels: int = 1, progress: bool = True,
+            target: str = "wt") -> PrepareReport:
     """Write every readable slice under `source` to the prepared file `out` at `size` x `size`.
 
     Folds come from Figshare's cvind.mat when present, else from a `seed`ed patient-wise assignment; `test_fold`
     is the test split and the next fold validation. `empty_fraction` is the share of tumour-free brain slices
-    kept per BraTS case; `channels` (1 or 3) applies to image folders.
+    kept per BraTS case and `target` the tumour region its masks mark (wt, tc or et); `channels` (1 or 3)
+    applies to image folders.
     """
     start = time.perf_counter()
-    src = open_source(source, format, modality, empty_fraction, seed, channels)
+    src = open_source(source, format, modality, empty_fraction, seed, channels, target)
     bad, sources, files_read = [], [], 0
     with worker_pool(workers) as pool, PreparedWriter(out, size, channels, source_format=src.format,
                                                       modality=src.modality) as writer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,19 @@ class SliceRecord:
         if low == high:
             raise DataError(self.source, "image is constant", f"every pixel is {low:g}")
         return self
+
+
+def sample_slices(tumour: np.ndarray, usable: np.ndarray, empty_fraction: float, seed: int, name: str) -> list[int]:
+    """Indices of every usable tumour slice plus a seeded `empty_fraction` of the usable tumour-free ones, in order.
+
+    Which tumour-free slices are kept depends only on `seed` and `name` (a case's), so results do not change with
+    the order or number of worker processes.
+    """
+    tumour = tumour & usable
+    empty = np.flatnonzero(usable & ~tumour)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    kept = rng.choice(empty, size=int(round(empty_fraction * len(empty))), replace=False)
+    return sorted(np.flatnonzero(tumour).tolist() + kept.tolist())
 
 
 def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

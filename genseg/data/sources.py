@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,12 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from .brats import MODALITIES, find_brats_cases, read_brats_case
+from .brats import MODALITIES, TARGETS, case_naming, find_brats_cases, read_brats_case
+from .dicom_cases import find_dicom_cases, read_dicom_case
 from .figshare import find_cvind, find_figshare_files, read_cvind, read_figshare_mat
 from .folders import BUSI_CLASSES, find_busi_pairs, find_folder_pairs, find_layout_root, read_image_pair
 from .records import CLASS_NAMES, SliceRecord
 
-FORMATS = ("auto", "figshare", "brats", "folder")
+FORMATS = ("auto", "figshare", "brats", "folder", "dicom")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Source:
     """A raw dataset: what to read, how, and what its format says about classes and folds."""
 
     path: Path
-    format: str  # figshare | brats | busi | folder
+    format: str  # figshare | brats | busi | folder | dicom
     items: list
     read: Callable[[Any], SliceRecord | list[SliceRecord]]  # module-level (picklable) for worker processes
     class_names: dict[int, str]
@@ -43,21 +45,26 @@ class Source:
 
 
 def open_source(path: str | Path, format: str = "auto", modality: str = "t1ce", empty_fraction: float = 0.1,
-                seed: int = 0, channels: int = 1) -> Source:
+                seed: int = 0, channels: int = 1, target: str = "wt") -> Source:
     """Find the items of a raw dataset folder; DataError for a missing, empty or unrecognised folder."""
     path = Path(path)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if not 0.0 <= empty_fraction <= 1.0:
         raise ConfigError(f"empty_fraction must be between 0 and 1, got {empty_fraction}")
-    if not path.is_dir():
-        raise DataError(path, "not a folder" if path.exists() else "folder not found")
-    if not any(path.iterdir()):
+    is_zip = path.is_file() and path.suffix.lower() == ".zip"
+    if not path.is_dir() and not is_zip:
+        raise DataError(path, "not a folder or a .zip of DICOM files" if path.exists() else "folder not found")
+    if path.is_dir() and not any(path.iterdir()):
         raise DataError(path, "folder is empty")
     if format == "auto":
-        format = detect_format(path)
+        format = "dicom" if is_zip else detect_format(path)
+    if is_zip and format != "dicom":
+        raise DataError(path, f"only DICOM data is read from a zip; unpack it to read it as {format}")
     if channels != 1 and format != "folder":
         raise ConfigError(f"channels={channels} only applies to image folders; {format} data has one channel")
     if format == "figshare":
@@ -66,10 +73,16 @@ def open_source(path: str | Path, format: str = "auto", modality: str = "t1ce", 
         source = Source(path, "figshare", items, read_figshare_mat, names, "t1ce", find_cvind(path))
     elif format == "brats":
         items = find_brats_cases(path)
-        read = partial(read_brats_case, modality=modality, empty_fraction=empty_fraction, seed=seed)
-        names = {0: "none", 2: "glioma"}
-        source = Source(path, "brats", items, read, names, modality, settings={"empty_fraction": empty_fraction,
-                                                                                "seed": seed})
+        read = partial(read_brats_case, modality=modality, empty_fraction=empty_fraction, seed=seed, target=target)
+        names = {0: "none", 1: "meningioma", 2: "glioma", -1: "unknown"}
+        settings = {"empty_fraction": empty_fraction, "seed": seed, "target": target, "naming": brats_namings(items)}
+        source = Source(path, "brats", items, read, names, modality, settings=settings)
+    elif format == "dicom":
+        items = find_dicom_cases(path)
+        read = partial(read_dicom_case, empty_fraction=empty_fraction, seed=seed)
+        modality = "/".join(sorted({case.modality for case in items if case.modality})) or "unknown"
+        source = Source(path, "dicom", items, read, {0: "none", -1: "unknown"}, modality,
+                        settings={"empty_fraction": empty_fraction, "seed": seed})
     else:
         layout = find_layout_root(path)
         if layout is None:
@@ -84,6 +97,17 @@ def open_source(path: str | Path, format: str = "auto", modality: str = "t1ce", 
     return source
 
 
+def brats_namings(cases: Sequence[Path]) -> dict[str, int]:
+    """Cases per naming ("BraTS 2023 (t1n/t1c/t2w/t2f), enhancing = 3": 12), told from the file names alone."""
+    counts: Counter[str] = Counter()
+    for case in cases:
+        try:
+            counts[case_naming(case).describe()] += 1
+        except DataError:  # mixed names: the reader reports the case when it is read
+            counts["mixed names"] += 1
+    return dict(counts)
+
+
 def detect_format(path: Path) -> str:
     """Tell the format from the folder's contents."""
     if find_figshare_files(path):
@@ -92,9 +116,17 @@ def detect_format(path: Path) -> str:
         return "brats"
     if find_layout_root(path) is not None:
         return "folder"
-    raise DataError(path, "cannot tell the dataset format: found no .mat slice files (figshare), no "
-                          "<case>_<modality>.nii.gz volumes (brats) and no benign/ malignant/ normal/ or images/ + "
-                          "masks/ folders (folder); pass --format to say which it is")
+    if any(p.is_file() and _is_dicom_file(p) for p in path.rglob("*")):
+        return "dicom"
+    raise DataError(path, "cannot tell the dataset format: found no .mat slice files (figshare), no BraTS "
+                          "<case>_<modality>.nii.gz or <case>-<modality>.nii.gz volumes (brats), no benign/ "
+                          "malignant/ normal/ or images/ + masks/ folders (folder) and no DICOM files (dicom); pass "
+                          "--format to say which it is")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
 
 
 def scan(source: Source, job: Callable[[list[SliceRecord]], Any], pool=None, progress: bool = True,
