@@ -112,7 +112,7 @@ def _fit(run_dir, epochs, resume=False):
                       DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), run_dir)
     if resume:
         trainer.resume()
-    trainer.fit(lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean(), max_epochs=epochs, hooks=Hooks())
+    trainer.fit(lambda m, b: (((m(b[0]).squeeze(-1) - b[1]) ** 2).mean(), {}), max_epochs=epochs, hooks=Hooks())
     return model.weight.detach().clone(), trainer
 
 

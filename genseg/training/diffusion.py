@@ -240,8 +240,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                                  num_training_steps=cfg.max_steps * acc.num_processes)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
     trainer = Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
-                      checkpoint_every_steps=cfg.checkpoint_every_steps, keep_last=cfg.keep_last,
-                      extra_state={"ema": ema, "rng": rng})
+                      checkpoint_every_steps=cfg.checkpoint_every_steps, log_every_steps=cfg.log_every_steps,
+                      keep_last=cfg.keep_last, extra_state={"ema": ema, "rng": rng})
     info = {"data": str(Path(data).resolve()), "slices": len(dataset), "real_fraction": cfg.real_fraction,
             "patients": int(len(set(dataset.patients.tolist()))),
             "kept_patients": kept_patient_ids(dataset.patients, cfg.real_fraction), "precision": effective_precision(acc),
@@ -263,18 +263,15 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
         if cfg.hflip:
             x0 = random_hflip(x0, rng.generator)
         labels = _conditioning(batch["label"], cfg, rng.generator)
-        return diffusion_loss(model, noise_scheduler, x0, labels, cfg, rng.generator)
+        return diffusion_loss(model, noise_scheduler, x0, labels, cfg, rng.generator), {}
 
     def ema_unet() -> UNet2DModel:
         copy = build_unet(m)
         ema.copy_to(copy.parameters())
         return copy
 
-    def after_step(state) -> dict | None:
+    def after_step(state) -> None:
         ema.step(acc.unwrap_model(trainer.model).parameters())
-        row = None
-        if state.step % cfg.log_every_steps == 0 or state.step == cfg.max_steps:
-            row = {"loss": trainer.take_mean_loss(), "ema_decay": ema.cur_decay_value}
         due_save = state.step % cfg.checkpoint_every_steps == 0 or state.step >= cfg.max_steps
         due_grid = cfg.sample_every_steps and state.step % cfg.sample_every_steps == 0
         if acc.is_main_process and (due_save or due_grid):
@@ -285,10 +282,9 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                 pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(m))
                 sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
                             cfg.sample_steps, cfg.seed)
-        return row
 
-    state = trainer.fit(compute_loss, max_steps=cfg.max_steps, hooks=Hooks(after_step=after_step),
-                        desc=f"train-diffusion {out.name}")
+    hooks = Hooks(after_step=after_step, log_row=lambda state: {"ema_decay": ema.cur_decay_value})
+    state = trainer.fit(compute_loss, max_steps=cfg.max_steps, hooks=hooks, desc=f"train-diffusion {out.name}")
     acc.wait_for_everyone()
     if acc.is_main_process and not (out / "model_index.json").exists():  # resumed a finished run: nothing trained
         save_pipeline(ema_unet(), cfg, out)

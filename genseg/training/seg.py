@@ -236,14 +236,14 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
             tmp.write_text(json.dumps(seg_data.info, indent=1))
     if resume:
         trainer.resume()
-    seen = torch.zeros(2, device=acc.device)  # real, synthetic slices trained on this epoch
 
     def compute_loss(model, batch):
+        """The loss, and how many of the batch's slices are real and synthetic (the epoch's sums are logged)."""
         keep_frozen_eval(init.frozen)  # the trainer's model.train() each epoch must not wake frozen BatchNorms
-        seen[0] += (~batch["synthetic"]).sum()
-        seen[1] += batch["synthetic"].sum()
         images = batch["image"].contiguous(memory_format=memory_format)
-        return seg_loss(model(images), batch["mask"], cfg.loss).mean()
+        synthetic = batch["synthetic"]
+        loss = seg_loss(model(images), batch["mask"], cfg.loss).mean()
+        return loss, {"real_seen": (~synthetic).sum(), "synthetic_seen": synthetic.sum()}
 
     @torch.no_grad()
     def validate(state) -> dict:
@@ -255,11 +255,8 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
             rows.append(torch.stack([seg_loss(logits, batch["mask"], cfg.loss), (pred & target).sum((1, 2, 3)),
                                      pred.sum((1, 2, 3)), target.sum((1, 2, 3))], dim=1).float())
         loss, inter, pred_sum, target_sum = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
-        counts = acc.gather(seen[None]).sum(0).tolist()
-        seen.zero_()
         return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
-                "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean()),
-                "real_seen": int(counts[0]), "synthetic_seen": int(counts[1])}
+                "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean())}
 
     def save_best(state) -> None:
         if acc.is_main_process:
