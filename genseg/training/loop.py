@@ -1,5 +1,5 @@
-"""The one training skeleton both trainers share: accelerate set-up, the step loop, atomic checkpoints with
-keep-last-K and `--resume`, a per-epoch and per-N-steps CSV log, and early stopping.
+"""The one training skeleton both trainers share: accelerate set-up, the run folder's start, the step loop,
+atomic checkpoints with keep-last-K and `--resume`, a per-epoch and per-N-steps CSV log, and early stopping.
 
 A trainer supplies `compute_loss(model, batch) -> (loss, logs)` and optional hooks; everything about devices,
 mixed precision, gradient accumulation, clipping, logging and resuming lives here once.
@@ -27,7 +27,8 @@ from accelerate.utils import load as weights_only_load
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..config import save_config
+from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, replace_path
 
 STATE_FILE = "trainer_state.json"
@@ -427,3 +428,19 @@ class Trainer:
         self.log.append({"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": lr,
                          "seconds": round(self.state.elapsed_s, 2)})
 
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A new run must not mix its checkpoints and log rows with those of a run already in `run_dir`."""
+    if any((run_dir / "checkpoints").glob("step-*")):
+        raise ConfigError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
+
+
+def start_run(trainer: Trainer, cfg: Any, info: dict, resume: bool) -> None:
+    """A new run writes its config.yaml and run.json (which `--resume` checks against); a resumed one loads its
+    newest checkpoint."""
+    if resume:
+        trainer.resume()
+    elif trainer.accelerator.is_main_process:
+        save_config(cfg, trainer.run_dir / "config.yaml")
+        with atomic_path(trainer.run_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
