@@ -156,7 +156,17 @@ class Checkpointer:
         _check_rng_restored(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
         for name, obj in self.extra.items():
             obj.load_state_dict(_load_state_dict(path / name))
-        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+        saved = json.loads((path / STATE_FILE).read_text())
+        return TrainState(**_sums_as_dicts(saved, self.accelerator.num_processes))
+
+
+def _sums_as_dicts(saved: dict[str, Any], num_processes: int) -> dict[str, Any]:
+    """A checkpoint written before the loop summed `compute_loss`'s logs holds its loss sums as three numbers:
+    read them as the RunningSums they are, so that such a run also resumes exactly."""
+    if "loss_sum" in saved:
+        saved["epoch_sums"] = {"batches": saved["batches_into_epoch"] * num_processes, "loss": saved.pop("loss_sum")}
+        saved["row_sums"] = {"batches": saved.pop("log_batches"), "loss": saved.pop("log_loss_sum")}
+    return saved
 
 
 class SavedGenerator:
