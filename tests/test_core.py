@@ -1,5 +1,6 @@
 """Config loading, atomic writes, the prepared-file schema and the shared training loop's resume."""
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_not_a_prepared_file(tmp_path):
         PreparedDataset(bad)
 
 
-def _fit(run_dir, epochs, resume=False):
+def _fit(run_dir, epochs, resume=False, max_steps=None):
     torch.manual_seed(0)
     acc = make_accelerator(seed=0)
     x = torch.randn(64, 4)
@@ -112,7 +113,8 @@ def _fit(run_dir, epochs, resume=False):
                       DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), run_dir)
     if resume:
         trainer.resume()
-    trainer.fit(lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean(), max_epochs=epochs, hooks=Hooks())
+    trainer.fit(lambda m, b: (((m(b[0]).squeeze(-1) - b[1]) ** 2).mean(), {}), max_epochs=epochs, max_steps=max_steps,
+                hooks=Hooks())
     return model.weight.detach().clone(), trainer
 
 
@@ -123,6 +125,25 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(straight, resumed)
     assert [int(r["epoch"]) for r in trainer.log.rows()] == [1, 2, 3, 4]
     assert len(trainer.checkpointer.all()) == 2  # keep_last
+
+
+@pytest.mark.parametrize("written_by", ["this genseg", "a genseg before compute_loss's logs"])
+def test_resume_from_mid_epoch_continues_exactly(tmp_path, written_by):
+    """8 steps an epoch: stopped at step 12, halfway through epoch 2, the checkpoint holds that epoch's loss sum so
+    far; resumed, its train_loss row is the uninterrupted one's. Checkpoints of a genseg before compute_loss
+    returned logs held that sum as three numbers, and resume the same."""
+    straight, whole = _fit(tmp_path / "a", 4)
+    _fit(tmp_path / "b", 4, max_steps=12)
+    if written_by != "this genseg":
+        state_file = tmp_path / "b" / "checkpoints" / "step-00000012" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        epoch_sums, row_sums = state.pop("epoch_sums"), state.pop("row_sums")
+        state.update(loss_sum=epoch_sums["loss"], log_loss_sum=row_sums["loss"], log_batches=row_sums["batches"])
+        state_file.write_text(json.dumps(state))
+    resumed, trainer = _fit(tmp_path / "b", 4, resume=True)
+    assert torch.equal(straight, resumed)
+    without_seconds = [{k: v for k, v in r.items() if k != "seconds"} for r in whole.log.rows()]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in trainer.log.rows()] == without_seconds
 
 
 def test_resume_without_checkpoint_is_clear(tmp_path):

@@ -15,6 +15,7 @@ A run directory is a diffusers pipeline folder plus training files:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -24,22 +25,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 
-from ..config import config_from_dict, load_config, save_config
+from ..config import config_from_dict, load_config
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
-from ..io import atomic_path, replace_path
+from ..io import replace_path
 from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
 from ..pipeline.diffusion import SliceDiffusionPipeline
-from .loop import Hooks, SavedGenerator, Trainer, effective_precision, make_accelerator
+from .loop import (Hooks, SavedGenerator, Trainer, TrainState, effective_precision, make_accelerator,
+                   refuse_to_overwrite, start_run)
 from .mixing import kept_patient_ids, subsample_patients
 from .seg import default_run_dir
-from .transfer import initial_unet
+from .transfer import InitResult, initial_unet
 
 # Settings that may differ when a run is resumed (they do not change what the saved state means).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every_steps", "keep_last", "sample_every_steps", "sample_count",
@@ -215,86 +218,109 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     attrs = _check_data(cfg, data)
     if resume:
         _check_resume(cfg, out, data)
-    elif any((out / "checkpoints").glob("step-*")):
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    m = cfg.model
+    else:
+        refuse_to_overwrite(out)
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=cpu, seed=cfg.seed)
     set_seed(cfg.seed)
-    dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split)
-    kept = dataset.rows[subsample_patients(dataset.patients, cfg.real_fraction, cfg.seed)]
-    dataset = PreparedDataset(data, indices=kept)  # flipped in the step, with the saved generator
-    if len(dataset) == 0:
-        raise DataError(data, f"has no slices in split {cfg.split!r}")
-    if m.num_classes and dataset.labels.max() >= m.num_classes:
-        raise DataError(data, f"has label {int(dataset.labels.max())}, outside the model's classes 0.."
-                              f"{m.num_classes - 1}; raise model.num_classes")
+    dataset = _training_slices(cfg, data)
     init = initial_unet(cfg, load=not resume)  # a bad --init-from fails here, before anything is written
-    unet = init.model
     for message in init.messages:
         acc.print(message)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
+    ema = EMAModel(init.model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power)
     rng = SavedGenerator(cfg.seed, acc.device)  # the same on every process, as set_seed leaves the global RNG
+    trainer = _diffusion_trainer(cfg, dataset, init.model, acc, out, {"ema": ema, "rng": rng})
+    info = _run_info(cfg, data, attrs, dataset, init, acc)
+    start_run(trainer, cfg, info, resume)
+    ema.to(acc.device)
+    train_batch = functools.partial(_train_batch, cfg=cfg, noise_scheduler=build_scheduler(cfg.model),
+                                    generator=rng.generator)
+    hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc),
+                  log_row=lambda state: {"ema_decay": ema.cur_decay_value})
+    trainer.fit(train_batch, max_steps=cfg.max_steps, hooks=hooks, desc=f"train-diffusion {out.name}")
+    return _diffusion_result(trainer, ema, cfg, info["precision"])
+
+
+def _training_slices(cfg: DiffusionTrainConfig, data: str | Path) -> PreparedDataset:
+    """The split's slices of the kept patients, unaugmented: the step flips them with the saved generator."""
+    dataset = PreparedDataset(data, split=None if cfg.split == "all" else cfg.split)
+    kept = dataset.rows[subsample_patients(dataset.patients, cfg.real_fraction, cfg.seed)]
+    dataset = PreparedDataset(data, indices=kept)
+    if len(dataset) == 0:
+        raise DataError(data, f"has no slices in split {cfg.split!r}")
+    if cfg.model.num_classes and dataset.labels.max() >= cfg.model.num_classes:
+        raise DataError(data, f"has label {int(dataset.labels.max())}, outside the model's classes 0.."
+                              f"{cfg.model.num_classes - 1}; raise model.num_classes")
+    return dataset
+
+
+def _diffusion_trainer(cfg: DiffusionTrainConfig, dataset: PreparedDataset, unet: UNet2DModel, acc: Accelerator,
+                       out: Path, extra_state: dict) -> Trainer:
+    """AdamW under a warm-up schedule on shuffled batches, with a log row every `log_every_steps`."""
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
                                  num_training_steps=cfg.max_steps * acc.num_processes)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
-    trainer = Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
-                      checkpoint_every_steps=cfg.checkpoint_every_steps, keep_last=cfg.keep_last,
-                      extra_state={"ema": ema, "rng": rng})
-    info = {"data": str(Path(data).resolve()), "slices": len(dataset), "real_fraction": cfg.real_fraction,
+    return Trainer(acc, unet, optimizer, loader, out, lr_scheduler=lr_scheduler, max_grad_norm=cfg.max_grad_norm,
+                   checkpoint_every_steps=cfg.checkpoint_every_steps, log_every_steps=cfg.log_every_steps,
+                   keep_last=cfg.keep_last, extra_state=extra_state)
+
+
+def _run_info(cfg: DiffusionTrainConfig, data: str | Path, attrs: dict, dataset: PreparedDataset, init: InitResult,
+              acc: Accelerator) -> dict:
+    """run.json: the data and patients learned from, the precision that ran, the model and where it started."""
+    return {"data": str(Path(data).resolve()), "slices": len(dataset), "real_fraction": cfg.real_fraction,
             "patients": int(len(set(dataset.patients.tolist()))),
             "kept_patients": kept_patient_ids(dataset.patients, cfg.real_fraction), "precision": effective_precision(acc),
-            "processes": acc.num_processes, "parameters": sum(p.numel() for p in unet.parameters()),
+            "processes": acc.num_processes, "parameters": sum(p.numel() for p in init.model.parameters()),
             "modality": attrs.get("modality", "unknown"), "class_names": (attrs.get("metadata") or {}).get("class_names"),
             "init_from": init.info}
-    if acc.is_main_process and not resume:
-        save_config(cfg, out / "config.yaml")
-        with atomic_path(out / "run.json") as tmp:
-            tmp.write_text(json.dumps(info, indent=1))
-    if resume:
-        trainer.resume()
-    ema.to(acc.device)
-    noise_scheduler = build_scheduler(m)
-    joint = m.mode == "joint"
 
-    def compute_loss(model, batch):
-        x0 = to_model_space(batch, joint)
-        if cfg.hflip:
-            x0 = random_hflip(x0, rng.generator)
-        labels = _conditioning(batch["label"], cfg, rng.generator)
-        return diffusion_loss(model, noise_scheduler, x0, labels, cfg, rng.generator)
 
-    def ema_unet() -> UNet2DModel:
-        copy = build_unet(m)
-        ema.copy_to(copy.parameters())
-        return copy
+def _train_batch(model: UNet2DModel, batch: dict, cfg: DiffusionTrainConfig, noise_scheduler,
+                 generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """A batch's loss; its flips, class dropout, noise and timesteps all come from the run's saved generator."""
+    x0 = to_model_space(batch, cfg.model.mode == "joint")
+    if cfg.hflip:
+        x0 = random_hflip(x0, generator)
+    labels = _conditioning(batch["label"], cfg, generator)
+    return diffusion_loss(model, noise_scheduler, x0, labels, cfg, generator), {}
 
-    def after_step(state) -> dict | None:
-        ema.step(acc.unwrap_model(trainer.model).parameters())
-        row = None
-        if state.step % cfg.log_every_steps == 0 or state.step == cfg.max_steps:
-            row = {"loss": trainer.take_mean_loss(), "ema_decay": ema.cur_decay_value}
-        due_save = state.step % cfg.checkpoint_every_steps == 0 or state.step >= cfg.max_steps
-        due_grid = cfg.sample_every_steps and state.step % cfg.sample_every_steps == 0
-        if acc.is_main_process and (due_save or due_grid):
-            unet = ema_unet()
-            if due_save:  # the pipeline folder always holds the newest EMA weights a checkpoint also has
-                save_pipeline(unet, cfg, out)
-            if due_grid:
-                pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(m))
-                sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
-                            cfg.sample_steps, cfg.seed)
-        return row
 
-    state = trainer.fit(compute_loss, max_steps=cfg.max_steps, hooks=Hooks(after_step=after_step),
-                        desc=f"train-diffusion {out.name}")
+def _diffusion_result(trainer: Trainer, ema: EMAModel, cfg: DiffusionTrainConfig, precision: str
+                      ) -> DiffusionRunResult:
+    """Steps, the last logged loss and the speed, once every process is done; a resumed run that had nothing left
+    to train still gets its pipeline folder."""
+    acc, state, out = trainer.accelerator, trainer.state, trainer.run_dir
     acc.wait_for_everyone()
-    if acc.is_main_process and not (out / "model_index.json").exists():  # resumed a finished run: nothing trained
-        save_pipeline(ema_unet(), cfg, out)
+    if acc.is_main_process and not (out / "model_index.json").exists():
+        save_pipeline(_ema_unet(ema, cfg.model), cfg, out)
     rows = [r for r in trainer.log.rows() if r.get("loss")]
     metrics = {"steps": state.step, "loss": float(rows[-1]["loss"]) if rows else None,
-               "train_seconds": round(state.elapsed_s, 2), "precision": info["precision"],
+               "train_seconds": round(state.elapsed_s, 2), "precision": precision,
                "images_per_s": round(state.step * cfg.batch_size * cfg.grad_accum * acc.num_processes
                                      / max(state.elapsed_s, 1e-9), 2)}
     return DiffusionRunResult(out, metrics, acc.is_main_process)
+
+
+def _ema_unet(ema: EMAModel, model_cfg: DiffusionModelConfig) -> UNet2DModel:
+    copy = build_unet(model_cfg)
+    ema.copy_to(copy.parameters())
+    return copy
+
+
+def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: DiffusionTrainConfig, out: Path,
+                acc: Accelerator) -> None:
+    """Update the EMA weights; write them as the pipeline whenever a checkpoint is due, so the pipeline folder
+    always holds the newest EMA weights a checkpoint also has, and sample a grid every `sample_every_steps`."""
+    ema.step(acc.unwrap_model(model).parameters())
+    due_save = state.step % cfg.checkpoint_every_steps == 0 or state.step >= cfg.max_steps
+    due_grid = cfg.sample_every_steps and state.step % cfg.sample_every_steps == 0
+    if acc.is_main_process and (due_save or due_grid):
+        unet = _ema_unet(ema, cfg.model)
+        if due_save:
+            save_pipeline(unet, cfg, out)
+        if due_grid:
+            pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(cfg.model))
+            sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count, cfg.sample_steps,
+                        cfg.seed)

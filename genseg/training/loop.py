@@ -1,8 +1,8 @@
-"""The one training skeleton both trainers share: accelerate set-up, the step loop, atomic checkpoints with
-keep-last-K and `--resume`, a per-epoch or per-N-steps CSV log, and early stopping.
+"""The one training skeleton both trainers share: accelerate set-up, the run folder's start, the step loop,
+atomic checkpoints with keep-last-K and `--resume`, a per-epoch and per-N-steps CSV log, and early stopping.
 
-A trainer supplies `compute_loss(model, batch) -> loss` and optional hooks; everything about devices, mixed
-precision, gradient accumulation, clipping and resuming lives here once.
+A trainer supplies `compute_loss(model, batch) -> (loss, logs)` and optional hooks; everything about devices,
+mixed precision, gradient accumulation, clipping, logging and resuming lives here once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pickle
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,8 @@ from accelerate.utils import load as weights_only_load
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..config import save_config
+from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, replace_path
 
 STATE_FILE = "trainer_state.json"
@@ -44,9 +45,8 @@ class TrainState:
     best_epoch: int = -1
     evals_since_best: int = 0
     elapsed_s: float = 0.0
-    loss_sum: float = 0.0  # training loss summed over this epoch's batches so far, all processes
-    log_loss_sum: float = 0.0  # and over the batches since the last `take_mean_loss` (per-N-steps log rows)
-    log_batches: int = 0
+    epoch_sums: dict = field(default_factory=dict)  # RunningSums of this epoch's batches so far, all processes
+    row_sums: dict = field(default_factory=dict)  # and of the batches since the last per-N-steps log row
 
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False, seed: int = 0) -> Accelerator:
@@ -156,7 +156,17 @@ class Checkpointer:
         _check_rng_restored(path / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl")
         for name, obj in self.extra.items():
             obj.load_state_dict(_load_state_dict(path / name))
-        return TrainState(**json.loads((path / STATE_FILE).read_text()))
+        saved = json.loads((path / STATE_FILE).read_text())
+        return TrainState(**_sums_as_dicts(saved, self.accelerator.num_processes))
+
+
+def _sums_as_dicts(saved: dict[str, Any], num_processes: int) -> dict[str, Any]:
+    """A checkpoint written before the loop summed `compute_loss`'s logs holds its loss sums as three numbers:
+    read them as the RunningSums they are, so that such a run also resumes exactly."""
+    if "loss_sum" in saved:
+        saved["epoch_sums"] = {"batches": saved["batches_into_epoch"] * num_processes, "loss": saved.pop("loss_sum")}
+        saved["row_sums"] = {"batches": saved.pop("log_batches"), "loss": saved.pop("log_loss_sum")}
+    return saved
 
 
 class SavedGenerator:
@@ -231,36 +241,79 @@ def _load_state_dict(stem: Path) -> dict[str, Any]:
 class Hooks:
     """What a trainer plugs into `fit`. Every hook is optional.
 
-    after_step(state) -> dict | None: runs on every optimizer step (e.g. EMA update, periodic sampling);
-        a returned dict is written to the log.
-    after_epoch(state) -> dict | None: runs after each epoch (e.g. validation); its dict is logged, and the
-        `monitor` key in it drives early stopping and `on_best`.
+    after_step(state): runs on every optimizer step (e.g. EMA update, periodic sampling).
+    log_row(state) -> dict: more values for each per-N-steps log row (e.g. the EMA decay).
+    after_epoch(state) -> dict: runs after each epoch (e.g. validation); its dict is logged, and the `monitor` key
+        in it drives early stopping and `on_best`.
     on_best(state): the monitored metric improved (e.g. save the best model).
     """
 
-    after_step: Callable[[TrainState], dict | None] | None = None
-    after_epoch: Callable[[TrainState], dict | None] | None = None
-    on_best: Callable[[TrainState], None] | None = None
+    after_step: Callable[[TrainState], None] = lambda state: None
+    log_row: Callable[[TrainState], dict] = lambda state: {}
+    after_epoch: Callable[[TrainState], dict] = lambda state: {}
+    on_best: Callable[[TrainState], None] = lambda state: None
+
+
+class RunningSums:
+    """The batch count, loss and `compute_loss`'s logs summed on the device, so that adding a batch never makes a
+    step wait for it; they reach the host only through `take` and `totals`, once per log row or checkpoint, which
+    every process calls at the same step.
+
+    `saved` (a checkpoint's `totals`) carries on in the main process and as zeros in the others, so the sums over
+    all processes go on from where the checkpoint left them.
+    """
+
+    def __init__(self, accelerator: Accelerator, saved: dict[str, float | int] | None = None):
+        self.accelerator = accelerator
+        start = {"batches": 0, "loss": 0.0, **(saved or {})}
+        keep = accelerator.is_main_process
+        self.sums = {k: torch.tensor(v if keep else type(v)(0), device=accelerator.device) for k, v in start.items()}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        self.sums["batches"] += 1
+        for key, value in values.items():
+            if key not in self.sums:  # counts stay whole numbers, the rest sums in float32 as the loss does
+                dtype = torch.float32 if value.is_floating_point() else torch.int64
+                self.sums[key] = torch.zeros((), dtype=dtype, device=self.accelerator.device)
+            self.sums[key] += value.detach()
+
+    def totals(self) -> dict[str, float | int]:
+        """Each sum over every process, on the host."""
+        return {k: v.sum().item() for k, v in self.accelerator.gather(self.sums).items()}
+
+    def take(self) -> tuple[float, dict[str, float | int]]:
+        """The mean loss per batch and the other logs' sums since the previous take; then start again from zero."""
+        totals = self.totals()
+        for value in self.sums.values():
+            value.zero_()
+        batches = totals.pop("batches")
+        return totals.pop("loss") / max(1, batches), totals
 
 
 class Trainer:
-    """Runs the loop: accumulate, clip, step, log, checkpoint, stop early, resume."""
+    """Runs the loop: accumulate, clip, step, log, checkpoint, stop early, resume.
+
+    Every epoch ends with a log row (`train_loss` and `compute_loss`'s logs summed over the epoch, then what
+    `after_epoch` returns); `log_every_steps` adds a row every N optimizer steps (`loss`, then `log_row`'s values
+    and the logs' sums over those steps).
+    """
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  train_loader, run_dir: Path, *, lr_scheduler=None, max_grad_norm: float | None = None,
-                 checkpoint_every_steps: int | None = None, keep_last: int = 2, extra_state: dict | None = None,
-                 monitor: str | None = None, mode: str = "max", patience: int | None = None):
+                 checkpoint_every_steps: int | None = None, log_every_steps: int | None = None, keep_last: int = 2,
+                 extra_state: dict | None = None, monitor: str | None = None, mode: str = "max",
+                 patience: int | None = None):
         self.accelerator = accelerator
         self.model, self.optimizer, self.train_loader = accelerator.prepare(model, optimizer, train_loader)
         self.lr_scheduler = accelerator.prepare(lr_scheduler) if lr_scheduler is not None else None
         self.run_dir = Path(run_dir)
         self.max_grad_norm = max_grad_norm
-        self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_steps, self.log_every_steps = checkpoint_every_steps, log_every_steps
         self.checkpointer = Checkpointer(accelerator, self.run_dir / "checkpoints", keep_last, extra_state)
         self.log = CsvLog(self.run_dir / "log.csv")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.state = TrainState()
-        self._losses = torch.zeros(3, device=accelerator.device)  # this process: epoch sum, sum and batches since log
+        self._epoch_sums, self._row_sums = RunningSums(accelerator), RunningSums(accelerator)
 
     def resume(self, checkpoint: Path | None = None) -> TrainState:
         """Load the given or the newest checkpoint in the run; a clear error when there is none."""
@@ -268,37 +321,21 @@ class Trainer:
         if checkpoint is None:
             raise CheckpointError(f"{self.run_dir}: nothing to resume (no checkpoint under {self.checkpointer.directory})")
         self.state = self.checkpointer.load(Path(checkpoint))
+        self._epoch_sums = RunningSums(self.accelerator, self.state.epoch_sums)
+        self._row_sums = RunningSums(self.accelerator, self.state.row_sums)
         if self.accelerator.is_main_process:
             self.log.truncate_after("step", self.state.step)
-            self._losses = torch.tensor([self.state.loss_sum, self.state.log_loss_sum, self.state.log_batches],
-                                        device=self.accelerator.device)  # the other processes carry on from 0
         return self.state
 
-    def take_mean_loss(self) -> float:
-        """Mean training loss over every process's batches since the previous call, for per-N-steps log rows;
-        every process must call it at the same step."""
-        total = self.accelerator.gather(self._losses[None, 1:]).sum(0)
-        self._losses[1:] = 0
-        return float(total[0] / total[1].clamp(min=1))
+    def fit(self, compute_loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]], *,
+            max_epochs: int | None = None, max_steps: int | None = None, hooks: Hooks | None = None,
+            desc: str = "train") -> TrainState:
+        """Train until `max_epochs` or `max_steps` (whichever comes first) or early stopping.
 
-    def _save(self) -> None:
-        """A checkpoint that also holds the loss sums so far, so rows logged after a resume average the same batches."""
-        totals = self.accelerator.gather(self._losses[None]).sum(0).tolist()
-        self.state.loss_sum, self.state.log_loss_sum, self.state.log_batches = totals[0], totals[1], int(totals[2])
-        self.checkpointer.save(self.state)
-
-    def _step_checkpoint_due(self) -> bool:
-        return bool(self.checkpoint_every_steps) and self.state.step % self.checkpoint_every_steps == 0
-
-    def _improved(self, value: float) -> bool:
-        best = self.state.best_metric
-        if best is None or math.isnan(best):
-            return not math.isnan(value)
-        return value > best if self.mode == "max" else value < best
-
-    def fit(self, compute_loss: Callable[[torch.nn.Module, Any], torch.Tensor], *, max_epochs: int | None = None,
-            max_steps: int | None = None, hooks: Hooks | None = None, desc: str = "train") -> TrainState:
-        """Train until `max_epochs` or `max_steps` (whichever comes first) or early stopping."""
+        `compute_loss(model, batch)` returns the batch's loss and a dict of detached tensors (e.g. counts) whose
+        sums go in the log rows; nothing of a step is read on the host except at a log row or checkpoint.
+        """
+        # --- set-up
         if max_epochs is None and max_steps is None:
             raise ValueError("give max_epochs or max_steps")
         hooks = hooks or Hooks()
@@ -307,17 +344,12 @@ class Trainer:
         max_steps = max_steps if max_steps is not None else 10**12
         bar = tqdm(total=None if max_steps == 10**12 else max_steps, initial=state.step, desc=desc,
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        stopped = state.step >= max_steps or state.epoch >= max_epochs or self._patience_exhausted()
-        while not stopped:
-            started = time.perf_counter()
-            self.train_loader.set_epoch(state.epoch)
-            loader = self.train_loader
-            if state.batches_into_epoch:
-                loader = acc.skip_first_batches(loader, state.batches_into_epoch)
-            self.model.train()
-            for batch in loader:
+        while not (state.step >= max_steps or state.epoch >= max_epochs or self._patience_exhausted()):
+            clock = time.perf_counter()
+            for batch in self._epoch_batches():
+                # --- one optimizer step (with gradient accumulation, one batch of it)
                 with acc.accumulate(self.model):
-                    loss = compute_loss(self.model, batch)
+                    loss, logs = compute_loss(self.model, batch)
                     acc.backward(loss)
                     if acc.sync_gradients and self.max_grad_norm:
                         acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -326,52 +358,75 @@ class Trainer:
                         self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 state.batches_into_epoch += 1
-                self._losses[:2] += loss.detach()
-                self._losses[2] += 1
+                self._epoch_sums.add({"loss": loss, **logs})
+                if self.log_every_steps:
+                    self._row_sums.add({"loss": loss, **logs})
                 if not acc.sync_gradients:
                     continue
                 state.step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
-                row = hooks.after_step(state) if hooks.after_step else None
-                if row:
-                    self._log(row)
-                # a checkpoint due on the epoch's last batch waits for the epoch's end (its row, hooks and early
-                # stopping), so that resuming from it starts the next epoch instead of replaying this one's end
-                end_of_epoch = state.batches_into_epoch == len(self.train_loader)
-                if not end_of_epoch and (self._step_checkpoint_due() or state.step >= max_steps):
-                    state.elapsed_s += time.perf_counter() - started
-                    started = time.perf_counter()
+                hooks.after_step(state)
+                # --- log every N steps
+                if self.log_every_steps and (state.step % self.log_every_steps == 0 or state.step == max_steps):
+                    mean_loss, log_sums = self._row_sums.take()
+                    self._log({"loss": mean_loss, **hooks.log_row(state), **log_sums})
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=state.epoch)
+                # --- checkpoint mid-epoch (one due on the epoch's last batch waits for the epoch's end: its row,
+                # hooks and early stopping, so that resuming from it starts the next epoch instead of replaying them)
+                if state.batches_into_epoch < len(self.train_loader) and (self._step_checkpoint_due()
+                                                                          or state.step >= max_steps):
+                    state.elapsed_s += time.perf_counter() - clock
+                    clock = time.perf_counter()
                     self._save()
                 if state.step >= max_steps:
-                    stopped = True
                     break
-            if stopped and state.batches_into_epoch < len(self.train_loader):
-                break  # stopped mid-epoch on max_steps: the checkpoint above already holds this point
+            if state.batches_into_epoch < len(self.train_loader):
+                break  # stopped mid-epoch on max_steps: the checkpoint above holds this point
+            # --- end of epoch: log, validate, early stop
+            mean_loss, log_sums = self._epoch_sums.take()
             state.epoch += 1
-            batches = state.batches_into_epoch * acc.num_processes
-            mean_loss = acc.gather(self._losses[None, :1]).sum().item() / max(1, batches)
-            self._losses[0] = 0
             state.batches_into_epoch = 0
-            state.elapsed_s += time.perf_counter() - started
-            metrics = {"train_loss": mean_loss}
-            if hooks.after_epoch:
-                metrics.update(hooks.after_epoch(state) or {})
+            state.elapsed_s += time.perf_counter() - clock
+            metrics = {"train_loss": mean_loss, **hooks.after_epoch(state), **log_sums}
             if self.monitor is not None:
-                value = float(metrics[self.monitor])
-                if self._improved(value):
-                    state.best_metric, state.best_epoch, state.evals_since_best = value, state.epoch, 0
-                    if hooks.on_best:
-                        hooks.on_best(state)
-                else:
-                    state.evals_since_best += 1
+                self._track_best(float(metrics[self.monitor]), hooks.on_best)
             self._log(metrics)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=state.epoch)
+            # --- checkpoint
             if (self.checkpoint_every_steps is None or self._step_checkpoint_due() or state.epoch >= max_epochs
                     or state.step >= max_steps):
                 self._save()
-            stopped = state.epoch >= max_epochs or state.step >= max_steps or self._patience_exhausted()
         bar.close()
         return state
+
+    def _epoch_batches(self):
+        """The current epoch's batches in train mode (validation leaves eval mode), past those already trained on."""
+        self.train_loader.set_epoch(self.state.epoch)
+        self.model.train()
+        if self.state.batches_into_epoch:
+            return self.accelerator.skip_first_batches(self.train_loader, self.state.batches_into_epoch)
+        return self.train_loader
+
+    def _save(self) -> None:
+        """A checkpoint that also holds the sums so far, so rows logged after a resume cover the same batches."""
+        self.state.epoch_sums, self.state.row_sums = self._epoch_sums.totals(), self._row_sums.totals()
+        self.checkpointer.save(self.state)
+
+    def _step_checkpoint_due(self) -> bool:
+        return bool(self.checkpoint_every_steps) and self.state.step % self.checkpoint_every_steps == 0
+
+    def _track_best(self, value: float, on_best: Callable[[TrainState], None]) -> None:
+        """Early stopping's count of epochs since the monitored value last improved; `on_best` when it does."""
+        state, best = self.state, self.state.best_metric
+        if best is None or math.isnan(best):
+            improved = not math.isnan(value)
+        else:
+            improved = value > best if self.mode == "max" else value < best
+        if improved:
+            state.best_metric, state.best_epoch, state.evals_since_best = value, state.epoch, 0
+            on_best(state)
+        else:
+            state.evals_since_best += 1
 
     def _patience_exhausted(self) -> bool:
         return self.patience is not None and self.monitor is not None and self.state.evals_since_best >= self.patience
@@ -382,3 +437,20 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.log.append({"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": lr,
                          "seconds": round(self.state.elapsed_s, 2)})
+
+
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A new run must not mix its checkpoints and log rows with those of a run already in `run_dir`."""
+    if any((run_dir / "checkpoints").glob("step-*")):
+        raise ConfigError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
+
+
+def start_run(trainer: Trainer, cfg: Any, info: dict, resume: bool) -> None:
+    """A new run writes its config.yaml and run.json (which `--resume` checks against); a resumed one loads its
+    newest checkpoint."""
+    if resume:
+        trainer.resume()
+    elif trainer.accelerator.is_main_process:
+        save_config(cfg, trainer.run_dir / "config.yaml")
+        with atomic_path(trainer.run_dir / "run.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=1))

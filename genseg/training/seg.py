@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,19 +20,20 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 
-from ..config import load_config, save_config
+from ..config import load_config
 from ..data.augment import PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_path
 from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
-from .loop import Hooks, Trainer, effective_precision, make_accelerator
+from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
-from .transfer import FREEZE_PARTS, initial_model, keep_frozen_eval
+from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
 
 RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples",
                   "gradient_checkpointing"}  # exact, so it may change on --resume (e.g. after running out of memory)
@@ -205,76 +207,93 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     """Train, validate every epoch, keep the best model, then score it on the real val and test data."""
     out = Path(out) if out is not None else default_run_dir()
     seg_data = build_seg_data(cfg, data, synthetic)
-    has_checkpoint = any((out / "checkpoints").glob("step-*"))
     if resume:
         _check_resume(cfg, out, seg_data.info)
-    elif has_checkpoint:
-        raise ConfigError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    else:
+        refuse_to_overwrite(out)
     acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed)
     set_seed(cfg.seed)
+    init = _initial_network(cfg, seg_data, acc, resume)
+    trainer = _seg_trainer(cfg, seg_data, init.model, acc, out)
+    val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
+    seg_data.info.update(precision=effective_precision(acc), processes=acc.num_processes)
+    start_run(trainer, cfg, seg_data.info, resume)
+    hooks = Hooks(after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
+                  on_best=lambda state: _save_best(trainer.model, acc, out))
+    trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs, hooks=hooks,
+                desc=f"train-seg {out.name}")
+    return _seg_result(trainer, cfg, data, seg_data.info["precision"])
+
+
+def _memory_format(cfg: SegTrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def _initial_network(cfg: SegTrainConfig, seg_data: SegData, acc: Accelerator, resume: bool) -> InitResult:
+    """The U-Net to train, fresh or from `init_from` (recorded in run.json, its adaptations printed)."""
     init = initial_model(cfg, seg_data.channels, load=not resume)  # a bad --init-from / --freeze fails here
-    model = init.model
     if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
+        init.model.enable_gradient_checkpointing()
     if init.info is not None:
         seg_data.info["init_from"] = init.info
     for message in init.messages:
         acc.print(message)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    init.model.to(memory_format=_memory_format(cfg))
+    return init
+
+
+def _seg_trainer(cfg: SegTrainConfig, seg_data: SegData, model: SegmentationUNet, acc: Accelerator,
+                 out: Path) -> Trainer:
+    """Adam on the parameters that are not frozen, over the mixed epochs; stops early on the validation score."""
     loader = DataLoader(seg_data.train, batch_size=cfg.batch_size, sampler=seg_data.sampler,
                         num_workers=cfg.num_workers)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    trainer = Trainer(acc, model, torch.optim.Adam(trainable, lr=cfg.lr), loader, out,
-                      monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience)
-    val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
-    seg_data.info["precision"] = effective_precision(acc)
-    seg_data.info["processes"] = acc.num_processes
-    if acc.is_main_process and not resume:
-        save_config(cfg, out / "config.yaml")
-        with atomic_path(out / "run.json") as tmp:
-            tmp.write_text(json.dumps(seg_data.info, indent=1))
-    if resume:
-        trainer.resume()
-    seen = torch.zeros(2, device=acc.device)  # real, synthetic slices trained on this epoch
+    return Trainer(acc, model, torch.optim.Adam(trainable, lr=cfg.lr), loader, out,
+                   monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience)
 
-    def compute_loss(model, batch):
-        keep_frozen_eval(init.frozen)  # the trainer's model.train() each epoch must not wake frozen BatchNorms
-        seen[0] += (~batch["synthetic"]).sum()
-        seen[1] += batch["synthetic"].sum()
-        images = batch["image"].contiguous(memory_format=memory_format)
-        return seg_loss(model(images), batch["mask"], cfg.loss).mean()
 
-    @torch.no_grad()
-    def validate(state) -> dict:
-        trainer.model.eval()
-        rows = []
-        for batch in val_loader:
-            logits = trainer.model(batch["image"].contiguous(memory_format=memory_format))
-            pred, target = torch.sigmoid(logits.float()) >= cfg.threshold, batch["mask"] > 0.5
-            rows.append(torch.stack([seg_loss(logits, batch["mask"], cfg.loss), (pred & target).sum((1, 2, 3)),
-                                     pred.sum((1, 2, 3)), target.sum((1, 2, 3))], dim=1).float())
-        loss, inter, pred_sum, target_sum = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
-        counts = acc.gather(seen[None]).sum(0).tolist()
-        seen.zero_()
-        return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
-                "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean()),
-                "real_seen": int(counts[0]), "synthetic_seen": int(counts[1])}
+def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
+                 frozen: list[torch.nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch's loss, and how many of its slices are real and synthetic (the epoch's sums go in its log row)."""
+    keep_frozen_eval(frozen)  # the trainer's model.train() each epoch must not wake frozen BatchNorms
+    images = batch["image"].contiguous(memory_format=_memory_format(cfg))
+    synthetic = batch["synthetic"]
+    loss = seg_loss(model(images), batch["mask"], cfg.loss).mean()
+    return loss, {"real_seen": (~synthetic).sum(), "synthetic_seen": synthetic.sum()}
 
-    def save_best(state) -> None:
-        if acc.is_main_process:
-            with atomic_path(out / "model", is_dir=True) as tmp:
-                acc.unwrap_model(trainer.model).save_pretrained(tmp, safe_serialization=True)
 
-    state = trainer.fit(compute_loss, max_epochs=cfg.epochs, hooks=Hooks(after_epoch=validate, on_best=save_best),
-                        desc=f"train-seg {out.name}")
+@torch.no_grad()
+def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator) -> dict:
+    """Loss, Dice and IoU on the real validation slices, every process's share gathered."""
+    model.eval()
+    rows = []
+    for batch in val_loader:
+        logits = model(batch["image"].contiguous(memory_format=_memory_format(cfg)))
+        pred, target = torch.sigmoid(logits.float()) >= cfg.threshold, batch["mask"] > 0.5
+        rows.append(torch.stack([seg_loss(logits, batch["mask"], cfg.loss), (pred & target).sum((1, 2, 3)),
+                                 pred.sum((1, 2, 3)), target.sum((1, 2, 3))], dim=1).float())
+    loss, inter, pred_sum, target_sum = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
+    return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
+            "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean())}
+
+
+def _save_best(model: torch.nn.Module, acc: Accelerator, out: Path) -> None:
+    if acc.is_main_process:
+        with atomic_path(out / "model", is_dir=True) as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+
+
+def _seg_result(trainer: Trainer, cfg: SegTrainConfig, data: str | Path, precision: str) -> SegRunResult:
+    """The best epoch and its score; the main process adds the best model's val and test scores (finish_run) while
+    the others wait, so that no process returns before the run's files are complete."""
+    acc, state = trainer.accelerator, trainer.state
     metrics = {"best_epoch": state.best_epoch, f"best_val_{cfg.monitor}": state.best_metric,
-               "epochs_run": state.epoch, "precision": seg_data.info["precision"], "train_seconds": state.elapsed_s}
+               "epochs_run": state.epoch, "precision": precision, "train_seconds": state.elapsed_s}
     acc.wait_for_everyone()
     if acc.is_main_process:
-        metrics.update(finish_run(out, data, cfg))
+        metrics.update(finish_run(trainer.run_dir, data, cfg))
     acc.wait_for_everyone()
-    return SegRunResult(out, metrics, acc.unwrap_model(trainer.model))
+    return SegRunResult(trainer.run_dir, metrics, acc.unwrap_model(trainer.model))
 
 
 def finish_run(out: Path, data: str | Path, cfg: SegTrainConfig) -> dict:
