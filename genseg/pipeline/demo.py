@@ -134,12 +134,12 @@ def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusio
 
 
 def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, steps: int = 20, seed: int = 0,
-                     source: str | Path = "", grid: Path | None = None, progress: bool = True) -> Path:
+                     source: str | Path = "", grid: Path | None = None) -> Path:
     """`num` slices (DPM-Solver++, `steps`) written as a synthetic prepared file, plus a grid of the first 16."""
     from ..sampling import sample_into
     from ..viz import overlay, save_grid
 
-    result = sample_into(generator, num, out, source, steps=steps, seed=seed, progress=progress)
+    result = sample_into(generator, num, out, source, steps=steps, seed=seed)
     if grid is not None:
         shown = range(min(GRID_SLICES, num))
         tiles = [overlay(result.images[i], result.masks[i]) if result.masks is not None else result.images[i]

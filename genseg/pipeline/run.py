@@ -15,6 +15,7 @@ from ..errors import ConfigError, GensegError
 from ..io import atomic_path
 from ..metrics import dice_iou
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
+from .diffusion import seed_generators
 from .genseg import GenSegOutput, GenSegPipeline
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
@@ -136,7 +137,7 @@ def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, scheduler: 
     pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
     started = time.perf_counter()
     result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps,
-                  generator=seed, batch_size=batch_size)
+                  generator=seed_generators(seed, num), batch_size=batch_size)
     settings = {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label, "guidance": guidance,
                 "threshold": pipe.config.threshold, "size_note": pipe.size_note,
                 "seconds": time.perf_counter() - started}
