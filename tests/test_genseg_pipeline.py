@@ -17,7 +17,7 @@ from PIL import Image
 
 from genseg.errors import CheckpointError, ConfigError, GensegError
 from genseg.metrics import dice_iou
-from genseg.pipeline.diffusion import seed_generators
+from genseg.pipeline.diffusion import SamplingSettings, seed_generators
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.pipeline.run import load_pipeline, run_pipeline
 from genseg.serve.testing import make_untrained_segmenter
@@ -134,7 +134,7 @@ def test_a_segmenter_of_another_size_is_fed_resized_images_and_says_so(parts, tm
     bigger = make_untrained_segmenter(tmp_path / "seg32", size=32, base_channels=8, depth=3)
     pipe = GenSegPipeline.from_runs(parts[0], bigger)
     assert "resized" in pipe.size_note
-    summary = run_pipeline(pipe, tmp_path / "out", num=2, steps=2)
+    summary = run_pipeline(pipe, tmp_path / "out", num=2, sampling=SamplingSettings(steps=2))
     assert summary["settings"]["size_note"] and "resized" in (tmp_path / "out" / "report.md").read_text()
     assert len(summary["slices"]) == 2
 
@@ -162,7 +162,7 @@ def test_bad_inputs(genseg_cli, parts, saved, tmp_path):
     done = genseg_cli("pipeline", "--pipeline", saved, "--num", 0, "--out", tmp_path / "zero", returncode=2)
     assert "--num must be at least 1" in done.stderr and not (tmp_path / "zero").exists()
     with pytest.raises(GensegError, match="already exists"):
-        run_pipeline(GenSegPipeline.load(saved), tmp_path, num=1, steps=1)
+        run_pipeline(GenSegPipeline.load(saved), tmp_path, num=1, sampling=SamplingSettings(steps=1))
 
 
 def test_the_generator_of_a_saved_pipeline_samples_like_its_run(parts, saved):

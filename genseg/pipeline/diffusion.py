@@ -14,7 +14,7 @@ import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import diffusers
 import numpy as np
@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import CheckpointError, ConfigError
+from ..models.diffusion import make_sampling_scheduler
 
 INTERMEDIATE_SNAPSHOTS = 10  # x_t kept per call with save_intermediates (evenly spaced over the steps)
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -45,6 +46,32 @@ def seed_generators(seed: int, num_images: int) -> list[torch.Generator]:
     """One CPU generator per image from a seed, so an image depends on (seed, its index) only: not on the batch
     size, nor on how many images are asked for. Every command, workflow and the server seed the pipelines here."""
     return [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(num_images)]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler choices of `genseg sample`, `genseg pipeline`, the demo and generate requests, as one value
+    instead of six parameters through every signature."""
+
+    scheduler: str = "dpmsolver"  # a name of models.diffusion.SCHEDULERS, sharing the trained noise schedule
+    steps: int = 20
+    class_label: int | None = None
+    guidance: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+    def metadata(self) -> dict[str, Any]:
+        """The settings as synthetic files and pipeline summaries record them."""
+        return {"scheduler": self.scheduler, "steps": self.steps, "seed": self.seed, "class": self.class_label,
+                "guidance": self.guidance}
+
+    def sample(self, pipe: SliceDiffusionPipeline, num_images: int, train_scheduler_config=None, **call):
+        """`pipe(num_images, ...)` with these settings (`call`: its other keyword arguments), its scheduler first
+        swapped for `self.scheduler` built on `train_scheduler_config` (default: the pipe's own)."""
+        pipe.scheduler = make_sampling_scheduler(self.scheduler, train_scheduler_config or pipe.scheduler.config)
+        return pipe(num_images, class_labels=self.class_label, guidance_scale=self.guidance,
+                    num_inference_steps=self.steps, generator=seed_generators(self.seed, num_images),
+                    batch_size=self.batch_size, **call)
 
 
 def check_output_type(output_type: str) -> None:
