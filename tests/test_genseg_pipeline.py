@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genseg.errors import CheckpointError, ConfigError, GensegError
@@ -78,6 +79,34 @@ def test_output_is_consistent(parts):
     assert out.images.shape == out.predicted_masks.shape == out.probabilities.shape == (5, SIZE, SIZE)
     assert out.generated_masks.shape == (5, SIZE, SIZE) and set(np.unique(out.generated_masks)) <= {0, 1}
     assert np.array_equal(out.predicted_masks, (out.probabilities >= 0.5).astype(np.uint8))
+
+
+def test_diffusers_call_conventions(parts, capsys):
+    """output_type np / pt / pil hold the same pixels, return_dict=False gives the fields in order, an int seed is
+    refused (seed_generators makes the generators), and the progress bar follows set_progress_bar_config."""
+    pipe = GenSegPipeline.from_runs(*parts)
+    capsys.readouterr()
+    pipe(1, num_inference_steps=1, generator=seed_generators(0, 1))
+    assert "sampling" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**options):
+        return pipe(2, num_inference_steps=2, generator=seed_generators(1, 2), **options)
+
+    arrays, tensors = run(), run(output_type="pt")
+    assert torch.equal(tensors.images, torch.from_numpy(arrays.images))
+    assert torch.equal(tensors.generated_masks, torch.from_numpy(arrays.generated_masks))
+    assert torch.equal(tensors.probabilities, torch.from_numpy(arrays.probabilities))
+    images, generated, predicted, probabilities, labels = run(output_type="pil", return_dict=False)
+    assert np.array_equal(np.asarray(images[0]), np.round(arrays.images[0] * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(generated[1]), arrays.generated_masks[1] * 255)
+    assert np.array_equal(np.asarray(predicted[1]), arrays.predicted_masks[1] * 255)
+    assert np.array_equal(probabilities, arrays.probabilities) and labels is None
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="seed_generators"):
+        pipe(1, num_inference_steps=2, generator=7)
+    with pytest.raises(ConfigError, match="output_type"):
+        pipe(1, num_inference_steps=2, output_type="latent")
 
 
 def test_pipeline_command_writes_the_promised_files(genseg_cli, parts, tmp_path):
