@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -383,7 +384,8 @@ def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
 
 
 def _generation_options(command):
-    """Sampler options shared by the commands that generate slices."""
+    """Sampler options shared by the commands that generate slices, handed to the command as one
+    `sampling: SamplingSettings` instead of six parameters."""
     options = [
         click.option("--scheduler", default="dpmsolver", show_default=True,
                      help="Sampler: ddpm, ddim, dpmsolver (DPM-Solver++) or pndm, sharing the trained noise schedule."),
@@ -394,9 +396,17 @@ def _generation_options(command):
         click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same slices."),
         click.option("--batch-size", default=16, show_default=True, type=int, help="Slices denoised at once."),
     ]
+
+    @functools.wraps(command)
+    def with_sampling(scheduler, steps, class_label, guidance, seed, batch_size, **rest):
+        from .pipeline.diffusion import SamplingSettings
+
+        return command(sampling=SamplingSettings(scheduler=scheduler, steps=steps, class_label=class_label,
+                                                 guidance=guidance, seed=seed, batch_size=batch_size), **rest)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        with_sampling = option(with_sampling)
+    return with_sampling
 
 
 @main.command()
@@ -407,14 +417,11 @@ def _generation_options(command):
 @_generation_options
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
-def sample(checkpoint, num, out, scheduler, steps, class_label, guidance, seed, batch_size, png_dir,
-           save_intermediates):
+def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
     """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run."""
     from .sampling import sample_to_file
 
-    path = sample_to_file(checkpoint, num, out, scheduler=scheduler, steps=steps, class_label=class_label,
-                          guidance=guidance, seed=seed, batch_size=batch_size, png_dir=png_dir,
-                          save_intermediates=save_intermediates)
+    path = sample_to_file(checkpoint, num, out, sampling, png_dir=png_dir, save_intermediates=save_intermediates)
     click.echo(f"wrote {num} synthetic slices to {path}")
 
 
@@ -452,8 +459,7 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @click.option("--force", is_flag=True,
               help="Replace an existing --out folder (with --input: existing output files).")
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
-def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, class_label, guidance, seed, batch_size,
-             inputs, save_pipeline, force, more_inputs):
+def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
@@ -479,8 +485,7 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, scheduler, steps, cla
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
-    summary = run_pipeline(pipe, out, num=num, scheduler=scheduler, steps=steps, class_label=class_label,
-                           guidance=guidance, seed=seed, batch_size=batch_size, force=force)
+    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 

@@ -17,25 +17,23 @@ import torch
 
 from .data.prepared import PreparedDataset, PreparedWriter
 from .errors import ConfigError, DataError
-from .models.diffusion import build_scheduler, make_sampling_scheduler
-from .pipeline.diffusion import SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
+from .models.diffusion import build_scheduler
+from .pipeline.diffusion import SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
 
 
-def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler: str = "dpmsolver", steps: int = 20,
-                   class_label: int | None = None, guidance: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
+def sample_to_file(run_dir: str | Path, num: int, out: str | Path, sampling: SamplingSettings = SamplingSettings(),
+                   *, png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
                    progress: bool = True) -> Path:
-    """Sample `num` slices with `scheduler` at `steps` steps into the prepared file `out` (plus PNGs / a reverse
-    process strip `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on `batch_size`."""
+    """Sample `num` slices with `sampling` into the prepared file `out` (plus PNGs / a reverse process strip
+    `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on the batch size."""
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
-    if steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {steps}")
+    if sampling.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {sampling.steps}")
     out = Path(out)
     pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    result = sample_into(pipe, num, out, run_dir, scheduler=scheduler, steps=steps, class_label=class_label,
-                         guidance=guidance, seed=seed, batch_size=batch_size, save_intermediates=save_intermediates,
-                         progress=progress)
+    pipe.set_progress_bar_config(disable=not progress)
+    result = sample_into(pipe, num, out, run_dir, sampling, save_intermediates=save_intermediates)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
@@ -43,17 +41,14 @@ def sample_to_file(run_dir: str | Path, num: int, out: str | Path, *, scheduler:
     return out
 
 
-def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source: str | Path, *,
-                scheduler: str = "dpmsolver", steps: int = 20, class_label: int | None = None, guidance: float = 1.0,
-                seed: int = 0, batch_size: int = 16, save_intermediates: bool = False,
-                progress: bool = True) -> SliceDiffusionOutput:
-    """Sample with an already loaded generator into the synthetic prepared file `out`; `source` (its run or
-    pipeline folder) and the sampler settings go into the file's metadata. Returns the samples."""
-    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
-    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps, generator=seed,
-                  batch_size=batch_size, save_intermediates=save_intermediates, progress=progress)
-    write_samples(result, out, source, {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label,
-                                        "guidance": guidance}, split_seed=seed)
+def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source: str | Path,
+                sampling: SamplingSettings = SamplingSettings(), *, save_intermediates: bool = False
+                ) -> SliceDiffusionOutput:
+    """Sample with an already loaded generator (its progress bar as the caller configured it) into the synthetic
+    prepared file `out`; `source` (its run or pipeline folder) and the sampler settings go into the file's
+    metadata. Returns the samples."""
+    result = sampling.sample(pipe, num, save_intermediates=save_intermediates)
+    write_samples(result, out, source, sampling.metadata(), split_seed=sampling.seed)
     return result
 
 

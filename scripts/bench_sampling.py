@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from genseg.config import load_config
-from genseg.models.diffusion import make_sampling_scheduler
-from genseg.pipeline import load_diffusion
+from genseg.pipeline.diffusion import SamplingSettings, load_diffusion
 from genseg.sampling import write_samples
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
@@ -38,15 +37,15 @@ def bench_sampling(run: Path, num: int, batch_size: int, real: Path | None, segm
     """Seconds per image of the denoising loop alone (the model is loaded once, outside the timing); with `real`,
     the headline numbers of `evaluate-synthetic` on each sampler's images (same seed = same initial noise)."""
     pipe = load_diffusion(run)
+    pipe.set_progress_bar_config(disable=True)
     rows = []
     for scheduler, steps in SAMPLERS:
-        pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
+        sampling = SamplingSettings(scheduler=scheduler, steps=steps, batch_size=batch_size)
         start = time.perf_counter()
-        result = pipe(num, num_inference_steps=steps, generator=0, batch_size=batch_size, progress=False)
+        result = sampling.sample(pipe, num)
         row = {"sampler": f"{scheduler} {steps}", "s_per_image": (time.perf_counter() - start) / num}
         if real is not None:
-            out = write_samples(result, tmp / f"{scheduler}-{steps}.h5", run,
-                                {"scheduler": scheduler, "steps": steps, "seed": 0})
+            out = write_samples(result, tmp / f"{scheduler}-{steps}.h5", run, sampling.metadata())
             quality = evaluate_synthetic(out, real, segmenter, write=False, out_dir=tmp, progress=False)
             row.update({key: quality[key] for key in QUALITY_KEYS})
         rows.append(row)

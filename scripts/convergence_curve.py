@@ -31,6 +31,7 @@ from diffusers.training_utils import EMAModel
 from genseg.config import load_config
 from genseg.io import atomic_path
 from genseg.models.diffusion import build_unet
+from genseg.pipeline.diffusion import SamplingSettings
 from genseg.sampling import sample_to_file
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, save_pipeline, train_diffusion
@@ -65,8 +66,9 @@ def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, samp
         folder = out / "convergence" / checkpoint.name
         save_pipeline(ema_weights(checkpoint, cfg), cfg, folder)
         started = time.perf_counter()
-        synthetic = sample_to_file(folder, samples, folder / "synthetic.h5", scheduler="dpmsolver",
-                                   steps=sample_steps, seed=seed, png_dir=folder / "png", progress=False)
+        synthetic = sample_to_file(folder, samples, folder / "synthetic.h5",
+                                   SamplingSettings(scheduler="dpmsolver", steps=sample_steps, seed=seed),
+                                   png_dir=folder / "png", progress=False)
         sample_s = (time.perf_counter() - started) / samples
         quality = evaluate_synthetic(synthetic, data, segmenter, out_dir=folder, seed=seed, progress=False)
         curve.append({"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 2),

@@ -49,6 +49,7 @@ from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.io import atomic_path
 from genseg.pipeline.demo import (ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
                                   generator_source, load_generator, sample_synthetic)
+from genseg.pipeline.diffusion import SamplingSettings
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.mixing import select_synthetic, subsample_patients
 from genseg.training.diffusion import DiffusionTrainConfig
@@ -95,6 +96,10 @@ class StudyConfig:
             raise ValueError("change agreement with synthetic_only filters with the real-only run at fraction 1: "
                              "add 1.0 to real_fractions")
 
+    def sampling(self, seed_offset: int = 0) -> SamplingSettings:
+        """The sampler of every synthetic set; `seed_offset` gives a set of other slices."""
+        return SamplingSettings(steps=self.sample_steps, seed=self.sample_seed + seed_offset)
+
 
 SMOKE = {"real_fractions": [0.5, 1.0], "synthetic_ratios": [0.0, 0.5], "seeds": [0], "patients": 10,
          "slices_per_patient": 2, "raw_size": 64, "sample_steps": 2, "min_agreement": 0.0, "more_factor": 2,
@@ -124,11 +129,11 @@ def make_data(out: Path, cfg: StudyConfig) -> tuple[Path, Path, int]:
     data = ensure_prepared(raw, out / "demo.h5", size)
     num = cfg.num_synthetic or int((read_metadata(data)["split"] == "train").sum())
     if not (out / "synthetic.h5").exists():
-        sample_synthetic(generator, out / "synthetic.h5", num, steps=cfg.sample_steps, seed=cfg.sample_seed,
+        sample_synthetic(generator, out / "synthetic.h5", num, cfg.sampling(),
                          source=cfg.pipeline or "shipped demo pipeline", grid=out / "synthetic_grid.png")
     if cfg.change == "more" and not (out / "synthetic-more.h5").exists():
-        sample_synthetic(generator, out / "synthetic-more.h5", num * cfg.more_factor, steps=cfg.sample_steps,
-                         seed=cfg.sample_seed + 1, source=cfg.pipeline or "shipped demo pipeline")
+        sample_synthetic(generator, out / "synthetic-more.h5", num * cfg.more_factor, cfg.sampling(seed_offset=1),
+                         source=cfg.pipeline or "shipped demo pipeline")
     return data, out / "synthetic.h5", size
 
 
@@ -162,8 +167,7 @@ def matched_synthetic(out: Path, cfg: StudyConfig, data: Path, size: int, num: i
                                                          "max_steps": cfg.matched_generator_steps})
     run = ensure_diffusion(gen_cfg, data, out / "generators" / f"f{fraction:g}-s{seed}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return sample_synthetic(load_generator(run), path, num, steps=cfg.sample_steps, seed=cfg.sample_seed, source=run,
-                            grid=path.with_suffix(".png"))
+    return sample_synthetic(load_generator(run), path, num, cfg.sampling(), source=run, grid=path.with_suffix(".png"))
 
 
 def run_cell(cfg: StudyConfig, base: SegTrainConfig, data: Path, arm: Arm, synthetic: Path | None, fraction: float,

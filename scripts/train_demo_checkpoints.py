@@ -32,6 +32,7 @@ from genseg.io import atomic_path
 from genseg.pipeline.demo import (DIFFUSION_CPU_CONFIG, diffusion_checkpoint_step, ensure_demo_data,
                                   ensure_diffusion, ensure_prepared, ensure_segmenter, load_generator,
                                   sample_synthetic, seg_demo_config)
+from genseg.pipeline.diffusion import SamplingSettings
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.pipeline.run import DEMO_PIPELINE
 from genseg.synthetic_quality import evaluate_synthetic, markdown_table
@@ -95,8 +96,9 @@ def build(work: Path, out: Path, seed: int = 0, diffusion_steps: int = 2500, tin
 
     print("[6/6] synthetic set and its quality")
     num = int((read_metadata(data)["split"] == "train").sum())
-    synthetic = sample_synthetic(load_generator(out / "pipeline"), work / "synthetic.h5", num, steps=sample_steps,
-                                 seed=seed, source=out / "pipeline", grid=out / "synthetic_grid.png")
+    synthetic = sample_synthetic(load_generator(out / "pipeline"), work / "synthetic.h5", num,
+                                 SamplingSettings(steps=sample_steps, seed=seed), source=out / "pipeline",
+                                 grid=out / "synthetic_grid.png")
     quality = evaluate_synthetic(synthetic, data, work / "seg", out_dir=work)
     shutil.copy2(quality["figure"], out / "synthetic_quality.png")
     with atomic_path(out / "quality.json") as tmp:

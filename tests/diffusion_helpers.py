@@ -14,6 +14,12 @@ from seg_helpers import write_phantoms
 TINY_MODEL = {"sample_size": 16, "block_out_channels": [16, 32], "norm_num_groups": 8}
 
 
+def quiet(pipe):
+    """`pipe` with diffusers' progress bar off, for calls on one line."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_config(model: dict | None = None, **values) -> DiffusionTrainConfig:
     """A 16 px joint generator config (model keys override TINY_MODEL), trained on all slices, no sample grids."""
     defaults = {"split": "all", "max_steps": 4, "batch_size": 4, "checkpoint_every_steps": 4, "sample_every_steps": 0}

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 from genseg.cli import main
 from genseg.data.prepared import read_metadata
+from genseg.pipeline.diffusion import seed_generators
 from genseg.pipeline.genseg import GenSegPipeline
-from diffusion_helpers import tiny_pipeline as make_tiny_pipeline
+from diffusion_helpers import quiet, tiny_pipeline as make_tiny_pipeline
 from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def test_train_demo_checkpoints_tiny(tmp_path):
     assert numbers["diffusion_steps"] == 3  # resumed from step 2, not restarted
     assert seg_model.stat().st_mtime_ns == stamp  # finished segmenter reused
     assert numbers["pipeline_precision"] == "fp16" and numbers["pipeline_mb"] < 15
-    result = GenSegPipeline.load(out / "pipeline")(2, num_inference_steps=2, generator=0, progress=False)
+    result = quiet(GenSegPipeline.load(out / "pipeline"))(2, num_inference_steps=2, generator=seed_generators(0, 2))
     assert result.images.shape == (2, 64, 64) and np.isfinite(result.probabilities).all()
 
 

@@ -25,10 +25,10 @@ from genseg.data.info import dataset_info
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampling_scheduler
-from genseg.pipeline import SliceDiffusionPipeline, load_diffusion
+from genseg.pipeline import SamplingSettings, SliceDiffusionPipeline, load_diffusion, seed_generators
 from genseg.sampling import forward_process_figure, sample_to_file
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
-from diffusion_helpers import tiny_config as shared_tiny_config
+from diffusion_helpers import quiet, tiny_config as shared_tiny_config
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,23 +99,23 @@ def test_saved_weights_are_the_ema_weights(overfit_run):
 
 def test_same_seed_same_samples_whatever_the_batch_size(overfit_run, tmp_path):
     run, _ = overfit_run
-    a = sample_to_file(run, 5, tmp_path / "a.h5", steps=6, seed=3, batch_size=5, progress=False)
-    b = sample_to_file(run, 5, tmp_path / "b.h5", steps=6, seed=3, batch_size=2, progress=False)
-    c = sample_to_file(run, 5, tmp_path / "c.h5", steps=6, seed=4, progress=False)
+    a = sample_to_file(run, 5, tmp_path / "a.h5", SamplingSettings(steps=6, seed=3, batch_size=5), progress=False)
+    b = sample_to_file(run, 5, tmp_path / "b.h5", SamplingSettings(steps=6, seed=3, batch_size=2), progress=False)
+    c = sample_to_file(run, 5, tmp_path / "c.h5", SamplingSettings(steps=6, seed=4), progress=False)
     with h5py.File(a) as fa, h5py.File(b) as fb, h5py.File(c) as fc:
         np.testing.assert_allclose(fa["images"][:].astype(np.float32), fb["images"][:].astype(np.float32), atol=1e-3)
         assert np.array_equal(fa["masks"][:], fb["masks"][:])
         assert not np.allclose(fa["images"][:], fc["images"][:])
-    pipe = load_diffusion(run)
-    first = pipe(2, num_inference_steps=4, generator=7, progress=False)
-    again = pipe(2, num_inference_steps=4, generator=7, progress=False)
+    pipe = quiet(load_diffusion(run))
+    first = pipe(2, num_inference_steps=4, generator=seed_generators(7, 2))
+    again = pipe(2, num_inference_steps=4, generator=seed_generators(7, 2))
     assert np.array_equal(first.images, again.images) and np.array_equal(first.masks, again.masks)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_every_scheduler_samples_binary_masks(overfit_run, tmp_path, name):
     run, _ = overfit_run
-    out = sample_to_file(run, 3, tmp_path / f"{name}.h5", scheduler=name, steps=5, progress=False)
+    out = sample_to_file(run, 3, tmp_path / f"{name}.h5", SamplingSettings(scheduler=name, steps=5), progress=False)
     meta = read_metadata(out)
     attrs = meta["attrs"]
     assert attrs["synthetic"] and attrs["size"] == 16 and attrs["channels"] == 1
@@ -138,7 +138,7 @@ def test_dpmsolver_is_dpmsolver_plus_plus():
 
 def test_synthetic_file_reads_like_prepared_data(overfit_run, tmp_path):
     run, _ = overfit_run
-    out = sample_to_file(run, 4, tmp_path / "s.h5", steps=3, seed=1, png_dir=tmp_path / "png",
+    out = sample_to_file(run, 4, tmp_path / "s.h5", SamplingSettings(steps=3, seed=1), png_dir=tmp_path / "png",
                          save_intermediates=True, progress=False)
     info = dataset_info(out)
     assert info["synthetic"] and info["slices"] == 4 and info["patients"] == 4 and info["size"] == 16
@@ -154,17 +154,17 @@ def test_synthetic_file_reads_like_prepared_data(overfit_run, tmp_path):
 
 
 def test_class_conditional_samples_carry_the_class(conditional_run, tmp_path):
-    pipe = load_diffusion(conditional_run)
+    pipe = quiet(load_diffusion(conditional_run))
     assert pipe.unet.config.num_class_embeds == 5  # classes 0..3 + the null class
-    out = sample_to_file(conditional_run, 3, tmp_path / "c2.h5", class_label=2, guidance=3.0, steps=3,
+    out = sample_to_file(conditional_run, 3, tmp_path / "c2.h5", SamplingSettings(class_label=2, guidance=3.0, steps=3),
                          progress=False)
     meta = read_metadata(out)
     assert meta["labels"].tolist() == [2, 2, 2]
     assert meta["attrs"]["metadata"]["class"] == 2 and meta["attrs"]["metadata"]["guidance"] == 3.0
-    guided = pipe(2, class_labels=[1, 3], guidance_scale=3.0, num_inference_steps=3, generator=0, progress=False)
-    plain = pipe(2, class_labels=[1, 3], num_inference_steps=3, generator=0, progress=False)
+    guided = pipe(2, class_labels=[1, 3], guidance_scale=3.0, num_inference_steps=3, generator=seed_generators(0, 2))
+    plain = pipe(2, class_labels=[1, 3], num_inference_steps=3, generator=seed_generators(0, 2))
     assert guided.labels.tolist() == [1, 3] and not np.array_equal(guided.images, plain.images)
-    free = pipe(2, num_inference_steps=3, generator=0, progress=False)  # no class: the null class
+    free = pipe(2, num_inference_steps=3, generator=seed_generators(0, 2))  # no class: the null class
     assert free.labels is None and not np.array_equal(free.images, plain.images)
 
 
@@ -172,9 +172,9 @@ def test_image_mode_has_no_masks(data, tmp_path):
     cfg = tiny_config(model={"mode": "image"}, max_steps=2, sample_every_steps=2, checkpoint_every_steps=2)
     run = train_diffusion(cfg, data, tmp_path / "run", cpu=True).run_dir
     assert UNet2DModel.from_pretrained(run, subfolder="unet").config.in_channels == 1
-    result = load_diffusion(run)(2, num_inference_steps=2, generator=0, progress=False)
+    result = quiet(load_diffusion(run))(2, num_inference_steps=2, generator=seed_generators(0, 2))
     assert result.masks is None and result.images.shape == (2, 16, 16)
-    out = sample_to_file(run, 2, tmp_path / "img.h5", steps=2, progress=False)
+    out = sample_to_file(run, 2, tmp_path / "img.h5", SamplingSettings(steps=2), progress=False)
     meta = read_metadata(out)
     assert meta["attrs"]["metadata"]["mask_source"] == "none" and meta["labels"].tolist() == [-1, -1]
 
@@ -189,19 +189,19 @@ def test_bad_inputs(overfit_run, conditional_run, data, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         sample_to_file(tmp_path / "nothing", 1, tmp_path / "x.h5")
     with pytest.raises(ConfigError, match="unknown scheduler 'euler'.*ddim"):
-        sample_to_file(run, 1, tmp_path / "x.h5", scheduler="euler")
+        sample_to_file(run, 1, tmp_path / "x.h5", SamplingSettings(scheduler="euler"))
     with pytest.raises(ConfigError, match="steps must be at least 1"):
-        sample_to_file(run, 1, tmp_path / "x.h5", steps=0)
+        sample_to_file(run, 1, tmp_path / "x.h5", SamplingSettings(steps=0))
     with pytest.raises(ConfigError, match="unconditional"):
-        sample_to_file(run, 1, tmp_path / "x.h5", class_label=1, progress=False)
+        sample_to_file(run, 1, tmp_path / "x.h5", SamplingSettings(class_label=1), progress=False)
     with pytest.raises(ConfigError, match=r"class \[4\] outside the trained range 0..3"):
-        sample_to_file(conditional_run, 1, tmp_path / "x.h5", class_label=4, progress=False)
+        sample_to_file(conditional_run, 1, tmp_path / "x.h5", SamplingSettings(class_label=4), progress=False)
     with pytest.raises(ConfigError, match=r"class \[-1\]"):
-        load_diffusion(conditional_run)(1, class_labels=-1, num_inference_steps=2, progress=False)
+        quiet(load_diffusion(conditional_run))(1, class_labels=-1, num_inference_steps=2)
     with pytest.raises(ConfigError, match="guidance.*needs a class"):
-        load_diffusion(conditional_run)(1, guidance_scale=3.0, num_inference_steps=2, progress=False)
+        quiet(load_diffusion(conditional_run))(1, guidance_scale=3.0, num_inference_steps=2)
     with pytest.raises(ConfigError, match="steps 1001 exceed the 1000 training timesteps"):
-        load_diffusion(run)(1, num_inference_steps=1001, progress=False)
+        quiet(load_diffusion(run))(1, num_inference_steps=1001)
     assert not (tmp_path / "x.h5").exists()
     with pytest.raises(ConfigError, match="sample_size 32.*--size 32"):
         train_diffusion(tiny_config(model={"sample_size": 32}), data, tmp_path / "r", cpu=True)

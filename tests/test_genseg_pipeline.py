@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from genseg.errors import CheckpointError, ConfigError, GensegError
 from genseg.metrics import dice_iou
+from genseg.pipeline.diffusion import SamplingSettings, seed_generators
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.pipeline.run import load_pipeline, run_pipeline
 from genseg.serve.testing import make_untrained_segmenter
-from diffusion_helpers import tiny_generator
+from diffusion_helpers import quiet, tiny_generator
 from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,14 +45,16 @@ def saved(parts, tmp_path_factory) -> Path:
 def test_round_trip_in_a_fresh_process(parts, saved, tmp_path):
     """save_pretrained -> from_pretrained in another interpreter gives the same slices, masks and probabilities
     for the same seed, and every part loads with plain diffusers."""
-    expected = GenSegPipeline.from_runs(*parts)(3, num_inference_steps=4, generator=7, progress=False)
+    expected = quiet(GenSegPipeline.from_runs(*parts))(3, num_inference_steps=4, generator=seed_generators(7, 3))
     script = f"""
 import numpy as np
 from diffusers import DDPMScheduler, UNet2DModel
+from genseg.pipeline.diffusion import seed_generators
 from genseg.pipeline.genseg import GenSegPipeline
 from genseg.models.unet import SegmentationUNet
 pipe = GenSegPipeline.from_pretrained({str(saved)!r})
-out = pipe(3, num_inference_steps=4, generator=7, progress=False)
+pipe.set_progress_bar_config(disable=True)
+out = pipe(3, num_inference_steps=4, generator=seed_generators(7, 3))
 UNet2DModel.from_pretrained({str(saved)!r}, subfolder="unet")
 DDPMScheduler.from_pretrained({str(saved)!r}, subfolder="scheduler")
 SegmentationUNet.from_pretrained({str(saved)!r}, subfolder="segmenter")
@@ -71,10 +75,38 @@ np.savez({str(tmp_path / "out.npz")!r}, images=out.images, generated=out.generat
 
 
 def test_output_is_consistent(parts):
-    out = GenSegPipeline.from_runs(*parts)(5, num_inference_steps=3, generator=0, progress=False)
+    out = quiet(GenSegPipeline.from_runs(*parts))(5, num_inference_steps=3, generator=seed_generators(0, 5))
     assert out.images.shape == out.predicted_masks.shape == out.probabilities.shape == (5, SIZE, SIZE)
     assert out.generated_masks.shape == (5, SIZE, SIZE) and set(np.unique(out.generated_masks)) <= {0, 1}
     assert np.array_equal(out.predicted_masks, (out.probabilities >= 0.5).astype(np.uint8))
+
+
+def test_diffusers_call_conventions(parts, capsys):
+    """output_type np / pt / pil hold the same pixels, return_dict=False gives the fields in order, an int seed is
+    refused (seed_generators makes the generators), and the progress bar follows set_progress_bar_config."""
+    pipe = GenSegPipeline.from_runs(*parts)
+    capsys.readouterr()
+    pipe(1, num_inference_steps=1, generator=seed_generators(0, 1))
+    assert "sampling" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**options):
+        return pipe(2, num_inference_steps=2, generator=seed_generators(1, 2), **options)
+
+    arrays, tensors = run(), run(output_type="pt")
+    assert torch.equal(tensors.images, torch.from_numpy(arrays.images))
+    assert torch.equal(tensors.generated_masks, torch.from_numpy(arrays.generated_masks))
+    assert torch.equal(tensors.probabilities, torch.from_numpy(arrays.probabilities))
+    images, generated, predicted, probabilities, labels = run(output_type="pil", return_dict=False)
+    assert np.array_equal(np.asarray(images[0]), np.round(arrays.images[0] * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(generated[1]), arrays.generated_masks[1] * 255)
+    assert np.array_equal(np.asarray(predicted[1]), arrays.predicted_masks[1] * 255)
+    assert np.array_equal(probabilities, arrays.probabilities) and labels is None
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="seed_generators"):
+        pipe(1, num_inference_steps=2, generator=7)
+    with pytest.raises(ConfigError, match="output_type"):
+        pipe(1, num_inference_steps=2, output_type="latent")
 
 
 def test_pipeline_command_writes_the_promised_files(genseg_cli, parts, tmp_path):
@@ -90,11 +122,11 @@ def test_pipeline_command_writes_the_promised_files(genseg_cli, parts, tmp_path)
     assert names == sorted([f"{i:04d}.png" for i in range(5)] + [f"{i:04d}_overlay.png" for i in range(5)])
     assert (out / "contact_sheet.png").is_file() and "contact_sheet.png" in (out / "report.md").read_text()
     # the summary's numbers are those of the written slices: recompute one from the saved pipeline
-    again = GenSegPipeline.load(tmp_path / "pipe")
+    again = quiet(GenSegPipeline.load(tmp_path / "pipe"))
     from genseg.models.diffusion import make_sampling_scheduler
 
     again.scheduler = make_sampling_scheduler("ddim", again.scheduler.config)
-    result = again(5, num_inference_steps=3, generator=3, progress=False)
+    result = again(5, num_inference_steps=3, generator=seed_generators(3, 5))
     dice, _ = dice_iou(result.predicted_masks, result.generated_masks)
     for row, d, mask in zip(summary["slices"], dice, result.predicted_masks):
         assert row["tumour_area_px"] == int(mask.sum())
@@ -152,7 +184,7 @@ def test_a_segmenter_of_another_size_is_fed_resized_images_and_says_so(parts, tm
     bigger = make_untrained_segmenter(tmp_path / "seg32", size=32, base_channels=8, depth=3)
     pipe = GenSegPipeline.from_runs(parts[0], bigger)
     assert "resized" in pipe.size_note
-    summary = run_pipeline(pipe, tmp_path / "out", num=2, steps=2)
+    summary = run_pipeline(pipe, tmp_path / "out", num=2, sampling=SamplingSettings(steps=2))
     assert summary["settings"]["size_note"] and "resized" in (tmp_path / "out" / "report.md").read_text()
     assert len(summary["slices"]) == 2
 
@@ -180,7 +212,7 @@ def test_bad_inputs(genseg_cli, parts, saved, tmp_path):
     done = genseg_cli("pipeline", "--pipeline", saved, "--num", 0, "--out", tmp_path / "zero", returncode=2)
     assert "--num must be at least 1" in done.stderr and not (tmp_path / "zero").exists()
     with pytest.raises(GensegError, match="already exists"):
-        run_pipeline(GenSegPipeline.load(saved), tmp_path, num=1, steps=1)
+        run_pipeline(GenSegPipeline.load(saved), tmp_path, num=1, sampling=SamplingSettings(steps=1))
 
 
 def test_the_generator_of_a_saved_pipeline_samples_like_its_run(parts, saved):
@@ -196,10 +228,10 @@ def test_the_generator_of_a_saved_pipeline_samples_like_its_run(parts, saved):
     diffusers_logger = logging.getLogger("diffusers")  # it does not propagate to pytest's capture
     diffusers_logger.addHandler(handler)
     try:
-        from_pipeline = load_diffusion(saved)(3, num_inference_steps=2, generator=5, progress=False)
+        from_pipeline = quiet(load_diffusion(saved))(3, num_inference_steps=2, generator=seed_generators(5, 3))
     finally:
         diffusers_logger.removeHandler(handler)
     assert not [message for message in warned if "segmenter" in message]
-    from_run = load_diffusion(parts[0])(3, num_inference_steps=2, generator=5, progress=False)
+    from_run = quiet(load_diffusion(parts[0]))(3, num_inference_steps=2, generator=seed_generators(5, 3))
     np.testing.assert_array_equal(from_pipeline.images, from_run.images)
     np.testing.assert_array_equal(from_pipeline.masks, from_run.masks)

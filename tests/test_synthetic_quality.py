@@ -20,6 +20,7 @@ from genseg.errors import CheckpointError, DataError
 from genseg.inference import load_segmenter
 from genseg.metrics import kid
 from genseg.models.diffusion import build_unet
+from genseg.pipeline.diffusion import SamplingSettings
 from genseg.sampling import sample_to_file
 from genseg.synthetic_quality import evaluate_synthetic, kid_reading, markdown_table, random_feature_network
 from genseg.training.diffusion import DiffusionTrainConfig, save_pipeline
@@ -243,7 +244,8 @@ def test_scores_what_genseg_sample_writes(real, seg_run, tmp_path):
                                                             "norm_num_groups": 8}})
     torch.manual_seed(0)
     save_pipeline(build_unet(cfg.model), cfg, tmp_path / "gen")
-    synth = sample_to_file(tmp_path / "gen", 6, tmp_path / "sampled.h5", steps=2, seed=3, progress=False)
+    synth = sample_to_file(tmp_path / "gen", 6, tmp_path / "sampled.h5", SamplingSettings(steps=2, seed=3),
+                           progress=False)
     result = evaluate_synthetic(synth, real, segmenter=seg_run, **FAST)
     assert result["num_synthetic"] == 6 and result["generator"]["scheduler"] == "dpmsolver"
     assert result["written"] == ["quality_nn_ratio", "quality_agreement"]

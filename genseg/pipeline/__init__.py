@@ -1,5 +1,5 @@
 """diffusers pipelines over genseg's registered modules: sampling slices (and, on top, generate-then-segment)."""
 
-from .diffusion import SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
+from .diffusion import SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion, seed_generators
 
-__all__ = ["SliceDiffusionOutput", "SliceDiffusionPipeline", "load_diffusion"]
+__all__ = ["SamplingSettings", "SliceDiffusionOutput", "SliceDiffusionPipeline", "load_diffusion", "seed_generators"]

@@ -41,7 +41,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path
 from ..training.loop import STATE_FILE
 from ..training.seg import SegTrainConfig, train_segmenter
-from .diffusion import SliceDiffusionPipeline, load_diffusion, model_channels
+from .diffusion import SamplingSettings, SliceDiffusionPipeline, load_diffusion, model_channels
 
 SEG_DEMO_CONFIG = builtin_config("seg-demo")
 DIFFUSION_CPU_CONFIG = builtin_config("diffusion-cpu-small")
@@ -66,6 +66,11 @@ class DemoSettings:
     pipeline_slices: int = 16
     seg_overrides: dict = field(default_factory=dict)  # on top of configs/seg-demo.yaml
     diffusion_overrides: dict = field(default_factory=dict)  # on top of configs/diffusion-cpu-small.yaml
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The sampler of the synthetic set and of the pipeline stage."""
+        return SamplingSettings(steps=self.sample_steps, seed=self.seed)
 
 
 TINY = DemoSettings(patients=10, slices_per_patient=2, raw_size=64, sample_steps=2, pipeline_slices=4,
@@ -136,13 +141,14 @@ def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusio
     return load_diffusion(path, device or DEVICE)
 
 
-def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int, *, steps: int = 20, seed: int = 0,
-                     source: str | Path = "", grid: Path | None = None, progress: bool = True) -> Path:
-    """`num` slices (DPM-Solver++, `steps`) written as a synthetic prepared file, plus a grid of the first 16."""
+def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int,
+                     sampling: SamplingSettings = SamplingSettings(), *, source: str | Path = "",
+                     grid: Path | None = None) -> Path:
+    """`num` slices sampled with `sampling` written as a synthetic prepared file, plus a grid of the first 16."""
     from ..sampling import sample_into
     from ..viz import overlay, save_grid
 
-    result = sample_into(generator, num, out, source, steps=steps, seed=seed, progress=progress)
+    result = sample_into(generator, num, out, source, sampling)
     if grid is not None:
         shown = range(min(GRID_SLICES, num))
         tiles = [overlay(result.images[i], result.masks[i]) if result.masks is not None else result.images[i]
@@ -395,7 +401,7 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
                lambda: {"num": _train_count(data), "steps": settings.sample_steps, "seed": settings.seed},
                [synthetic, out / "synthetic_grid.png"],
                lambda: str(sample_synthetic(load_generator(generator_dir), synthetic, _train_count(data),
-                                            steps=settings.sample_steps, seed=settings.seed, source=generator_dir,
+                                            settings.sampling, source=generator_dir,
                                             grid=out / "synthetic_grid.png"))),
         _Stage("seg-real", f"train the real-only segmenter ({seg_cfg.epochs} epochs)",
                {"config": dataclasses.asdict(seg_cfg)}, [out / "seg-real"],
@@ -514,8 +520,7 @@ def _run_pipeline(generator_dir: Path, seg_run: Path, out: Path, settings: DemoS
     seg = load_segmenter(seg_run, device="cpu")
     pipe = GenSegPipeline(unet=generator.unet, scheduler=generator.scheduler, segmenter=seg.model,
                           threshold=seg.threshold).to(generator.device)
-    summary = run_pipeline(pipe, out, num=settings.pipeline_slices, steps=settings.sample_steps,
-                           seed=settings.seed, force=True)
+    summary = run_pipeline(pipe, out, num=settings.pipeline_slices, sampling=settings.sampling, force=True)
     return {k: v for k, v in summary.items() if k != "slices"}
 
 

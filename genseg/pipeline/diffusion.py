@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import diffusers
 import numpy as np
@@ -22,23 +22,72 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError
+from ..models.diffusion import make_sampling_scheduler
 
 INTERMEDIATE_SNAPSHOTS = 10  # x_t kept per call with save_intermediates (evenly spaced over the steps)
+OUTPUT_TYPES = ("np", "pt", "pil")
 
 
 @dataclass
 class SliceDiffusionOutput(BaseOutput):
     """images (N, H, W) float32 in [0, 1] ((N, C, H, W) for colour); masks (N, H, W) uint8 {0, 1} or None in
     image mode; labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as (N, channels, H, W)
-    float32 in [0, 1])] from noise to the last step, or None."""
+    float32 in [0, 1])] from noise to the last step, or None. NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
     masks: np.ndarray | None
     labels: np.ndarray | None
     intermediates: list[tuple[int, np.ndarray]] | None
+
+
+def seed_generators(seed: int, num_images: int) -> list[torch.Generator]:
+    """One CPU generator per image from a seed, so an image depends on (seed, its index) only: not on the batch
+    size, nor on how many images are asked for. Every command, workflow and the server seed the pipelines here."""
+    return [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(num_images)]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler choices of `genseg sample`, `genseg pipeline`, the demo and generate requests, as one value
+    instead of six parameters through every signature."""
+
+    scheduler: str = "dpmsolver"  # a name of models.diffusion.SCHEDULERS, sharing the trained noise schedule
+    steps: int = 20
+    class_label: int | None = None
+    guidance: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+    def metadata(self) -> dict[str, Any]:
+        """The settings as synthetic files and pipeline summaries record them."""
+        return {"scheduler": self.scheduler, "steps": self.steps, "seed": self.seed, "class": self.class_label,
+                "guidance": self.guidance}
+
+    def sample(self, pipe: SliceDiffusionPipeline, num_images: int, train_scheduler_config=None, **call):
+        """`pipe(num_images, ...)` with these settings (`call`: its other keyword arguments), its scheduler first
+        swapped for `self.scheduler` built on `train_scheduler_config` (default: the pipe's own)."""
+        pipe.scheduler = make_sampling_scheduler(self.scheduler, train_scheduler_config or pipe.scheduler.config)
+        return pipe(num_images, class_labels=self.class_label, guidance_scale=self.guidance,
+                    num_inference_steps=self.steps, generator=seed_generators(self.seed, num_images),
+                    batch_size=self.batch_size, **call)
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ConfigError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def convert_output(value, output_type: str, picture: bool = False):
+    """A NumPy result as `output_type`: "pt" makes every array a CPU tensor; "pil" makes pictures (images, 0/1
+    masks) lists of 8-bit PIL images and leaves the rest NumPy."""
+    if value is None or output_type == "np" or (output_type == "pil" and not picture):
+        return value
+    if output_type == "pt":
+        return torch.from_numpy(value)
+    channels_last = value[..., None] if value.ndim == 3 else value.transpose(0, 2, 3, 1)
+    return DiffusionPipeline.numpy_to_pil(channels_last.astype(np.float32))
 
 
 def model_channels(unet: UNet2DModel) -> tuple[int, bool]:
@@ -61,6 +110,7 @@ class SliceDiffusionPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DModel, scheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.set_progress_bar_config(desc="sampling", unit="img-step")  # until the caller sets its own
 
     def _labels(self, class_labels, num_images: int) -> torch.Tensor | None:
         k = num_classes(self.unet)
@@ -79,27 +129,29 @@ class SliceDiffusionPipeline(DiffusionPipeline):
 
     @staticmethod
     def _generators(generator, num_images: int) -> list[torch.Generator]:
-        """One CPU generator per image, so an image depends on (seed, its index) and not on the batch size."""
-        if isinstance(generator, torch.Generator):
-            seeds = torch.randint(0, 2**62, (num_images,), generator=generator).tolist()
-        elif isinstance(generator, (list, tuple)):
+        """One generator per image: a list is used as given; one generator (or None: torch's global RNG) draws a
+        seed per image, so an image depends on the generator's state and its index, not on the batch size."""
+        if isinstance(generator, (list, tuple)):
             if len(generator) != num_images:
                 raise ConfigError(f"{len(generator)} generators for {num_images} images")
             return list(generator)
-        else:
-            base = 0 if generator is None else int(generator)
-            seeds = [base * 100_003 + i for i in range(num_images)]
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: a torch.Generator or a list of them (seed_generators(seed, n)), "
+                            f"not {type(generator).__name__}")
+        seeds = torch.randint(0, 2**62, (num_images,), generator=generator).tolist()
         return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     @torch.no_grad()
     def __call__(self, num_images: int = 1, *, class_labels: int | Sequence[int] | None = None,
                  guidance_scale: float = 1.0, num_inference_steps: int | None = None,
-                 generator: torch.Generator | int | list | None = None, batch_size: int | None = None,
-                 save_intermediates: bool = False, progress: bool = True,
-                 callback_on_step_end: Callable | None = None) -> SliceDiffusionOutput:
+                 generator: torch.Generator | list[torch.Generator] | None = None, batch_size: int | None = None,
+                 save_intermediates: bool = False, callback_on_step_end: Callable | None = None,
+                 output_type: str = "np", return_dict: bool = True) -> SliceDiffusionOutput | tuple:
         """Generate `num_images` slices. `num_inference_steps` defaults to the training timesteps (full DDPM);
         `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`. `callback_on_step_end(pipe,
-        step, timestep, {})` runs after every denoising step, as in diffusers; raising from it stops sampling."""
+        step, timestep, {})` runs after every denoising step, as in diffusers; raising from it stops sampling.
+        `output_type` "np", "pt" or "pil" (`convert_output`); `return_dict=False` gives the output's fields as a
+        tuple in their order, None included. The progress bar follows `set_progress_bar_config`."""
         if num_images < 1:
             raise ConfigError(f"number of images must be at least 1, got {num_images}")
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
@@ -109,6 +161,7 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             raise ConfigError(f"steps {steps} exceed the {self.scheduler.config.num_train_timesteps} training timesteps")
         if guidance_scale <= 0:
             raise ConfigError(f"guidance scale must be positive, got {guidance_scale}")
+        check_output_type(output_type)
         labels = self._labels(class_labels, num_images)
         if guidance_scale != 1.0 and labels is None:
             raise ConfigError("classifier-free guidance (guidance != 1) needs a class to guide towards")
@@ -118,24 +171,32 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
         chunks, snapshots = [], []
-        bar = tqdm(total=num_images * steps, desc="sampling", unit="img-step", disable=not progress)
-        for start in range(0, num_images, batch_size):
-            stop = min(start + batch_size, num_images)
-            x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
-                                     guidance_scale, steps, save_intermediates, bar, callback_on_step_end)
-            chunks.append(x)
-            snapshots.append(snaps)
-        bar.close()
+        with self.progress_bar(total=num_images * steps) as bar:
+            for start in range(0, num_images, batch_size):
+                stop = min(start + batch_size, num_images)
+                x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
+                                         guidance_scale, steps, save_intermediates, bar, callback_on_step_end)
+                chunks.append(x)
+                snapshots.append(snaps)
         x = torch.cat(chunks).float().cpu().numpy()
         images = np.clip((x[:, :image_channels] + 1) / 2, 0, 1).astype(np.float32)
         images = images[:, 0] if image_channels == 1 else images
         masks = (x[:, image_channels] > 0).astype(np.uint8) if joint else None
         intermediates = None
         if save_intermediates:
-            intermediates = [(t, np.concatenate([s[i][1] for s in snapshots])) for i, (t, _) in enumerate(snapshots[0])]
-        return SliceDiffusionOutput(images=images, masks=masks,
-                                    labels=None if labels is None else labels.numpy().astype(np.int64),
-                                    intermediates=intermediates)
+            intermediates = [(t, convert_output(np.concatenate([s[i][1] for s in snapshots]), output_type))
+                             for i, (t, _) in enumerate(snapshots[0])]
+        labels = None if labels is None else labels.numpy().astype(np.int64)
+        output = SliceDiffusionOutput(images=convert_output(images, output_type, picture=True),
+                                      masks=convert_output(masks, output_type, picture=True),
+                                      labels=convert_output(labels, output_type), intermediates=intermediates)
+        return self._returned(output, return_dict)
+
+    @staticmethod
+    def _returned(output: BaseOutput, return_dict: bool) -> BaseOutput | tuple:
+        """The output dataclass, or with `return_dict=False` its fields as a tuple (None kept, so that positions
+        do not move; BaseOutput.to_tuple drops them)."""
+        return output if return_dict else tuple(getattr(output, f.name) for f in fields(output))
 
     def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback):
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device

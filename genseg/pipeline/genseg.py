@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
 
 from ..errors import CheckpointError, ConfigError
 from ..inference import Segmenter, load_segmenter
 from ..models.unet import SegmentationUNet
-from .diffusion import SliceDiffusionPipeline, load_diffusion, model_channels
+from .diffusion import SliceDiffusionPipeline, check_output_type, convert_output, load_diffusion, model_channels
 
 PARTS = ("unet", "scheduler", "segmenter")
 
@@ -28,7 +28,7 @@ PARTS = ("unet", "scheduler", "segmenter")
 class GenSegOutput(BaseOutput):
     """images (N, H, W) float32 in [0, 1]; generated_masks (N, H, W) uint8 from the joint model or None in image
     mode; predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
-    labels (N,) int or None."""
+    labels (N,) int or None. NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
     generated_masks: np.ndarray | None
@@ -50,11 +50,11 @@ class GenSegPipeline(SliceDiffusionPipeline):
     generator's is fed bilinearly resized images and its probabilities are resized back (stated in reports)."""
 
     def __init__(self, unet: UNet2DModel, scheduler, segmenter: SegmentationUNet, threshold: float = 0.5):
-        DiffusionPipeline.__init__(self)
         check_compatible(unet, segmenter)
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"threshold must lie in (0, 1), got {threshold}")
-        self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter)
+        super().__init__(unet=unet, scheduler=scheduler)
+        self.register_modules(segmenter=segmenter)
         self.register_to_config(threshold=float(threshold))
         self._segmenter_cache: tuple[int, Segmenter] | None = None
 
@@ -105,10 +105,17 @@ class GenSegPipeline(SliceDiffusionPipeline):
                                           align_corners=False)[:, 0]
         return probabilities.numpy()
 
-    def __call__(self, num_images: int = 1, **sampling) -> GenSegOutput:
-        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`) and segment them."""
+    def __call__(self, num_images: int = 1, *, output_type: str = "np", return_dict: bool = True,
+                 **sampling) -> GenSegOutput | tuple:
+        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`) and segment them;
+        `output_type` and `return_dict` as there (probabilities stay NumPy with "pil")."""
+        check_output_type(output_type)
         generated = super().__call__(num_images, **sampling)
         probabilities = self.segment(generated.images)
-        return GenSegOutput(images=generated.images, generated_masks=generated.masks,
-                            predicted_masks=(probabilities >= self.config.threshold).astype(np.uint8),
-                            probabilities=probabilities.astype(np.float32), labels=generated.labels)
+        predicted = (probabilities >= self.config.threshold).astype(np.uint8)
+        output = GenSegOutput(images=convert_output(generated.images, output_type, picture=True),
+                              generated_masks=convert_output(generated.masks, output_type, picture=True),
+                              predicted_masks=convert_output(predicted, output_type, picture=True),
+                              probabilities=convert_output(probabilities.astype(np.float32), output_type),
+                              labels=convert_output(generated.labels, output_type))
+        return self._returned(output, return_dict)

@@ -15,6 +15,7 @@ from ..errors import ConfigError, GensegError
 from ..io import atomic_path
 from ..metrics import dice_iou
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
+from .diffusion import SamplingSettings
 from .genseg import GenSegOutput, GenSegPipeline
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
@@ -127,22 +128,16 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, scheduler: str = "dpmsolver", steps: int = 20,
-                 class_label: int | None = None, guidance: float = 1.0, seed: int = 0, batch_size: int = 16,
+def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
                  force: bool = False) -> dict[str, Any]:
     """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder."""
-    from ..models.diffusion import make_sampling_scheduler
-
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     if Path(out).exists() and not force:  # before spending minutes on sampling
         raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
-    pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
     started = time.perf_counter()
-    result = pipe(num, class_labels=class_label, guidance_scale=guidance, num_inference_steps=steps,
-                  generator=seed, batch_size=batch_size)
-    settings = {"scheduler": scheduler, "steps": steps, "seed": seed, "class": class_label, "guidance": guidance,
-                "threshold": pipe.config.threshold, "size_note": pipe.size_note,
+    result = sampling.sample(pipe, num)
+    settings = {**sampling.metadata(), "threshold": pipe.config.threshold, "size_note": pipe.size_note,
                 "seconds": time.perf_counter() - started}
     return write_pipeline_outputs(result, out, settings, force=force)
 

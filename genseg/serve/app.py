@@ -148,6 +148,7 @@ def _load_model(source: str, is_pipeline: bool, settings: ServeSettings):
         from ..pipeline.genseg import GenSegPipeline
 
         pipe = GenSegPipeline.load(path)
+        pipe.set_progress_bar_config(disable=True)  # a server's stderr is its log, not a terminal
         segmenter = pipe.predictor(batch_size=settings.max_batch, compile=settings.compile)
     else:
         pipe, segmenter = None, load_segmenter(path, batch_size=settings.max_batch, compile=settings.compile)
@@ -221,13 +222,14 @@ def _describe(inputs: list, probabilities: list, model_size: int, parameters: Pa
 def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancelled) -> list[dict[str, Any]]:
     """Sample `generate` slices with the pipeline and describe each like a segmentation prediction, plus the
     generated image (8-bit PNG) and, in joint mode, the generator's own mask and its Dice with the prediction."""
-    from ..models.diffusion import make_sampling_scheduler
+    from ..pipeline.diffusion import SamplingSettings
 
+    sampling = SamplingSettings(scheduler=parameters.scheduler, steps=parameters.steps,
+                                class_label=parameters.class_label, guidance=parameters.guidance, seed=parameters.seed,
+                                batch_size=parameters.generate)
     try:
-        pipe.scheduler = make_sampling_scheduler(parameters.scheduler, train_scheduler_config)
-        result = pipe(parameters.generate, class_labels=parameters.class_label, guidance_scale=parameters.guidance,
-                      num_inference_steps=parameters.steps, generator=parameters.seed, progress=False,
-                      callback_on_step_end=lambda *_: check_cancelled())
+        result = sampling.sample(pipe, parameters.generate, train_scheduler_config,
+                                 callback_on_step_end=lambda *_: check_cancelled())
     except ConfigError as exc:  # class out of range, class of an unconditional model ...: our own messages
         raise RequestError(str(exc)) from None
     size = int(pipe.unet.config.sample_size)

@@ -37,7 +37,7 @@ from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import replace_path
 from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
-from ..pipeline.diffusion import SliceDiffusionPipeline
+from ..pipeline.diffusion import SliceDiffusionPipeline, seed_generators
 from .loop import (Hooks, SavedGenerator, Trainer, TrainState, effective_precision, make_accelerator,
                    refuse_to_overwrite, start_run)
 from .mixing import kept_patient_ids, subsample_patients
@@ -195,9 +195,10 @@ def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int
     from ..viz import overlay, save_grid
 
     pipe.scheduler = make_sampling_scheduler("dpmsolver", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)  # the training bar is the one to watch
     k = pipe.unet.config.num_class_embeds
     labels = [i % (k - 1) for i in range(count)] if k else None
-    result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed, progress=False)
+    result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed_generators(seed, count))
     tiles = [overlay(img, m) if m is not None else img
              for img, m in zip(result.images, result.masks if result.masks is not None else [None] * count)]
     titles = [f"class {c}" for c in labels] if labels else None
