@@ -206,3 +206,14 @@ def test_a_stale_int8_export_is_refused(run, tmp_path):
         load_segmenter(stale, precision="int8")
     assert json.loads(OnnxSegmenter(stale / "model" / INT8_FILE).session.get_modelmeta()
                       .custom_metadata_map[METADATA_KEY])["precision"] == "int8"
+
+
+def test_untrained_int8_helper_gives_a_loadable_export(tmp_path):
+    """The benchmarks' int8 export of an untrained run (random calibration images) loads like a real one."""
+    from genseg.serve.testing import make_untrained_int8
+
+    run = make_untrained_segmenter(tmp_path / "r", size=SIZE, base_channels=4, depth=2, channels=3)
+    assert make_untrained_int8(run) == run / "model" / INT8_FILE
+    int8 = load_segmenter(run, precision="int8")
+    assert (int8.precision, int8.size, int8.channels) == ("int8", SIZE, 3)
+    assert int8.predict(np.zeros((2, 3, SIZE, SIZE), np.float32)).shape == (2, SIZE, SIZE)
