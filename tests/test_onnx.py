@@ -110,7 +110,10 @@ def test_int8_runs_segment_serve_and_the_pipeline(run, tmp_path):
     assert status == 200, answer
     assert np.array_equal(rle_decode(answer["predictions"][0]["mask"]) > 0, cli_mask)  # served = CLI, both int8
 
-    pipe = load_pipeline(diffusion=tiny_generator(tmp_path), segmenter=run, precision="int8")
+    generator = tiny_generator(tmp_path)
+    with pytest.raises(CheckpointError, match="a pipeline registers the PyTorch segmenter"):
+        load_pipeline(diffusion=generator, segmenter=run / "model" / INT8_FILE)
+    pipe = load_pipeline(diffusion=generator, segmenter=run, precision="int8")
     assert pipe.predictor().precision == "int8"
     x = np.random.default_rng(0).random((2, SIZE, SIZE)).astype(np.float32)
     assert np.array_equal(pipe.segment(x), load_segmenter(run, precision="int8").predict(x[:, None]))

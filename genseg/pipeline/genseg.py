@@ -63,6 +63,9 @@ class GenSegPipeline(SliceDiffusionPipeline):
         """Pair a `train-diffusion` run with a `train-seg` run (the segmenter's threshold comes from its run)."""
         generator = load_diffusion(diffusion)
         seg = load_segmenter(segmenter, device="cpu")
+        if not isinstance(seg, Segmenter):
+            raise CheckpointError(f"{segmenter}: a pipeline registers the PyTorch segmenter: pass its train-seg run "
+                                  f"(with --precision int8 to segment with the run's int8 export)")
         return cls(unet=generator.unet, scheduler=generator.scheduler, segmenter=seg.model, threshold=seg.threshold)
 
     @classmethod
