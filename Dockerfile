@@ -15,7 +15,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 RUN if [ -n "${TORCH_INDEX}" ]; then python -m pip install --index-url "${TORCH_INDEX}" torch torchvision; fi
 COPY pyproject.toml README.md ./
 COPY genseg ./genseg
-RUN python -m pip install '.[serve,gcs]'
+# onnx: ONNX Runtime for `genseg serve --precision int8` (the model folder's segmenter-int8.onnx)
+RUN python -m pip install '.[serve,gcs,onnx]'
 
 ENV AIP_HTTP_PORT=8080 AIP_HEALTH_ROUTE=/health AIP_PREDICT_ROUTE=/predict
 EXPOSE 8080

@@ -137,6 +137,15 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
 
 
+def _precision_option(command):
+    """--precision for the commands that segment."""
+    return click.option(
+        "--precision", type=click.Choice(["fp32", "int8"]),
+        help="fp32: the PyTorch model (or an fp32 .onnx --checkpoint); int8: the model's int8 export "
+             "(segmenter-int8.onnx in its model folder, from `genseg export-onnx --int8`) on ONNX Runtime. "
+             "Default: fp32 for a run or pipeline folder, the file's own for an .onnx checkpoint.")(command)
+
+
 def _seg_training_options(command):
     """Flags shared by train-seg and cross-validate; each overrides one SegTrainConfig key when given."""
     options = [
@@ -221,25 +230,28 @@ def cross_validate_cmd(data, config_path, out, synthetic, cpu, folds, **override
 
 
 @main.command()
-@click.option("--checkpoint", required=True, type=click.Path(), help="train-seg run directory (or its model/).")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="train-seg run directory (or its model/), or an `export-onnx` .onnx file.")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Prepared dataset to score on.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="test", show_default=True,
               help="The run's own split (its folds when it was trained with --fold).")
 @click.option("--fold", type=int, help="Score fold K of the data instead of --split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (dice, iou, per_class, ...).")
-def evaluate(checkpoint, data, split, fold, as_json):
+@_precision_option
+def evaluate(checkpoint, data, split, fold, as_json, precision):
     """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
     import json
 
     from .evaluate import evaluate as run_evaluate, markdown_table
 
-    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json)
+    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision)
     click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--checkpoint", required=True, type=click.Path(), help="train-seg run directory (or its model/).")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="train-seg run directory (or its model/), or an `export-onnx` .onnx file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for masks and overlays.")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Probability at or above which a pixel is tumour (default: the run's threshold, 0.5).")
@@ -252,7 +264,8 @@ def evaluate(checkpoint, data, split, fold, as_json):
 @click.option("--save-probabilities", is_flag=True,
               help="Also write the tumour probabilities (0..1) as float32 NAME_probabilities.nii.gz on the "
                    "input's grid (NIfTI has no float16 type).")
-def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities):
+@_precision_option
+def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
     files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
 
@@ -270,7 +283,7 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
     from .inference import segment_files
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
-                           probabilities=save_probabilities)
+                           probabilities=save_probabilities, precision=precision)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
@@ -306,8 +319,9 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
                    "platform's grace period).")
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds a client has to send a request's headers, and again its body (408 after that).")
+@_precision_option
 def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compile_, max_generate, generate_queue,
-          graceful_timeout, read_timeout):
+          graceful_timeout, read_timeout, precision):
     """Serve real-time segmentation over HTTP, following the Vertex AI custom-container contract.
 
     POST {"instances": [{"b64": <PNG/JPEG/.npy/.mat bytes>} or nested lists], "parameters": {"threshold": 0.5,
@@ -327,7 +341,8 @@ def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compil
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's look
 
     settings = ServeSettings(max_batch=max_batch, max_instances=max_instances, max_generate=max_generate,
-                             generate_queue=generate_queue, body_timeout_s=read_timeout, compile=compile_)
+                             generate_queue=generate_queue, body_timeout_s=read_timeout, compile=compile_,
+                             precision=precision)
     app = create_app(checkpoint, pipeline_path=pipeline_dir, settings=settings)
     port = port or int(os.environ.get("AIP_HTTP_PORT", 8080))
     protocol = type("Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout": read_timeout})
@@ -337,17 +352,35 @@ def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compil
 
 @main.command("export-onnx")
 @click.option("--checkpoint", required=True, type=click.Path(path_type=str),
-              help="Segmentation run directory (or its model/ folder).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="ONNX file to write (for ONNX Runtime, Triton and friends).")
+              help="Segmentation run directory (or its model/ folder, or a saved pipeline folder).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str),
+              help="ONNX file to write (for ONNX Runtime, Triton and friends). Default: segmenter-fp32.onnx or "
+                   "segmenter-int8.onnx in the model folder, where `--precision int8` finds it.")
 @click.option("--opset", type=click.IntRange(min=11), default=18, show_default=True, help="ONNX opset version.")
-def export_onnx_cmd(checkpoint, out, opset):
+@click.option("--int8", is_flag=True,
+              help="Quantise to int8 (ONNX Runtime, static, QDQ, per-channel weights) and check its accuracy.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=str),
+              help="With --int8: the prepared file the model was trained on (default: the run's own, from "
+                   "run.json). A few dozen slices of its training split calibrate; its validation and test splits "
+                   "check the int8 masks against fp32's.")
+@click.option("--calibration-slices", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --int8: training slices that calibrate the activation ranges.")
+@click.option("--max-dice-change", type=click.FloatRange(min=0), default=0.005, show_default=True,
+              help="With --int8: refuse (write nothing) when the validation or test Dice moves by more than this.")
+def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slices, max_dice_change):
     """Export a trained segmenter to ONNX: input `image` (N, C, S, S) in [0, 1] preprocessed as `genseg segment`
-    does, output `probability` (N, 1, S, S); the batch dimension is dynamic."""
-    from .serve.onnx import export_onnx
+    does, output `probability` (N, 1, S, S); the batch dimension is dynamic. With --int8 the file is quantised,
+    and the Dice numbers of the accuracy check are printed and stored in its metadata."""
+    from .serve.onnx import export_onnx, guard_summary
 
-    path = export_onnx(checkpoint, out, opset=opset)
-    click.echo(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if not int8 and calibration:
+        raise click.UsageError("--calibration applies to --int8 exports only")
+    result = export_onnx(checkpoint, out, opset=opset, int8=int8, calibration=calibration,
+                         calibration_slices=calibration_slices, max_dice_change=max_dice_change)
+    path = Path(result["path"])
+    if int8:
+        click.echo(f"int8 accuracy check: {guard_summary(result['guard']['splits'])}")
+    click.echo(f"Wrote {path} ({result['precision']}, {path.stat().st_size / 1e6:.1f} MB)")
 
 
 # --- diffusion ---
@@ -459,7 +492,9 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @click.option("--force", is_flag=True,
               help="Replace an existing --out folder (with --input: existing output files).")
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
-def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs):
+@_precision_option
+def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs,
+             precision):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
@@ -474,7 +509,7 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
         raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
                                f"segment go after --input")
     inputs = (*inputs, *more_inputs)
-    pipe = load_pipeline(pipeline_dir, diffusion, segmenter)
+    pipe = load_pipeline(pipeline_dir, diffusion, segmenter, precision)
     if save_pipeline:
         with atomic_path(save_pipeline, is_dir=True) as tmp:
             pipe.save_pretrained(tmp)

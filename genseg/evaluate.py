@@ -36,21 +36,29 @@ def selection(run_dir: str | Path, data: str | Path, split: str = "test", fold: 
     return split_selection(cfg.test_fold if cfg else None, num_folds, split)
 
 
-def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None,
-             segmenter: Segmenter | None = None, progress: bool = True) -> dict[str, Any]:
-    """Mean and per-class Dice, IoU, HD95, per-patient Dice and the FP rate on tumour-free slices.
-
-    `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
-    `fold=K` scores fold K of the file instead.
-    """
-    segmenter = segmenter or load_segmenter(run_dir)
-    chosen = selection(run_dir, data, split, fold)
+def open_split(data: str | Path, chosen: dict, segmenter, what: str = "slices") -> PreparedDataset:
+    """The slices `chosen` selects from `data`; DataError when they do not fit the segmenter's size and channels,
+    or when there are none (`what` names them in the message)."""
     dataset = PreparedDataset(data, **chosen)
     if (dataset.size, dataset.channels) != (segmenter.size, segmenter.channels):
         raise DataError(data, f"slices are {dataset.size}x{dataset.size} with {dataset.channels} channel(s), the "
                               f"model expects {segmenter.size}x{segmenter.size} with {segmenter.channels}")
     if len(dataset) == 0:
-        raise DataError(data, f"has no slices for {chosen}")
+        raise DataError(data, f"has no {what} for {chosen}")
+    return dataset
+
+
+def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None,
+             segmenter: Segmenter | None = None, progress: bool = True,
+             precision: str | None = None) -> dict[str, Any]:
+    """Mean and per-class Dice, IoU, HD95, per-patient Dice and the FP rate on tumour-free slices.
+
+    `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
+    `fold=K` scores fold K of the file instead. `precision` as `load_segmenter`'s (int8: the run's int8 export).
+    """
+    segmenter = segmenter or load_segmenter(run_dir, precision=precision)
+    chosen = selection(run_dir, data, split, fold)
+    dataset = open_split(data, chosen, segmenter)
     parts = []
     for batch in tqdm(DataLoader(dataset, batch_size=segmenter.batch_size), desc="evaluate", disable=not progress):
         pred = segmenter.predict(batch["image"]) >= segmenter.threshold
@@ -58,7 +66,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
     scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     result = summarize(scores, dataset.labels, dataset.patients)
     return {"data": str(data), "checkpoint": str(run_dir), "selection": chosen, "threshold": segmenter.threshold,
-            "num_slices": len(dataset), **result}
+            "precision": segmenter.precision, "num_slices": len(dataset), **result}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -68,7 +76,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     lines = [f"Evaluation of {result['checkpoint']} on {result['data']} {result['selection']} "
-             f"(threshold {result['threshold']})", "",
+             f"(threshold {result['threshold']}, {result['precision']})", "",
              "| slices | n | Dice | IoU | HD95 (px) |", "|---|---|---|---|---|",
              f"| all | {result['n']} | {fmt(result['dice'])} | {fmt(result['iou'])} | {fmt(result['hd95'])} |",
              f"| with tumour | {result['n'] - result['tumour_free_slices']} | {fmt(result['dice_tumour'])} | "

@@ -24,7 +24,7 @@ from .data.figshare import read_figshare_mat
 from .data.records import normalize_intensity, preprocess_image
 from .decode import MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, decode_npy, decode_picture, sniff
 from .dicom import DicomSeries, read_dicom, write_segmentation
-from .errors import CheckpointError, DataError, GensegError
+from .errors import CheckpointError, ConfigError, DataError, GensegError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
 from .training.seg import SegTrainConfig
@@ -38,6 +38,8 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a Mo
 class Segmenter:
     """A segmentation U-Net ready for inference: eval mode, on its device, BatchNorm folded into the convs,
     channels-last by default (together ~1.4x eager NCHW on CPU, scripts/bench_segmenter.py), predicting in batches."""
+
+    precision = "fp32"  # genseg.serve.onnx.OnnxSegmenter, the same interface on ONNX Runtime, may be int8
 
     def __init__(self, model: SegmentationUNet, threshold: float = 0.5, device: str | torch.device | None = None,
                  batch_size: int = 16, channels_last: bool = True, source: str = "", compile: bool = False):
@@ -79,22 +81,48 @@ class Segmenter:
         return (torch.cat(out) if out else torch.zeros(0, width)).float().cpu().numpy()
 
     def _check(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(images, dtype=torch.float32)
-        expected = (self.channels, self.size, self.size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("images contain NaN or infinite values")
-        if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-            raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
-                             f"got values in [{x.min():.3g}, {x.max():.3g}]")
-        return x
+        return check_images(images, self.channels, self.size)
+
+
+def check_images(images: np.ndarray | torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """float32 (N, channels, size, size) in [0, 1], or ValueError: what every segmenter's predict accepts."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    expected = (channels, size, size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
+                         f"got values in [{x.min():.3g}, {x.max():.3g}]")
+    return x
 
 
 def load_segmenter(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
-                   compile: bool = False) -> Segmenter:
+                   compile: bool = False, precision: str | None = None) -> "Segmenter | OnnxSegmenter":
     """A Segmenter from a train-seg run directory, its model/ folder, or a saved pipeline folder (its segmenter/);
-    CheckpointError if it is none of them."""
+    an OnnxSegmenter from an `export-onnx` file, or with precision "int8" from the folder's int8 export
+    (INT8_FILE in the model folder). `precision` None takes the checkpoint's own (fp32 for a folder). CheckpointError
+    if it is none of them."""
+    from .serve.onnx import INT8_FILE, PRECISIONS, load_onnx_segmenter
+
+    if precision not in (None, *PRECISIONS):
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    path = Path(path)
+    if path.is_file():
+        return load_onnx_segmenter(path, precision, batch_size=batch_size, compile=compile)
+    model_dir, threshold = model_folder(path)
+    if precision == "int8":
+        return load_onnx_segmenter(model_dir / INT8_FILE, precision, batch_size=batch_size, compile=compile,
+                                   weights=model_dir / WEIGHTS)
+    model = SegmentationUNet.from_pretrained(model_dir, use_safetensors=True)
+    return Segmenter(model, threshold=threshold, device=device, batch_size=batch_size, source=str(path),
+                     compile=compile)
+
+
+def model_folder(path: str | Path) -> tuple[Path, float]:
+    """(folder holding config.json and the safetensors weights, the run's threshold) of a train-seg run directory,
+    its model/ folder or a saved pipeline folder; CheckpointError naming what is missing."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found")
@@ -124,9 +152,7 @@ def load_segmenter(path: str | Path, device: str | torch.device | None = None, b
         found = sorted(p.name for p in model_dir.iterdir() if p.name != "config.json")
         raise CheckpointError(f"{model_dir}: no safetensors weights ({WEIGHTS}); found {found or 'nothing'}. "
                               f"Weights load only from safetensors, never from pickle files")
-    model = SegmentationUNet.from_pretrained(model_dir, use_safetensors=True)
-    return Segmenter(model, threshold=threshold, device=device, batch_size=batch_size, source=str(path),
-                     compile=compile)
+    return model_dir, threshold
 
 
 class InputSlice(NamedTuple):
@@ -414,9 +440,11 @@ def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
 
 def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
                   threshold: float | None = None, progress: bool = True, force: bool = False,
-                  compile: bool = False, dicom_seg: bool = False, probabilities: bool = False) -> dict[str, Any]:
-    """Segment many inputs with a run directory (loaded with `compile`) or a loaded Segmenter into `out_dir`,
-    named by `plan_outputs`; `dicom_seg` and `probabilities` as in `segment_file`.
+                  compile: bool = False, dicom_seg: bool = False, probabilities: bool = False,
+                  precision: str | None = None) -> dict[str, Any]:
+    """Segment many inputs with a checkpoint (loaded with `compile` and `precision`, see `load_segmenter`) or a
+    loaded Segmenter (or OnnxSegmenter) into `out_dir`, named by `plan_outputs`; `dicom_seg` and `probabilities`
+    as in `segment_file`.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
@@ -430,7 +458,8 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     if existing and not force:
         more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
         raise GensegError(f"{existing[0]}: already exists{more}; pass --force to replace, or choose another --out")
-    segmenter = checkpoint if isinstance(checkpoint, Segmenter) else load_segmenter(checkpoint, compile=compile)
+    segmenter = (load_segmenter(checkpoint, compile=compile, precision=precision)
+                 if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
     report: dict[str, Any] = {"segmented": [], "written": [], "failed": failed}
     for path, stem in tqdm(stems.items(), desc="segment", disable=not progress or len(stems) < 2):
         try:

@@ -6,15 +6,26 @@ RSS is training's own); the saved model's size. With --quality DATA.h5 it trains
 that file (CLI, as a user would) and reports test Dice and wall time, then the Dice of that model's fp32 vs bf16
 masks on the test split (or of --model RUN_DIR on --data DATA.h5).
 
+Then the ONNX Runtime rows (issue 18; --onnx runs only these): ms/slice of the PyTorch fp32 path (`Segmenter`),
+ONNX Runtime fp32 and ONNX Runtime int8 (`export-onnx --int8`), each ratio to PyTorch measured in the same run, at
+batch 1 and 8 and 1 and 2 threads, for the untrained paper U-Net at --onnx-sizes (speed does not depend on the
+weights) and for each trained --onnx-model RUN DATA.h5 at its own size, with the int8 export's Dice change on
+DATA's test and validation splits (the export's accuracy check). --block-amx first forbids the process AMX tiles,
+to show what the int8 speed owes to AMX rather than to AVX-512 VNNI.
+
     genseg demo-data demo/raw && genseg prepare demo/raw --out demo/demo.h5 --size 128
     PYTHONPATH=$PWD python3 scripts/bench_segmenter.py --quality demo/demo.h5
+    genseg prepare demo/raw --out demo/demo64.h5 --size 64
+    PYTHONPATH=$PWD python3 scripts/bench_segmenter.py --onnx --onnx-model checkpoints/demo/pipeline demo/demo64.h5
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
+import struct
 import subprocess
 import sys
 import tempfile
@@ -138,19 +149,88 @@ def quality(data: str) -> dict:
             "iou": test["iou"], "fp_rate": test["fp_rate"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--batch", type=int, default=4, help="inference batch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=2)
-    parser.add_argument("--model", help="trained run for the fp32 vs bf16 Dice (needs --data)")
-    parser.add_argument("--data", help="prepared file for --model")
-    parser.add_argument("--quality", help="prepared file: train seg-cpu-small.yaml on it, report Dice and time")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1022, 0x1023, 18  # x86-64 Linux
 
+
+def block_amx() -> None:
+    """Install a seccomp filter under which arch_prctl(ARCH_REQ_XCOMP_PERM) fails with EPERM: Linux grants AMX
+    tiles only on that request, so neither oneDNN nor ONNX Runtime can use AMX and they fall back to AVX-512."""
+    def op(code: int, jump_true: int, jump_false: int, k: int) -> bytes:
+        return struct.pack("HBBI", code, jump_true, jump_false, k)
+
+    load_word, jump_equal, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    program = b"".join([op(load_word, 0, 0, 0), op(jump_equal, 0, 3, ARCH_PRCTL),  # seccomp_data.nr
+                        op(load_word, 0, 0, 16), op(jump_equal, 0, 1, ARCH_REQ_XCOMP_PERM),  # args[0]
+                        op(ret, 0, 0, 0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
+                        op(ret, 0, 0, 0x7FFF0000)])  # SECCOMP_RET_ALLOW
+    buffer = ctypes.create_string_buffer(program)
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(Program(len(program) // 8, ctypes.addressof(
+            buffer))), 0, 0):  # PR_SET_NO_NEW_PRIVS, then PR_SET_SECCOMP with SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "could not install the seccomp filter")
+
+
+def amx_granted() -> bool:
+    """Whether a library in this process has asked Linux for AMX tiles and got them."""
+    permitted = ctypes.c_ulong(0)
+    ctypes.CDLL(None).syscall(ARCH_PRCTL, ARCH_GET_XCOMP_PERM, ctypes.byref(permitted))
+    return bool(permitted.value >> XFEATURE_XTILEDATA & 1)
+
+
+ONNX_BATCHES, ONNX_THREADS = (1, 8), (1, 2)
+
+
+def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, str, str]:
+    """(fp32 export, int8 export, int8 Dice note) of one segmenter: with `data`, `export-onnx --int8` calibrated
+    on it, whose accuracy check here reports instead of refusing; without, an untrained model's int8 export
+    calibrated on random images."""
+    from genseg.serve.onnx import export_onnx
+    from genseg.serve.testing import make_untrained_int8
+
+    fp32 = export_onnx(run_dir, work / "fp32.onnx")["path"]
+    if not data:
+        return fp32, str(make_untrained_int8(run_dir)), "untrained, speed only"
+    exported = export_onnx(run_dir, work / "int8.onnx", int8=True, calibration=data, max_dice_change=1.0)
+    guard = exported["guard"]["splits"]
+    return fp32, exported["path"], (f"{guard['test']['dice_change']:+.4f} / {guard['val']['dice_change']:+.4f} "
+                                    f"(fp32 vs int8 masks {guard['test']['mask_dice_fp32_vs_int8']:.3f})")
+
+
+def onnx_table(sizes: list[int], trained: list[list[str]], repeats: int) -> None:
+    """ms/slice of PyTorch fp32 (`Segmenter`), ONNX Runtime fp32 and int8 at each batch and thread count, for
+    untrained paper U-Nets at `sizes` and each trained (RUN, DATA) at its own size; ratios to PyTorch."""
+    from genseg.inference import load_segmenter
+    from genseg.serve.onnx import OnnxSegmenter
+    from genseg.serve.testing import make_untrained_segmenter
+
+    print("\n| model | px | batch | threads | PyTorch fp32 ms/slice | ORT fp32 ms/slice | ORT int8 ms/slice | "
+          "int8 Dice change test / val |\n|---|---|---|---|---|---|---|---|", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("paper U-Net", make_untrained_segmenter(Path(tmp) / f"paper{size}", size=size, base_channels=64,
+                                                           depth=4), None) for size in sizes]
+        models += [(str(run), Path(run), data) for run, data in trained]
+        for k, (label, run_dir, data) in enumerate(models):
+            (Path(tmp) / str(k)).mkdir()
+            fp32, int8, note = onnx_exports(run_dir, data, Path(tmp) / str(k))
+            segmenter = load_segmenter(run_dir, device="cpu")
+            for threads in ONNX_THREADS:
+                torch.set_num_threads(threads)
+                engines = {"torch": segmenter, "ort_fp32": OnnxSegmenter(fp32, threads=threads),
+                           "ort_int8": OnnxSegmenter(int8, threads=threads)}
+                for batch in ONNX_BATCHES:
+                    x = torch.rand(batch, segmenter.channels, segmenter.size, segmenter.size).numpy()
+                    t = {name: timed(lambda e=e: e.predict(x), repeats) / batch for name, e in engines.items()}
+                    print(f"| {label} | {segmenter.size} | {batch} | {threads} | {t['torch'] * 1e3:.0f} | "
+                          f"{t['ort_fp32'] * 1e3:.0f} ({t['torch'] / t['ort_fp32']:.2f}x) | "
+                          f"{t['ort_int8'] * 1e3:.0f} ({t['torch'] / t['ort_int8']:.2f}x) | {note} |", flush=True)
+
+
+def pytorch_benchmark(args) -> None:
+    """The PyTorch sections: matmul peak, inference variants, training, model size, quality and bf16 Dice."""
     model = SegmentationUNet().eval()
     params = sum(p.numel() for p in model.parameters())
     gflop = forward_flops(model, torch.rand(1, 1, 256, 256)) / 1e9
@@ -188,6 +268,35 @@ def main() -> None:
         print(f"\nfp32 vs bf16 autocast inference of {args.model} on {agree['slices']} test slices: Dice vs truth "
               f"fp32 {agree['dice_fp32']:.4f}, bf16 {agree['dice_bf16']:.4f}; Dice(fp32 mask, bf16 mask) "
               f"{agree['dice_fp32_vs_bf16']:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=4, help="inference batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument("--model", help="trained run for the fp32 vs bf16 Dice (needs --data)")
+    parser.add_argument("--data", help="prepared file for --model")
+    parser.add_argument("--quality", help="prepared file: train seg-cpu-small.yaml on it, report Dice and time")
+    parser.add_argument("--onnx", action="store_true", help="only the ONNX Runtime fp32 / int8 rows")
+    parser.add_argument("--onnx-sizes", type=int, nargs="*", default=[128, 256],
+                        help="sides of the untrained paper U-Nets in the ONNX rows")
+    parser.add_argument("--onnx-model", nargs=2, action="append", default=[], metavar=("RUN", "DATA"),
+                        help="a trained segmenter and its prepared file: ONNX rows with the int8 Dice change")
+    parser.add_argument("--block-amx", action="store_true", help="forbid AMX tiles to this process first")
+    args = parser.parse_args()
+    if args.block_amx:
+        block_amx()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from genseg.serve.onnx import cpu_features
+
+    print(f"CPU features: {' '.join(cpu_features())}{' (AMX blocked)' if args.block_amx else ''}", flush=True)
+    if not args.onnx:
+        pytorch_benchmark(args)
+    onnx_table(args.onnx_sizes, args.onnx_model, args.repeats)
+    print(f"\nAMX tiles granted to this process (a library asked for them): {'yes' if amx_granted() else 'no'}")
     print(f"\nmachine: shared with other jobs while measured (load average {open('/proc/loadavg').read().split()[0]})")
 
 

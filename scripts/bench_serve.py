@@ -1,5 +1,6 @@
 """Load benchmark of `genseg serve`: latency percentiles and throughput at 1/4/16 requests in flight, and the
-speed-up of micro-batching (--max-batch 16) over one-at-a-time (--max-batch 1), measured in the same run; then
+speed-up of micro-batching (--max-batch 16) over one-at-a-time (--max-batch 1) and of serve --precision int8 over
+fp32 (--precision-only: just those two), measured in the same run; then
 the hostile-load rows: normal segmentation traffic and /health latency on a pipeline server, alone and beside
 decompression bombs, oversized requests and a generate flood, with the server's peak RSS.
 
@@ -27,7 +28,9 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json, request
+from genseg.inference import model_folder
+from genseg.serve.onnx import INT8_FILE
+from genseg.serve.testing import ServerProcess, make_untrained_int8, make_untrained_segmenter, post_json, request
 from genseg.pipeline.run import DEMO_PIPELINE
 
 
@@ -121,27 +124,44 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--pipeline", type=Path, help="pipeline folder for the hostile rows (default: the shipped one)")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only the --max-batch 16 rows of serve --precision fp32 and int8")
     args = parser.parse_args()
+    servers = [(16, "fp32"), (16, "int8")] if args.precision_only else [(1, "fp32"), (16, "fp32"), (16, "int8")]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or make_untrained_segmenter(Path(tmp) / "seg", size=128, base_channels=16)
+        if not args.checkpoint:
+            make_untrained_int8(checkpoint)
+        elif not (model_folder(checkpoint)[0] / INT8_FILE).is_file():
+            print(f"{checkpoint} has no int8 export (genseg export-onnx --int8): no int8 rows")
+            servers = [s for s in servers if s[1] == "fp32"]
         image = (np.random.default_rng(0).random((128, 128)) * 255).astype(np.uint8)
         png = io.BytesIO()
         Image.fromarray(image).save(png, format="PNG")
         body = json.dumps({"instances": [{"b64": base64.b64encode(png.getvalue()).decode()}],
                            "parameters": {"mask_format": "rle"}}).encode()
         rows = []
-        for max_batch in (1, 16):
-            with ServerProcess(checkpoint, max_batch=max_batch) as server:
+        for max_batch, precision in servers:
+            with ServerProcess(checkpoint, max_batch=max_batch, extra_args=["--precision", precision]) as server:
                 run_load(server.port, body, 20, 4)  # warm-up
                 for in_flight in (1, 4, 16):
-                    rows.append({"max_batch": max_batch, **run_load(server.port, body, args.requests, in_flight)})
-    print(f"{'max_batch':>9} {'in_flight':>9} {'ok':>5} {'5xx':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>7}")
+                    rows.append({"max_batch": max_batch, "precision": precision,
+                                 **run_load(server.port, body, args.requests, in_flight)})
+    print(f"{'max_batch':>9} {'precision':>9} {'in_flight':>9} {'ok':>5} {'5xx':>4} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'p99 ms':>8} {'req/s':>7}")
     for r in rows:
-        print(f"{r['max_batch']:>9} {r['in_flight']:>9} {r['ok']:>5} {r['5xx']:>4} {r['p50_ms']:>8.1f} "
-              f"{r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['req_per_s']:>7.1f}")
-    by = {(r["max_batch"], r["in_flight"]): r["req_per_s"] for r in rows}
-    for in_flight in (4, 16):
-        print(f"batching speed-up at {in_flight} in flight: {by[(16, in_flight)] / by[(1, in_flight)]:.2f}x")
+        print(f"{r['max_batch']:>9} {r['precision']:>9} {r['in_flight']:>9} {r['ok']:>5} {r['5xx']:>4} "
+              f"{r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['req_per_s']:>7.1f}")
+    by = {(r["max_batch"], r["precision"], r["in_flight"]): r["req_per_s"] for r in rows}
+    for in_flight in (1, 4, 16):
+        if (1, "fp32", in_flight) in by and in_flight > 1:
+            print(f"batching speed-up at {in_flight} in flight: "
+                  f"{by[(16, 'fp32', in_flight)] / by[(1, 'fp32', in_flight)]:.2f}x")
+        if (16, "int8", in_flight) in by:
+            print(f"int8 / fp32 throughput at --max-batch 16, {in_flight} in flight: "
+                  f"{by[(16, 'int8', in_flight)] / by[(16, 'fp32', in_flight)]:.2f}x")
+    if args.precision_only:
+        return
 
     pipeline = args.pipeline or DEMO_PIPELINE
     side = 64

@@ -63,6 +63,9 @@ class GenSegPipeline(SliceDiffusionPipeline):
         """Pair a `train-diffusion` run with a `train-seg` run (the segmenter's threshold comes from its run)."""
         generator = load_diffusion(diffusion)
         seg = load_segmenter(segmenter, device="cpu")
+        if not isinstance(seg, Segmenter):
+            raise CheckpointError(f"{segmenter}: a pipeline registers the PyTorch segmenter: pass its train-seg run "
+                                  f"(with --precision int8 to segment with the run's int8 export)")
         return cls(unet=generator.unet, scheduler=generator.scheduler, segmenter=seg.model, threshold=seg.threshold)
 
     @classmethod
@@ -89,6 +92,15 @@ class GenSegPipeline(SliceDiffusionPipeline):
             self._segmenter_cache = (id(self.segmenter), Segmenter(self.segmenter, threshold=self.config.threshold,
                                                                    device=self._execution_device, **options))
         return self._segmenter_cache[1]
+
+    def use_predictor(self, predictor) -> None:
+        """Predict with `predictor` (e.g. the registered segmenter's int8 OnnxSegmenter) until the registered
+        module changes; it must read the registered segmenter's size and channels."""
+        expected = (int(self.segmenter.config.sample_size), int(self.segmenter.config.in_channels))
+        if (predictor.size, predictor.channels) != expected:
+            raise ConfigError(f"{predictor.source}: reads {predictor.size} px, {predictor.channels} channel(s); the "
+                              f"pipeline's segmenter reads {expected[0]} px, {expected[1]} channel(s)")
+        self._segmenter_cache = (id(self.segmenter), predictor)
 
     def segment(self, images: np.ndarray) -> np.ndarray:
         """Tumour probabilities (N, H, W) for images (N, H, W) or (N, C, H, W) in [0, 1] at any size."""

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, GensegError
+from ..inference import load_segmenter
 from ..io import atomic_path
 from ..metrics import dice_iou
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
@@ -26,20 +27,25 @@ CAPTION_LEGEND = ("Contact sheet captions: slice number, predicted tumour share 
 
 
 def load_pipeline(pipeline: str | Path | None = None, diffusion: str | Path | None = None,
-                  segmenter: str | Path | None = None) -> GenSegPipeline:
-    """A saved pipeline folder, or a diffusion run + a segmentation run, or (given nothing) the shipped demo."""
+                  segmenter: str | Path | None = None, precision: str | None = None) -> GenSegPipeline:
+    """A saved pipeline folder, or a diffusion run + a segmentation run, or (given nothing) the shipped demo;
+    with precision "int8" it segments with the segmenter's int8 export (`genseg export-onnx --int8`)."""
     if pipeline is not None:
         if diffusion is not None or segmenter is not None:
             raise ConfigError("give either --pipeline DIR or --diffusion RUN_DIR with --segmenter RUN_DIR, not both")
-        return GenSegPipeline.load(pipeline)
-    if diffusion is None and segmenter is None:
+        pipe, source = GenSegPipeline.load(pipeline), pipeline
+    elif diffusion is None and segmenter is None:
         if not (DEMO_PIPELINE / "model_index.json").is_file():
             raise ConfigError(f"no models given and no shipped demo pipeline at {DEMO_PIPELINE}; pass --pipeline DIR "
                               f"or --diffusion RUN_DIR --segmenter RUN_DIR")
-        return GenSegPipeline.load(DEMO_PIPELINE)
-    if diffusion is None or segmenter is None:
+        pipe, source = GenSegPipeline.load(DEMO_PIPELINE), DEMO_PIPELINE
+    elif diffusion is None or segmenter is None:
         raise ConfigError("--diffusion and --segmenter go together (or pass --pipeline DIR)")
-    return GenSegPipeline.from_runs(diffusion, segmenter)
+    else:
+        pipe, source = GenSegPipeline.from_runs(diffusion, segmenter), segmenter
+    if precision == "int8":
+        pipe.use_predictor(load_segmenter(source, precision="int8"))
+    return pipe
 
 
 def slice_summaries(result: GenSegOutput) -> list[dict[str, Any]]:

@@ -54,6 +54,7 @@ class ServeSettings:
     request_pixels: int = 64 * 2**20
     decode_pixels: int = 48 * 2**20
     compile: bool = False
+    precision: str | None = None  # as load_segmenter's: int8 serves the model's int8 export on ONNX Runtime
 
 
 def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: str | os.PathLike | None = None,
@@ -74,7 +75,8 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
             state["pipeline"], state["segmenter"] = _load_model(str(source), bool(pipeline_path), settings)
             if state["pipeline"] is not None:  # requests swap the sampler; each new one starts from the trained one
                 state["train_scheduler_config"] = state["pipeline"].scheduler.config
-            log.info("model loaded from %s%s%s", source, " and compiled" if settings.compile else "",
+            log.info("model loaded from %s (%s)%s%s", source, state["segmenter"].precision,
+                     " and compiled" if settings.compile else "",
                      "; generate requests enabled" if state["pipeline"] is not None else "")
         except Exception as exc:  # noqa: BLE001 - reported by the health route, not a crash
             state["failed"] = str(exc)
@@ -149,9 +151,13 @@ def _load_model(source: str, is_pipeline: bool, settings: ServeSettings):
 
         pipe = GenSegPipeline.load(path)
         pipe.set_progress_bar_config(disable=True)  # a server's stderr is its log, not a terminal
+        if settings.precision == "int8":
+            pipe.use_predictor(load_segmenter(path, batch_size=settings.max_batch, compile=settings.compile,
+                                              precision="int8"))
         segmenter = pipe.predictor(batch_size=settings.max_batch, compile=settings.compile)
     else:
-        pipe, segmenter = None, load_segmenter(path, batch_size=settings.max_batch, compile=settings.compile)
+        pipe, segmenter = None, load_segmenter(path, batch_size=settings.max_batch, compile=settings.compile,
+                                               precision=settings.precision)
     if settings.compile:  # compile now, for the batch shapes requests will bring, not inside the first requests
         for n in sorted({1, settings.max_batch}):
             segmenter.predict(np.zeros((n, segmenter.channels, segmenter.size, segmenter.size), np.float32))
