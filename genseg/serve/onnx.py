@@ -159,9 +159,11 @@ def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str,
     """Static int8 quantisation of an fp32 export with ONNX Runtime, calibrated on `images` (N, C, S, S); writes
     `out` with `metadata` plus the quantisation settings, and returns that metadata.
 
-    QDQ with int8 weights per output channel and uint8 activations (u8s8, what ORT's x86 int8 kernels multiply
-    natively; s8s8 was measured slower), after ORT's recommended pre-processing (shape inference, graph
-    optimisation)."""
+    QDQ with uint8 weights per output channel and uint8 activations (u8u8), after ORT's recommended
+    pre-processing (shape inference, graph optimisation). Not u8s8, although it is ORT's fastest x86 format: on
+    CPUs without VNNI, ORT multiplies u8s8 with VPMADDUBSW, whose int16 sums saturate, and the masks of a trained
+    segmenter fall apart there; u8u8 never saturates, so one export is accurate on every CPU it is served on
+    (docs: README, "int8")."""
     ort = onnxruntime()
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -177,11 +179,11 @@ def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str,
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
         quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     metadata = {**metadata, "precision": "int8",
                 "quantisation": {"toolkit": f"onnxruntime {ort.__version__}", "format": "QDQ",
-                                 "weights": "int8 per output channel", "activations": "uint8 per tensor",
+                                 "weights": "uint8 per output channel", "activations": "uint8 per tensor",
                                  "calibration_method": "MinMax", "calibration_slices": len(images)}}
     write_metadata(out, metadata)
     return metadata
