@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401 (autouse fixture)
 
+from genseg.config import load_config
+from genseg.data.augment import PairedAugment
 from genseg.errors import ConfigError
 from genseg.training.loop import CsvLog
 from genseg.training.schedule import POLY_POWER
@@ -67,7 +70,7 @@ def test_time_budget_ends_the_run_with_the_schedule_at_its_end(data, tmp_path):
 def test_max_steps_schedule_resumes_bit_for_bit_after_a_kill(data, tmp_path):
     """Without a time budget the schedule is a function of the step: a killed and resumed run is the same run."""
     (tmp_path / "c.yaml").write_text("base_channels: 4\ndepth: 2\nepochs: null\npatience: null\nplot_samples: 1\n"
-                                     "lr_schedule: polynomial\nwarmup_steps: 5\nhflip: true\nmax_rotation: 10\n")
+                                     "lr_schedule: polynomial\nwarmup_steps: 5\n" + "".join(f"{k}: {v}\n" for k, v in EVERY_PART.items()))
 
     def args(run: Path) -> list[str]:
         return [sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out", str(run), "--size", "32",
@@ -157,3 +160,72 @@ def test_bad_limits_on_the_command_line(data, tmp_path, genseg_cli, flag, value,
     out = genseg_cli("train-seg", "--data", data, "--size", "32", "--out", tmp_path / "run", flag, value,
                      returncode=2)
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+# --- augmentation ---------------------------------------------------------------------------------------------
+
+EVERY_PART = dict(hflip=True, vflip=True, max_rotation=30.0, scale_range=0.3, elastic_alpha=40.0, brightness=0.25,
+                  contrast=0.25, gamma=0.3, noise_std=0.1, blur_sigma=1.0, low_resolution=0.5)
+OFF = dict(hflip=False, vflip=False, max_rotation=0.0, scale_range=0.0, elastic_alpha=0.0, brightness=0.0,
+           contrast=0.0, gamma=0.0, noise_std=0.0, blur_sigma=0.0, low_resolution=0.0)
+
+
+def slice_pair(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    mask = (((yy - 0.2) / 0.3) ** 2 + ((xx + 0.1) / 0.4) ** 2 < 1).float()[None]
+    image = (0.3 + 0.2 * xx.abs() + 0.4 * mask[0])[None].clamp(0, 1)
+    return image, mask
+
+
+@pytest.mark.parametrize("part", sorted(EVERY_PART))
+def test_each_part_changes_slices_and_keeps_masks_binary(part):
+    """Switched on alone, a part changes the slice (in some of 60 draws, as its probability says), the image stays
+    in [0, 1], and the mask stays binary: geometric parts move it nearest, intensity parts leave it alone."""
+    augment = SegTrainConfig(**{**TINY, "time_budget": 1.0, **OFF, part: EVERY_PART[part]}).augmentation()
+    image, mask = slice_pair()
+    torch.manual_seed(0)
+    changed = 0
+    for _ in range(60):
+        out_image, out_mask = augment(image.clone(), mask.clone())
+        assert out_image.shape == image.shape and out_mask.shape == mask.shape
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        assert 0.0 <= float(out_image.min()) and float(out_image.max()) <= 1.0
+        intensity_only = part in ("brightness", "contrast", "gamma", "noise_std", "blur_sigma", "low_resolution")
+        if intensity_only:
+            assert torch.equal(out_mask, mask)
+        changed += not torch.equal(out_image, image)
+    assert changed > 0
+
+
+def test_every_part_together_is_seeded_and_keeps_masks_binary():
+    augment = PairedAugment(**EVERY_PART)
+    image, mask = slice_pair()
+
+    def batch(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        torch.manual_seed(seed)
+        return [augment(image.clone(), mask.clone()) for _ in range(20)]
+
+    first, again, other = batch(1), batch(1), batch(2)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(first, other))
+    assert all(set(m.unique().tolist()) <= {0.0, 1.0} and m.dtype == torch.float32 for _, m in first)
+
+
+def test_all_parts_off_is_the_identity_and_the_old_keys_still_work(tmp_path):
+    image, mask = slice_pair()
+    out = PairedAugment(**OFF)(image, mask)
+    assert torch.equal(out[0], image) and torch.equal(out[1], mask)
+    (tmp_path / "old.yaml").write_text("hflip: false\nmax_rotation: 0\n")  # a config from before issue 14
+    cfg = load_config(SegTrainConfig, tmp_path / "old.yaml")
+    out = cfg.augmentation()(image, mask)
+    assert torch.equal(out[0], image) and torch.equal(out[1], mask)
+
+
+def test_unknown_or_bad_augmentation_keys_are_named(tmp_path):
+    (tmp_path / "typo.yaml").write_text("elastic: 20\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) \\['elastic'\\].*did you mean 'elastic_alpha'"):
+        load_config(SegTrainConfig, tmp_path / "typo.yaml")
+    with pytest.raises(ConfigError, match="noise_std must be >= 0"):
+        SegTrainConfig(noise_std=-0.1)
+    with pytest.raises(ConfigError, match="scale_range must be below 1"):
+        SegTrainConfig(scale_range=1.0)

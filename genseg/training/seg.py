@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..config import load_config
-from ..data.augment import PairedAugment
+from ..data.augment import AUGMENT_KEYS, PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_path
@@ -64,8 +64,18 @@ class SegTrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
     gradient_checkpointing: bool = False  # recompute each level in backward: 0.64x memory, 1.05-1.4x step time
+    # augmentation of training slices (data/augment.py: what each does, with nnU-Net's probabilities); 0 = off
     hflip: bool = True
-    max_rotation: float = 10.0  # degrees; 0 disables rotation
+    vflip: bool = False
+    max_rotation: float = 10.0  # degrees
+    scale_range: float = 0.0  # zoom by U(1 - r, 1 + r)
+    elastic_alpha: float = 0.0  # elastic deformation strength (torchvision's alpha)
+    brightness: float = 0.0  # multiply by U(1 - b, 1 + b)
+    contrast: float = 0.0  # contrast factor U(1 - c, 1 + c)
+    gamma: float = 0.0  # intensity ** U(1 - g, 1 + g)
+    noise_std: float = 0.0  # Gaussian noise of sigma up to this
+    blur_sigma: float = 0.0  # Gaussian blur of sigma up to this (pixels)
+    low_resolution: float = 0.0  # down-sample by up to this share and back
     num_workers: int = 0
     eval_batch_size: int = 16
     test_fold: int | None = None  # None: the file's own split; K: test fold K, val fold K % num_folds + 1
@@ -102,6 +112,14 @@ class SegTrainConfig:
         for ok, problem in checks:
             if not ok:
                 raise ConfigError(problem)
+        try:
+            self.augmentation()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def augmentation(self) -> PairedAugment:
+        """The paired augmentation of training slices these settings switch on."""
+        return PairedAugment(**{key: getattr(self, key) for key in AUGMENT_KEYS})
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -155,7 +173,7 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
     if cfg.synthetic_ratio > 0 and synthetic is None:
         raise ConfigError(f"synthetic_ratio {cfg.synthetic_ratio} needs a synthetic file (--synthetic SYNTH.h5)")
     num_folds = int(attrs["num_folds"])
-    augment = PairedAugment(hflip=cfg.hflip, max_rotation=cfg.max_rotation)
+    augment = cfg.augmentation()
     real = PreparedDataset(data, **split_selection(cfg.test_fold, num_folds, "train"))
     kept = subsample_patients(real.patients, cfg.real_fraction, cfg.seed)
     real = PreparedDataset(data, indices=real.rows[kept], transform=augment)
