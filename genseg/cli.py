@@ -181,6 +181,9 @@ def _seg_training_options(command):
                      help="Share of each training epoch drawn from --synthetic, 0 (real only) .. 1 (synthetic only). "
                           "Epoch length = real training slices (synthetic slices when 1)."),
         click.option("--real-fraction", type=float, help="Keep this seeded share of real training patients (0, 1]."),
+        click.option("--foreground-fraction", type=float,
+                     help="Share of each epoch's real slices drawn from slices with tumour, 0 .. 1 (default: as the "
+                          "data comes)."),
         click.option("--min-agreement", type=float,
                      help="Keep synthetic slices whose quality_agreement (mask vs segmenter Dice) is at least this."),
         click.option("--min-nn-ratio", type=float,

@@ -21,6 +21,7 @@ from genseg.config import load_config
 from genseg.data.augment import PairedAugment
 from genseg.errors import ConfigError
 from genseg.training.loop import CsvLog
+from genseg.training.mixing import MixSampler
 from genseg.training.schedule import POLY_POWER
 from genseg.training.seg import SegTrainConfig, train_segmenter
 
@@ -229,3 +230,32 @@ def test_unknown_or_bad_augmentation_keys_are_named(tmp_path):
         SegTrainConfig(noise_std=-0.1)
     with pytest.raises(ConfigError, match="scale_range must be below 1"):
         SegTrainConfig(scale_range=1.0)
+
+
+# --- foreground-aware sampling --------------------------------------------------------------------------------
+
+
+def test_foreground_fraction_sets_each_epochs_share_of_tumour_slices():
+    tumour = np.array([True, True, True, False, False, False, False, False, False, False])  # 3 of 10
+    sampler = MixSampler(10, 0, 0.0, seed=0, real_tumour=tumour, foreground_fraction=0.6)
+    first = list(sampler)
+    assert len(first) == 10 and sum(tumour[i] for i in first) == 6  # 6 tumour positions from 3 slices: cycled
+    assert len({i for i in first if not tumour[i]}) == 4  # 4 tumour-free positions, none repeated
+    assert list(sampler) == first  # a function of (seed, epoch): what resume and several processes rely on
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    off = MixSampler(10, 0, 0.0, seed=0)
+    assert sorted(off) == list(range(10))
+
+
+def test_foreground_fraction_bad_values(data, tmp_path):
+    with pytest.raises(ConfigError, match="foreground_fraction must be in \\[0, 1\\]"):
+        SegTrainConfig(foreground_fraction=1.5)
+    with pytest.raises(ConfigError, match="needs tumour-free training slices"):
+        MixSampler(4, 0, 0.0, real_tumour=np.ones(4, bool), foreground_fraction=0.5)
+
+
+def test_foreground_fraction_in_training(data, tmp_path):
+    train_segmenter(SegTrainConfig(**{**TINY, "epochs": 1, "foreground_fraction": 1.0}), data, tmp_path / "run")
+    epoch = json.loads((tmp_path / "run" / "run.json").read_text())["epoch"]
+    assert epoch["foreground_fraction"] == 1.0 and epoch["real_with_tumour"] == epoch["real"] == 24

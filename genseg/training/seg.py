@@ -32,7 +32,7 @@ from ..io import atomic_path
 from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
-from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
+from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
 from .schedule import ProgressSchedule
 from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
 
@@ -80,6 +80,7 @@ class SegTrainConfig:
     eval_batch_size: int = 16
     test_fold: int | None = None  # None: the file's own split; K: test fold K, val fold K % num_folds + 1
     synthetic_ratio: float = 0.0  # share of each training epoch drawn from the synthetic file (mixing.py)
+    foreground_fraction: float | None = None  # share of an epoch's real slices with tumour (mixing.py); None = as drawn
     real_fraction: float = 1.0  # share of real training patients kept (seeded)
     min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
     min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
@@ -104,6 +105,8 @@ class SegTrainConfig:
             (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
             (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
+            (self.foreground_fraction is None or 0.0 <= self.foreground_fraction <= 1.0,
+             f"foreground_fraction must be in [0, 1] (or null for off), got {self.foreground_fraction}"),
             (self.patience is None or self.patience > 0, "patience must be positive (or null to disable)"),
             (self.freeze in FREEZE_PARTS, f"freeze: unknown part {self.freeze!r}; choose one of {list(FREEZE_PARTS)}"),
             (self.freeze == "none" or self.init_from is not None,
@@ -191,9 +194,12 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
         synth = PreparedDataset(synthetic, indices=rows, transform=augment)
         parts.append(Tagged(synth, synthetic=True))
         num_synthetic = len(synth)
-    sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed)
+    real_tumour = None if cfg.foreground_fraction is None else tumour_slices(data, real.rows)
+    sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed, real_tumour, cfg.foreground_fraction)
     info["epoch"] = {"length": len(sampler), "real": sampler.real_per_epoch, "synthetic": sampler.synthetic_per_epoch,
                      "synthetic_ratio": cfg.synthetic_ratio, "real_fraction": cfg.real_fraction}
+    if cfg.foreground_fraction is not None:
+        info["epoch"].update(foreground_fraction=cfg.foreground_fraction, real_with_tumour=sampler.tumour_per_epoch)
     return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
 
 
