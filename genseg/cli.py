@@ -155,6 +155,14 @@ def _seg_training_options(command):
                      help="YAML config file, or a shipped one by name (seg-cpu-small, seg-demo, seg-paper, ...); "
                           "flags below override its keys."),
         click.option("--epochs", type=int, help="Maximum number of epochs."),
+        click.option("--time-budget", type=float,
+                     help="Train for this many minutes of wall time (validation included); the learning-rate "
+                          "schedule runs to its end. The run ends at the first of --epochs, --max-steps and this."),
+        click.option("--max-steps", type=int, help="Maximum number of optimizer steps."),
+        click.option("--lr-schedule", type=click.Choice(["constant", "cosine", "polynomial", "linear"]),
+                     help="Learning-rate schedule over the run (diffusers' shapes; polynomial = nnU-Net's poly 0.9), "
+                          "a function of progress towards the first limit."),
+        click.option("--warmup-steps", type=int, help="Optimizer steps of linear learning-rate warm-up."),
         click.option("--batch-size", type=int, help="Training batch size."),
         click.option("--lr", type=float, help="Adam learning rate (paper: 1e-3)."),
         click.option("--patience", type=int, help="Stop after this many epochs without a better validation score."),
@@ -173,6 +181,9 @@ def _seg_training_options(command):
                      help="Share of each training epoch drawn from --synthetic, 0 (real only) .. 1 (synthetic only). "
                           "Epoch length = real training slices (synthetic slices when 1)."),
         click.option("--real-fraction", type=float, help="Keep this seeded share of real training patients (0, 1]."),
+        click.option("--foreground-fraction", type=float,
+                     help="Share of each epoch's real slices drawn from slices with tumour, 0 .. 1 (default: as the "
+                          "data comes)."),
         click.option("--min-agreement", type=float,
                      help="Keep synthetic slices whose quality_agreement (mask vs segmenter Dice) is at least this."),
         click.option("--min-nn-ratio", type=float,

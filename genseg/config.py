@@ -10,6 +10,7 @@ finds them from any directory and from a wheel install.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import types
 import typing
@@ -71,7 +72,9 @@ def config_from_dict(cls: type[C], values: dict[str, Any], origin: str = "config
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{origin}: unknown key(s) {unknown} for {cls.__name__}; known keys: {sorted(fields)}")
+        close = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+        hints = "".join(f" ({key!r}: did you mean {match[0]!r}?)" for key, match in close.items() if match)
+        raise ConfigError(f"{origin}: unknown key(s) {unknown} for {cls.__name__}{hints}; known keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     checked = {name: _coerce(value, hints[name], f"{origin}: {name}") for name, value in values.items()}
     try:

@@ -6,7 +6,8 @@
    each epoch drawn from the synthetic set; `train-seg --synthetic-ratio`) and seed: a configs/seg-demo.yaml
    segmenter, tested on the real test split. Plus one synthetic-only run per seed (R = 1: no real training slice).
    With `equal_steps` a run with fewer real slices per epoch runs proportionally more epochs (and patience), so
-   every run gets about the same optimizer steps and small fractions are not simply undertrained.
+   every run gets about the same optimizer steps and small fractions are not simply undertrained; a time budget
+   (seg-demo.yaml's) already gives every run the same wall time and stays as it is.
 3. The "one change" (config `change`), run for every R > 0 cell and synthetic-only next to the baseline:
    `agreement` keeps synthetic slices whose generated mask agrees with a real-only segmenter (Dice >=
    min_agreement): the real-only run (R = 0) of the same fraction and seed, so the filter uses no labels the arm
@@ -48,7 +49,7 @@ from genseg.config import load_config
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.io import atomic_path
 from genseg.pipeline.demo import (ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
-                                  generator_source, load_generator, sample_synthetic)
+                                  generator_source, load_generator, sample_synthetic, training_length)
 from genseg.pipeline.diffusion import SamplingSettings
 from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.mixing import select_synthetic, subsample_patients
@@ -185,7 +186,7 @@ def run_cell(cfg: StudyConfig, base: SegTrainConfig, data: Path, arm: Arm, synth
     factor = full_real / epoch_length if cfg.equal_steps else 1.0
     seg = dataclasses.replace(base, seed=seed, real_fraction=fraction, synthetic_ratio=ratio,
                               min_agreement=arm.min_agreement if ratio > 0 else None,
-                              epochs=max(1, round(base.epochs * factor)),
+                              epochs=max(1, round(base.epochs * factor)) if base.epochs else None,
                               patience=None if base.patience is None else math.ceil(base.patience * factor))
     metrics = ensure_segmenter(seg, data, run, synthetic=synthetic if ratio > 0 else None)
     log = json.loads((run / "run.json").read_text())
@@ -220,7 +221,7 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     per_arm = [sum(arm.runs_cell(f, r, s) for f, r in cells for s in cfg.seeds) for arm in arms]
     finished = sum(1 for _ in (out / "runs").glob("*/*/metrics.json"))
     print(f"{sum(per_arm)} runs ({' + '.join(f'{n} {a.name}' for n, a in zip(per_arm, arms))}), {finished} finished "
-          f"before; each trains about {base.epochs} epochs of the full real set")
+          f"before; each trains for {training_length(base)} (epochs of the full real set)")
     rows = []
     for arm in arms:
         for fraction, ratio in cells:

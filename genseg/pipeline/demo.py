@@ -136,6 +136,14 @@ def seg_demo_config(**overrides) -> SegTrainConfig:
     return load_config(SegTrainConfig, SEG_DEMO_CONFIG, overrides)
 
 
+def training_length(cfg: SegTrainConfig) -> str:
+    """What ends a segmenter's training, in words: '2.5 min budget', '15 epochs', or both."""
+    limits = [f"{cfg.time_budget:g} min budget" if cfg.time_budget is not None else "",
+              f"{cfg.epochs} epochs" if cfg.epochs is not None else "",
+              f"{cfg.max_steps} steps" if cfg.max_steps is not None else ""]
+    return ", at most ".join(limit for limit in limits if limit)
+
+
 def load_generator(path: str | Path, device: str | None = None) -> SliceDiffusionPipeline:
     """The generator of a saved GenSegPipeline folder (its unet + scheduler) or of a train-diffusion run."""
     return load_diffusion(path, device or DEVICE)
@@ -403,7 +411,7 @@ def run_demo(out: str | Path = "demo", *, pipeline: str | Path | None = None, fr
                lambda: str(sample_synthetic(load_generator(generator_dir), synthetic, _train_count(data),
                                             settings.sampling, source=generator_dir,
                                             grid=out / "synthetic_grid.png"))),
-        _Stage("seg-real", f"train the real-only segmenter ({seg_cfg.epochs} epochs)",
+        _Stage("seg-real", f"train the real-only segmenter ({training_length(seg_cfg)})",
                {"config": dataclasses.asdict(seg_cfg)}, [out / "seg-real"],
                lambda: ensure_segmenter(seg_cfg, data, out / "seg-real")),
         _Stage("quality", "evaluate the synthetic set with the real-only segmenter", {},
@@ -473,8 +481,12 @@ def _expected_seconds(running: list[str], settings: DemoSettings, seg_cfg: SegTr
 
     @functools.cache
     def seg_s() -> float:
-        batches = seg_cfg.epochs * math.ceil(train_slices / seg_cfg.batch_size)
-        return batches * measure_segmenter_batch(seg_cfg) * 1.4 + 5
+        budget_s = math.inf if seg_cfg.time_budget is None else 60 * seg_cfg.time_budget
+        if seg_cfg.epochs is None and seg_cfg.max_steps is None:
+            return budget_s + 5  # the budget alone ends the run: nothing to time
+        batches = min(seg_cfg.epochs * math.ceil(train_slices / seg_cfg.batch_size) if seg_cfg.epochs else math.inf,
+                      seg_cfg.max_steps or math.inf)
+        return min(batches * measure_segmenter_batch(seg_cfg) * 1.4, budget_s) + 5
 
     def generator_s() -> float:
         if diffusion_cfg is None:
@@ -561,7 +573,8 @@ def _report(out: Path, summary: dict, rows: list[dict]) -> str:
         "# genseg demo report", "",
         ("**Tiny CI mode**: a smoke run; the numbers mean nothing.\n\n" if summary["tiny"] else "") +
         f"Generator: `{summary['generator']}` ({summary['size']} px). Both segmenters: configs/seg-demo.yaml "
-        f"(width {cfg['base_channels']}, depth {cfg['depth']}, {cfg['loss']}, {cfg['epochs']} epochs, "
+        f"(width {cfg['base_channels']}, depth {cfg['depth']}, {cfg['loss']}, "
+        f"{training_length(SegTrainConfig(**cfg))}, "
         f"patience {cfg['patience']}, seed {cfg['seed']}); the mixed one draws {100 * summary['synthetic_ratio']:.0f} % "
         f"of every epoch from {summary['synthetic_slices']} synthetic slices (epochs keep the real-only length, "
         f"{summary['real_train_slices']} slices). Validation and test are real.", "",

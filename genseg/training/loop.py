@@ -328,24 +328,34 @@ class Trainer:
         return self.state
 
     def fit(self, compute_loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]], *,
-            max_epochs: int | None = None, max_steps: int | None = None, hooks: Hooks | None = None,
-            desc: str = "train") -> TrainState:
-        """Train until `max_epochs` or `max_steps` (whichever comes first) or early stopping.
+            max_epochs: int | None = None, max_steps: int | None = None, time_budget_s: float | None = None,
+            close_partial_epoch: bool = False, hooks: Hooks | None = None, desc: str = "train") -> TrainState:
+        """Train until `max_epochs`, `max_steps` or `time_budget_s` (whichever comes first) or early stopping.
 
         `compute_loss(model, batch)` returns the batch's loss and a dict of detached tensors (e.g. counts) whose
         sums go in the log rows; nothing of a step is read on the host except at a log row or checkpoint.
+        `state.elapsed_s` is the wall time spent in `fit` over all sessions of the run (validation and checkpoints
+        included), kept current at every step, so a budget holds across `--resume`. A run that max_steps or the
+        budget ends mid-epoch checkpoints there; with `close_partial_epoch` it closes that epoch early instead
+        (log row, `after_epoch`, best model, checkpoint), so that its last steps are validated.
         """
         # --- set-up
-        if max_epochs is None and max_steps is None:
-            raise ValueError("give max_epochs or max_steps")
+        if max_epochs is None and max_steps is None and time_budget_s is None:
+            raise ValueError("give max_epochs, max_steps or time_budget_s")
         hooks = hooks or Hooks()
         acc, state = self.accelerator, self.state
         max_epochs = max_epochs if max_epochs is not None else 10**9
         max_steps = max_steps if max_steps is not None else 10**12
+        budgeted = time_budget_s is not None
         bar = tqdm(total=None if max_steps == 10**12 else max_steps, initial=state.step, desc=desc,
                    disable=not acc.is_local_main_process, dynamic_ncols=True)
-        while not (state.step >= max_steps or state.epoch >= max_epochs or self._patience_exhausted()):
-            clock = time.perf_counter()
+        clock, elapsed_before = time.perf_counter(), state.elapsed_s
+
+        def limit_reached() -> bool:
+            state.elapsed_s = elapsed_before + time.perf_counter() - clock
+            return state.step >= max_steps or (budgeted and self._agreed(state.elapsed_s >= time_budget_s))
+
+        while not (limit_reached() or state.epoch >= max_epochs or self._patience_exhausted()):
             for batch in self._epoch_batches():
                 # --- one optimizer step (with gradient accumulation, one batch of it)
                 with acc.accumulate(self.model):
@@ -365,6 +375,7 @@ class Trainer:
                     continue
                 state.step += 1
                 bar.update(1)
+                stop = limit_reached()
                 hooks.after_step(state)
                 # --- log every N steps
                 if self.log_every_steps and (state.step % self.log_every_steps == 0 or state.step == max_steps):
@@ -373,20 +384,17 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=state.epoch)
                 # --- checkpoint mid-epoch (one due on the epoch's last batch waits for the epoch's end: its row,
                 # hooks and early stopping, so that resuming from it starts the next epoch instead of replaying them)
-                if state.batches_into_epoch < len(self.train_loader) and (self._step_checkpoint_due()
-                                                                          or state.step >= max_steps):
-                    state.elapsed_s += time.perf_counter() - clock
-                    clock = time.perf_counter()
+                if state.batches_into_epoch < len(self.train_loader) and (
+                        self._step_checkpoint_due() or (stop and not close_partial_epoch)):
                     self._save()
-                if state.step >= max_steps:
+                if stop:
                     break
-            if state.batches_into_epoch < len(self.train_loader):
-                break  # stopped mid-epoch on max_steps: the checkpoint above holds this point
-            # --- end of epoch: log, validate, early stop
+            if state.batches_into_epoch < len(self.train_loader) and not close_partial_epoch:
+                break  # stopped mid-epoch on a limit: the checkpoint above holds this point
+            # --- end of epoch (or of the part a limit left of it): log, validate, early stop
             mean_loss, log_sums = self._epoch_sums.take()
             state.epoch += 1
             state.batches_into_epoch = 0
-            state.elapsed_s += time.perf_counter() - clock
             metrics = {"train_loss": mean_loss, **hooks.after_epoch(state), **log_sums}
             if self.monitor is not None:
                 self._track_best(float(metrics[self.monitor]), hooks.on_best)
@@ -394,7 +402,7 @@ class Trainer:
             bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=state.epoch)
             # --- checkpoint
             if (self.checkpoint_every_steps is None or self._step_checkpoint_due() or state.epoch >= max_epochs
-                    or state.step >= max_steps):
+                    or limit_reached()):
                 self._save()
         bar.close()
         return state
@@ -411,6 +419,13 @@ class Trainer:
         """A checkpoint that also holds the sums so far, so rows logged after a resume cover the same batches."""
         self.state.epoch_sums, self.state.row_sums = self._epoch_sums.totals(), self._row_sums.totals()
         self.checkpointer.save(self.state)
+
+    def _agreed(self, flag: bool) -> bool:
+        """True on every process when it is on the main one: processes' clocks differ, and all must stop at the
+        same step (a gather per step only when a time budget is set)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.gather(torch.tensor([flag], device=self.accelerator.device))[0])
 
     def _step_checkpoint_due(self) -> bool:
         return bool(self.checkpoint_every_steps) and self.state.step % self.checkpoint_every_steps == 0

@@ -8,6 +8,10 @@ How an epoch is formed (R = synthetic_ratio, n_real = real training slices after
 - the L indices are shuffled together. Everything is a function of (seed, epoch), so every process of a
   multi-GPU run and a resumed run see exactly the same epoch.
 So R changes what an epoch is made of, never how long it is: runs with different R cost the same compute.
+`foreground_fraction` G (None = off) makes the real positions foreground-aware: round(G x real positions) of them
+are slices with tumour pixels and the rest tumour-free slices, each drawn without repetition and cycling through
+fresh permutations only when an epoch needs more of a kind than the data has (so G changes the mix, not the
+length). Off, the real slices are drawn as they come, at the data's own share of tumour slices.
 `real_fraction` F keeps a seeded random share of the real training *patients* (at least one), never a share of
 slices, so a patient's slices stay together. Validation and test data are never mixed: they stay real.
 """
@@ -29,7 +33,8 @@ from ..errors import ConfigError, DataError
 class MixSampler(Sampler[int]):
     """Indices into `ConcatDataset([real, synthetic])`: real are 0..num_real-1, synthetic follow (module doc)."""
 
-    def __init__(self, num_real: int, num_synthetic: int, ratio: float, seed: int = 0):
+    def __init__(self, num_real: int, num_synthetic: int, ratio: float, seed: int = 0,
+                 real_tumour: np.ndarray | None = None, foreground_fraction: float | None = None):
         if not 0.0 <= ratio <= 1.0:
             raise ConfigError(f"synthetic_ratio must be in [0, 1], got {ratio}")
         self.num_real, self.num_synthetic, self.seed, self.epoch = num_real, num_synthetic, seed, 0
@@ -40,6 +45,18 @@ class MixSampler(Sampler[int]):
             raise ConfigError(f"synthetic_ratio {ratio} needs synthetic slices, but none are left")
         if self.real_per_epoch and not num_real:
             raise ConfigError(f"synthetic_ratio {ratio} needs real training slices, but there are none")
+        self.kinds: tuple[np.ndarray, np.ndarray] | None = None  # (tumour, tumour-free) real indices
+        self.tumour_per_epoch = 0
+        if foreground_fraction is not None:
+            if real_tumour is None or len(real_tumour) != num_real:
+                raise ValueError("foreground_fraction needs real_tumour: one bool per real slice")
+            self.kinds = (np.flatnonzero(real_tumour), np.flatnonzero(~np.asarray(real_tumour, dtype=bool)))
+            self.tumour_per_epoch = round(foreground_fraction * self.real_per_epoch)
+            for count, kind, name in zip((self.tumour_per_epoch, self.real_per_epoch - self.tumour_per_epoch),
+                                         self.kinds, ("tumour", "tumour-free")):
+                if count and not len(kind):
+                    raise ConfigError(f"foreground_fraction {foreground_fraction} needs {name} training slices, "
+                                      f"but the real training data has none")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -49,12 +66,22 @@ class MixSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        real = torch.randperm(self.num_real, generator=g)[: self.real_per_epoch]
-        rounds = math.ceil(self.synthetic_per_epoch / self.num_synthetic) if self.num_synthetic else 0
-        synthetic = torch.cat([torch.randperm(self.num_synthetic, generator=g) for _ in range(rounds)]
-                              or [torch.zeros(0, dtype=torch.long)])[: self.synthetic_per_epoch]
+        if self.kinds is None:
+            real = torch.randperm(self.num_real, generator=g)[: self.real_per_epoch]
+        else:
+            tumour, empty = self.kinds
+            real = torch.cat([torch.from_numpy(tumour)[_draw(len(tumour), self.tumour_per_epoch, g)],
+                              torch.from_numpy(empty)[_draw(len(empty), self.real_per_epoch - self.tumour_per_epoch, g)]])
+        synthetic = _draw(self.num_synthetic, self.synthetic_per_epoch, g)
         order = torch.cat([real, self.num_real + synthetic])
         return iter(order[torch.randperm(self.length, generator=g)].tolist())
+
+
+def _draw(available: int, count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` indices below `available`, without repetition while they last, cycling fresh permutations after."""
+    rounds = math.ceil(count / available) if available else 0
+    return torch.cat([torch.randperm(available, generator=g) for _ in range(rounds)]
+                     or [torch.zeros(0, dtype=torch.long)])[:count]
 
 
 class Tagged(Dataset):
@@ -68,6 +95,14 @@ class Tagged(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {**self.dataset[i], "synthetic": self.synthetic}
+
+
+def tumour_slices(path: str | Path, rows: np.ndarray) -> np.ndarray:
+    """Whether each of these rows of a prepared file has any tumour pixel (its mask, not its label: a label may be
+    unknown, and resizing may have erased a tiny tumour)."""
+    with open_prepared(path) as h5:
+        masks = h5["masks"]
+        return np.array([bool(masks[int(row)].any()) for row in rows], dtype=bool)
 
 
 def subsample_patients(patients: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -25,18 +25,21 @@ from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 
 from ..config import load_config
-from ..data.augment import PairedAugment
+from ..data.augment import AUGMENT_KEYS, PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_path
 from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
-from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
+from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
+from .schedule import ProgressSchedule
 from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
 
-RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples",
-                  "gradient_checkpointing"}  # exact, so it may change on --resume (e.g. after running out of memory)
+# May change on --resume: gradient_checkpointing is exact (e.g. after running out of memory); a changed limit
+# (epochs, max_steps, time_budget) extends or shortens the run and moves the rest of its schedule (schedule.py).
+RESUMABLE_KEYS = {"epochs", "max_steps", "time_budget", "patience", "num_workers", "eval_batch_size", "plot_samples",
+                  "gradient_checkpointing"}
 
 
 @dataclass
@@ -48,8 +51,12 @@ class SegTrainConfig:
     depth: int = 4  # number of down-sampling steps
     loss: Literal["bce", "dice", "bce+dice"] = "bce"
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine", "polynomial", "linear"] = "constant"  # over the run (schedule.py)
+    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
     batch_size: int = 8
-    epochs: int = 50
+    epochs: int | None = 50  # the run ends at the first of epochs, max_steps and time_budget; None = no epoch cap
+    max_steps: int | None = None  # optimizer steps; None = no step cap
+    time_budget: float | None = None  # minutes of wall time, validation included; None = no time cap
     patience: int | None = 10  # epochs without a better validation score before stopping; None = never
     monitor: Literal["dice", "iou"] = "dice"
     threshold: float = 0.5  # probability at which a pixel counts as tumour (metrics and `segment`)
@@ -57,12 +64,23 @@ class SegTrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
     gradient_checkpointing: bool = False  # recompute each level in backward: 0.64x memory, 1.05-1.4x step time
+    # augmentation of training slices (data/augment.py: what each does, with nnU-Net's probabilities); 0 = off
     hflip: bool = True
-    max_rotation: float = 10.0  # degrees; 0 disables rotation
+    vflip: bool = False
+    max_rotation: float = 10.0  # degrees
+    scale_range: float = 0.0  # zoom by U(1 - r, 1 + r)
+    elastic_alpha: float = 0.0  # elastic deformation strength (torchvision's alpha)
+    brightness: float = 0.0  # multiply by U(1 - b, 1 + b)
+    contrast: float = 0.0  # contrast factor U(1 - c, 1 + c)
+    gamma: float = 0.0  # intensity ** U(1 - g, 1 + g)
+    noise_std: float = 0.0  # Gaussian noise of sigma up to this
+    blur_sigma: float = 0.0  # Gaussian blur of sigma up to this (pixels)
+    low_resolution: float = 0.0  # down-sample by up to this share and back
     num_workers: int = 0
     eval_batch_size: int = 16
     test_fold: int | None = None  # None: the file's own split; K: test fold K, val fold K % num_folds + 1
     synthetic_ratio: float = 0.0  # share of each training epoch drawn from the synthetic file (mixing.py)
+    foreground_fraction: float | None = None  # share of an epoch's real slices with tumour (mixing.py); None = as drawn
     real_fraction: float = 1.0  # share of real training patients kept (seeded)
     min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
     min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
@@ -75,10 +93,20 @@ class SegTrainConfig:
             (self.size > 0 and self.size % 2**self.depth == 0, f"size {self.size} must be a positive multiple of "
                                                                f"2**depth = {2**self.depth}"),
             (self.base_channels > 0 and self.depth > 0, "base_channels and depth must be positive"),
-            (self.lr > 0 and self.batch_size > 0 and self.epochs > 0, "lr, batch_size and epochs must be positive"),
+            (self.lr > 0 and self.batch_size > 0, "lr and batch_size must be positive"),
+            (self.epochs is None or self.epochs > 0, f"epochs must be positive (or null for no cap), got {self.epochs}"),
+            (self.max_steps is None or self.max_steps > 0,
+             f"max_steps must be positive (or null for no cap), got {self.max_steps}"),
+            (self.time_budget is None or self.time_budget > 0,
+             f"time_budget must be a positive number of minutes (or null for none), got {self.time_budget}"),
+            (any(v is not None for v in (self.epochs, self.max_steps, self.time_budget)),
+             "set at least one of epochs, max_steps and time_budget: nothing would end the run"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
             (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
+            (self.foreground_fraction is None or 0.0 <= self.foreground_fraction <= 1.0,
+             f"foreground_fraction must be in [0, 1] (or null for off), got {self.foreground_fraction}"),
             (self.patience is None or self.patience > 0, "patience must be positive (or null to disable)"),
             (self.freeze in FREEZE_PARTS, f"freeze: unknown part {self.freeze!r}; choose one of {list(FREEZE_PARTS)}"),
             (self.freeze == "none" or self.init_from is not None,
@@ -87,6 +115,14 @@ class SegTrainConfig:
         for ok, problem in checks:
             if not ok:
                 raise ConfigError(problem)
+        try:
+            self.augmentation()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def augmentation(self) -> PairedAugment:
+        """The paired augmentation of training slices these settings switch on."""
+        return PairedAugment(**{key: getattr(self, key) for key in AUGMENT_KEYS})
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -140,7 +176,7 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
     if cfg.synthetic_ratio > 0 and synthetic is None:
         raise ConfigError(f"synthetic_ratio {cfg.synthetic_ratio} needs a synthetic file (--synthetic SYNTH.h5)")
     num_folds = int(attrs["num_folds"])
-    augment = PairedAugment(hflip=cfg.hflip, max_rotation=cfg.max_rotation)
+    augment = cfg.augmentation()
     real = PreparedDataset(data, **split_selection(cfg.test_fold, num_folds, "train"))
     kept = subsample_patients(real.patients, cfg.real_fraction, cfg.seed)
     real = PreparedDataset(data, indices=real.rows[kept], transform=augment)
@@ -158,9 +194,12 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
         synth = PreparedDataset(synthetic, indices=rows, transform=augment)
         parts.append(Tagged(synth, synthetic=True))
         num_synthetic = len(synth)
-    sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed)
+    real_tumour = None if cfg.foreground_fraction is None else tumour_slices(data, real.rows)
+    sampler = MixSampler(len(real), num_synthetic, cfg.synthetic_ratio, cfg.seed, real_tumour, cfg.foreground_fraction)
     info["epoch"] = {"length": len(sampler), "real": sampler.real_per_epoch, "synthetic": sampler.synthetic_per_epoch,
                      "synthetic_ratio": cfg.synthetic_ratio, "real_fraction": cfg.real_fraction}
+    if cfg.foreground_fraction is not None:
+        info["epoch"].update(foreground_fraction=cfg.foreground_fraction, real_with_tumour=sampler.tumour_per_epoch)
     return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
 
 
@@ -218,11 +257,40 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
     seg_data.info.update(precision=effective_precision(acc), processes=acc.num_processes)
     start_run(trainer, cfg, seg_data.info, resume)
-    hooks = Hooks(after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
+    schedule = _lr_schedule(cfg, len(trainer.train_loader))
+    schedule.apply(trainer.optimizer, trainer.state)  # a resumed run recomputes it from the checkpoint's state
+    hooks = Hooks(after_step=lambda state: schedule.apply(trainer.optimizer, state),
+                  after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
                   on_best=lambda state: _save_best(trainer.model, acc, out))
-    trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs, hooks=hooks,
+    trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs,
+                max_steps=cfg.max_steps, time_budget_s=_budget_s(cfg), close_partial_epoch=True, hooks=hooks,
                 desc=f"train-seg {out.name}")
+    _say_where_the_budget_ended(cfg, trainer, acc)
     return _seg_result(trainer, cfg, data, seg_data.info["precision"])
+
+
+def _budget_s(cfg: SegTrainConfig) -> float | None:
+    return None if cfg.time_budget is None else 60.0 * cfg.time_budget
+
+
+def _lr_schedule(cfg: SegTrainConfig, batches_per_epoch: int) -> ProgressSchedule:
+    return ProgressSchedule(cfg.lr_schedule, cfg.lr, cfg.warmup_steps, max_steps=cfg.max_steps,
+                            time_budget_s=_budget_s(cfg),
+                            epoch_steps=cfg.epochs * batches_per_epoch if cfg.epochs else None)
+
+
+def _say_where_the_budget_ended(cfg: SegTrainConfig, trainer: Trainer, acc: Accelerator) -> None:
+    """A budget that ran out inside the first epoch still gives a model (that epoch is closed and validated), but
+    one that saw only part of the data once: say so, with what a longer budget would need."""
+    state, budget_s = trainer.state, _budget_s(cfg)
+    if budget_s is None or state.elapsed_s < budget_s:
+        return
+    acc.print(f"time budget {cfg.time_budget:g} min reached after {state.epoch} epoch(s), {state.step} steps, "
+              f"{state.elapsed_s:.0f} s with validation")
+    if state.epoch == 1 and state.step < len(trainer.train_loader):
+        acc.print(f"note: the budget ended inside the first epoch ({state.step} of {len(trainer.train_loader)} "
+                  f"batches); the saved model is that state, validated once. Give --time-budget several epochs' "
+                  f"worth for a trained model.")
 
 
 def _memory_format(cfg: SegTrainConfig) -> torch.memory_format:
@@ -288,7 +356,8 @@ def _seg_result(trainer: Trainer, cfg: SegTrainConfig, data: str | Path, precisi
     the others wait, so that no process returns before the run's files are complete."""
     acc, state = trainer.accelerator, trainer.state
     metrics = {"best_epoch": state.best_epoch, f"best_val_{cfg.monitor}": state.best_metric,
-               "epochs_run": state.epoch, "precision": precision, "train_seconds": state.elapsed_s}
+               "epochs_run": state.epoch, "steps_run": state.step, "precision": precision,
+               "train_seconds": state.elapsed_s}
     acc.wait_for_everyone()
     if acc.is_main_process:
         metrics.update(finish_run(trainer.run_dir, data, cfg))
