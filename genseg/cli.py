@@ -108,30 +108,39 @@ def info(path, as_json, format_, modality, target, workers):
               help="MRI only: consecutive axial slices through each head.")
 @click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
               help="Width and height of every slice in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Random seed: the same arguments always give the same pixels.")
+@click.option("--seed", type=int, default=None,
+              help="Random seed: the same arguments always give the same pixels. Default 0, or the preset's own.")
 @click.option("--empty-share", type=click.FloatRange(0, 1, max_open=True), default=0.125, show_default=True,
               help="MRI only: share of slices above or below the tumour: all-zero mask, the patient's class label kept.")
+@click.option("--preset", metavar="NAME",
+              help="MRI only: a harder dataset, each with its own default seed: skull (half the patients have a "
+                   "meningioma pressed flat against the skull, no CSF cleft), low-contrast (tumours 0.3x as far "
+                   "from white matter in intensity), small (tumours half the radius), bias (3x coil bias and a "
+                   "smooth random intensity inhomogeneity).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR, and everything in it, when it is not empty.")
 @click.pass_context
-def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, force):
+def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, preset, force):
     """Write a procedurally generated dataset (no download) to OUT_DIR: T1-CE brain MRI in the Figshare layout
     (1.mat .. N.mat, MATLAB v7.3 struct cjdata, and cvind.mat with patient-wise folds), or with
     --domain ultrasound breast-ultrasound PNGs in the BUSI layout."""
     if domain == "ultrasound":
         from .data.demo_ultrasound import make_ultrasound_dataset
 
-        for name in ("slices_per_patient", "empty_share"):
+        for name in ("slices_per_patient", "empty_share", "preset"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                 raise click.UsageError(f"--{name.replace('_', '-')} applies to --domain mri only")
-        s = make_ultrasound_dataset(out_dir, patients, size, seed, force=force)
+        s = make_ultrasound_dataset(out_dir, patients, size, seed or 0, force=force)
         classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
         click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "
                    f"in {s['seconds']:.1f} s: {classes}.")
         return
-    from .data.demo import make_demo_dataset
+    from .data.demo import make_demo_dataset, preset_settings
 
-    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force)
+    try:
+        preset_settings(preset)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset") from None
+    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force, preset=preset)
     classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
     click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
