@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import GensegError
+from .postprocess import TTA_MODES
 
 MODALITY_CHOICES = ["t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f"]  # genseg.data.brats.MODALITIES
 
@@ -146,6 +147,18 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
 
 
+def _postprocess_options(command):
+    """--tta and --min-component for the commands that segment (genseg.postprocess)."""
+    command = click.option(
+        "--min-component", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        help="Drop connected regions (8-connected) of fewer than N pixels from each slice's mask, at the model's "
+             "resolution; 0 keeps everything.")(command)
+    return click.option(
+        "--tta", type=click.Choice(TTA_MODES), default="none", show_default=True, is_flag=False,
+        flag_value="hflip", help="Flip test-time augmentation: average the probabilities over the identity and "
+                                 "the left-right flip (--tta alone, hflip) or also the up-down flips (hvflip).")(command)
+
+
 def _precision_option(command):
     """--precision for the commands that segment."""
     return click.option(
@@ -247,13 +260,15 @@ def cross_validate_cmd(data, config_path, out, synthetic, cpu, folds, **override
 @click.option("--fold", type=int, help="Score fold K of the data instead of --split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (dice, iou, per_class, ...).")
 @_precision_option
-def evaluate(checkpoint, data, split, fold, as_json, precision):
+@_postprocess_options
+def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_component):
     """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
     import json
 
     from .evaluate import evaluate as run_evaluate, markdown_table
 
-    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision)
+    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision,
+                          tta=tta, min_component=min_component)
     click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
 
 
@@ -274,7 +289,9 @@ def evaluate(checkpoint, data, split, fold, as_json, precision):
               help="Also write the tumour probabilities (0..1) as float32 NAME_probabilities.nii.gz on the "
                    "input's grid (NIfTI has no float16 type).")
 @_precision_option
-def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision):
+@_postprocess_options
+def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision, tta,
+            min_component):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
     files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
 
@@ -292,7 +309,8 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
     from .inference import segment_files
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
-                           probabilities=save_probabilities, precision=precision)
+                           probabilities=save_probabilities, precision=precision, tta=tta,
+                           min_component=min_component)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
@@ -502,8 +520,9 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
               help="Replace an existing --out folder (with --input: existing output files).")
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
 @_precision_option
+@_postprocess_options
 def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs,
-             precision):
+             precision, tta, min_component):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
@@ -524,12 +543,12 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
             pipe.save_pretrained(tmp)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
-        report = segment_inputs(pipe, inputs, out, force)
+        report = segment_inputs(pipe, inputs, out, force, tta=tta, min_component=min_component)
         click.echo(f"segmented {len(report['segmented'])} file(s) into {out}")
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
-    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force)
+    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force, tta=tta, min_component=min_component)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 
