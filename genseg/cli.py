@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import GensegError
+from .postprocess import TTA_MODES
 
 MODALITY_CHOICES = ["t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f"]  # genseg.data.brats.MODALITIES
 
@@ -108,33 +109,54 @@ def info(path, as_json, format_, modality, target, workers):
               help="MRI only: consecutive axial slices through each head.")
 @click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
               help="Width and height of every slice in pixels.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Random seed: the same arguments always give the same pixels.")
+@click.option("--seed", type=int, default=None,
+              help="Random seed: the same arguments always give the same pixels. Default 0, or the preset's own.")
 @click.option("--empty-share", type=click.FloatRange(0, 1, max_open=True), default=0.125, show_default=True,
               help="MRI only: share of slices above or below the tumour: all-zero mask, the patient's class label kept.")
+@click.option("--preset", metavar="NAME",
+              help="MRI only: a harder dataset, each with its own default seed: skull (half the patients have a "
+                   "meningioma pressed flat against the skull, no CSF cleft), low-contrast (tumours 0.3x as far "
+                   "from white matter in intensity), small (tumours half the radius), bias (3x coil bias and a "
+                   "smooth random intensity inhomogeneity).")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR, and everything in it, when it is not empty.")
 @click.pass_context
-def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, force):
+def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, preset, force):
     """Write a procedurally generated dataset (no download) to OUT_DIR: T1-CE brain MRI in the Figshare layout
     (1.mat .. N.mat, MATLAB v7.3 struct cjdata, and cvind.mat with patient-wise folds), or with
     --domain ultrasound breast-ultrasound PNGs in the BUSI layout."""
     if domain == "ultrasound":
         from .data.demo_ultrasound import make_ultrasound_dataset
 
-        for name in ("slices_per_patient", "empty_share"):
+        for name in ("slices_per_patient", "empty_share", "preset"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
                 raise click.UsageError(f"--{name.replace('_', '-')} applies to --domain mri only")
-        s = make_ultrasound_dataset(out_dir, patients, size, seed, force=force)
+        s = make_ultrasound_dataset(out_dir, patients, size, seed or 0, force=force)
         classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
         click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "
                    f"in {s['seconds']:.1f} s: {classes}.")
         return
-    from .data.demo import make_demo_dataset
+    from .data.demo import make_demo_dataset, preset_settings
 
-    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force)
+    try:
+        preset_settings(preset)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preset") from None
+    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force, preset=preset)
     classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
     click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
+
+
+def _postprocess_options(command):
+    """--tta and --min-component for the commands that segment (genseg.postprocess)."""
+    command = click.option(
+        "--min-component", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+        help="Drop connected regions (8-connected) of fewer than N pixels from each slice's mask, at the model's "
+             "resolution; 0 keeps everything.")(command)
+    return click.option(
+        "--tta", type=click.Choice(TTA_MODES), default="none", show_default=True, is_flag=False,
+        flag_value="hflip", help="Flip test-time augmentation: average the probabilities over the identity and "
+                                 "the left-right flip (--tta alone, hflip) or also the up-down flips (hvflip).")(command)
 
 
 def _precision_option(command):
@@ -249,13 +271,15 @@ def cross_validate_cmd(data, config_path, out, synthetic, cpu, folds, **override
 @click.option("--fold", type=int, help="Score fold K of the data instead of --split.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (dice, iou, per_class, ...).")
 @_precision_option
-def evaluate(checkpoint, data, split, fold, as_json, precision):
+@_postprocess_options
+def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_component):
     """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
     import json
 
     from .evaluate import evaluate as run_evaluate, markdown_table
 
-    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision)
+    result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision,
+                          tta=tta, min_component=min_component)
     click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
 
 
@@ -276,7 +300,9 @@ def evaluate(checkpoint, data, split, fold, as_json, precision):
               help="Also write the tumour probabilities (0..1) as float32 NAME_probabilities.nii.gz on the "
                    "input's grid (NIfTI has no float16 type).")
 @_precision_option
-def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision):
+@_postprocess_options
+def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision, tta,
+            min_component):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
     files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
 
@@ -294,7 +320,8 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
     from .inference import segment_files
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
-                           probabilities=save_probabilities, precision=precision)
+                           probabilities=save_probabilities, precision=precision, tta=tta,
+                           min_component=min_component)
     click.echo(f"wrote {len(report['written'])} files to {out}")
     for failure in report["failed"]:
         click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
@@ -504,8 +531,9 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
               help="Replace an existing --out folder (with --input: existing output files).")
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
 @_precision_option
+@_postprocess_options
 def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs,
-             precision):
+             precision, tta, min_component):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
@@ -526,12 +554,12 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
             pipe.save_pretrained(tmp)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
-        report = segment_inputs(pipe, inputs, out, force)
+        report = segment_inputs(pipe, inputs, out, force, tta=tta, min_component=min_component)
         click.echo(f"segmented {len(report['segmented'])} file(s) into {out}")
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
-    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force)
+    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force, tta=tta, min_component=min_component)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 

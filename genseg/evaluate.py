@@ -17,6 +17,7 @@ from .data.prepared import PreparedDataset, open_prepared, read_metadata
 from .errors import DataError
 from .inference import Segmenter, load_segmenter
 from .metrics import score_slices, summarize
+from .postprocess import postprocessed
 from .training.loop import CsvLog
 from .training.seg import SegTrainConfig, split_selection
 from .viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
@@ -50,13 +51,14 @@ def open_split(data: str | Path, chosen: dict, segmenter, what: str = "slices") 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None,
              segmenter: Segmenter | None = None, progress: bool = True,
-             precision: str | None = None) -> dict[str, Any]:
+             precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Mean and per-class Dice, IoU, HD95, per-patient Dice and the FP rate on tumour-free slices.
 
     `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
     `fold=K` scores fold K of the file instead. `precision` as `load_segmenter`'s (int8: the run's int8 export).
+    `tta` and `min_component` as genseg.postprocess's; the result records them.
     """
-    segmenter = segmenter or load_segmenter(run_dir, precision=precision)
+    segmenter = postprocessed(segmenter or load_segmenter(run_dir, precision=precision), tta, min_component)
     chosen = selection(run_dir, data, split, fold)
     dataset = open_split(data, chosen, segmenter)
     parts = []
@@ -66,7 +68,8 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
     scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     result = summarize(scores, dataset.labels, dataset.patients)
     return {"data": str(data), "checkpoint": str(run_dir), "selection": chosen, "threshold": segmenter.threshold,
-            "precision": segmenter.precision, "num_slices": len(dataset), **result}
+            "precision": segmenter.precision, "tta": tta, "min_component": min_component, "num_slices": len(dataset),
+            **result}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -76,7 +79,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     lines = [f"Evaluation of {result['checkpoint']} on {result['data']} {result['selection']} "
-             f"(threshold {result['threshold']}, {result['precision']})", "",
+             f"(threshold {result['threshold']}, {result['precision']}, TTA {result['tta']}, min component "
+             f"{result['min_component']} px)", "",
              "| slices | n | Dice | IoU | HD95 (px) |", "|---|---|---|---|---|",
              f"| all | {result['n']} | {fmt(result['dice'])} | {fmt(result['iou'])} | {fmt(result['hd95'])} |",
              f"| with tumour | {result['n'] - result['tumour_free_slices']} | {fmt(result['dice_tumour'])} | "

@@ -27,6 +27,7 @@ from .dicom import DicomSeries, read_dicom, write_segmentation
 from .errors import CheckpointError, ConfigError, DataError, GensegError
 from .io import atomic_path
 from .models.unet import SegmentationUNet
+from .postprocess import check_postprocess, postprocessed
 from .training.seg import SegTrainConfig
 from .viz import PREDICTION_COLOR, overlay, save_png
 
@@ -441,10 +442,10 @@ def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
 def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
                   threshold: float | None = None, progress: bool = True, force: bool = False,
                   compile: bool = False, dicom_seg: bool = False, probabilities: bool = False,
-                  precision: str | None = None) -> dict[str, Any]:
+                  precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Segment many inputs with a checkpoint (loaded with `compile` and `precision`, see `load_segmenter`) or a
     loaded Segmenter (or OnnxSegmenter) into `out_dir`, named by `plan_outputs`; `dicom_seg` and `probabilities`
-    as in `segment_file`.
+    as in `segment_file`; `tta` and `min_component` as genseg.postprocess's.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
@@ -452,6 +453,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     """
     from tqdm.auto import tqdm
 
+    check_postprocess(tta, min_component)
     out_dir = Path(out_dir)
     stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities)
     existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
@@ -460,6 +462,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
         raise GensegError(f"{existing[0]}: already exists{more}; pass --force to replace, or choose another --out")
     segmenter = (load_segmenter(checkpoint, compile=compile, precision=precision)
                  if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
+    segmenter = postprocessed(segmenter, tta, min_component, threshold)
     report: dict[str, Any] = {"segmented": [], "written": [], "failed": failed}
     for path, stem in tqdm(stems.items(), desc="segment", disable=not progress or len(stems) < 2):
         try:

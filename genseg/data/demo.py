@@ -37,6 +37,45 @@ WM, GM, CSF, FAT, SKIN, BONE, MARROW, ENHANCING_VESSEL = 1.0, 0.7, 0.2, 1.18, 0.
 MENINGIOMA, GLIOMA_RIM, NECROSIS, OEDEMA, PITUITARY = 1.45, 1.45, 0.38, 0.7, 1.38
 
 
+@dataclass(frozen=True)
+class DemoSettings:
+    """How hard the demo's segmentation task is. The defaults draw the standard demo data bit for bit (tests and
+    shipped checkpoints depend on it); the presets below make held-out datasets a recipe was never tuned on."""
+
+    lesion_contrast: float = 1.0  # tumour intensities' distance from white matter, as a multiple of the default's
+    lesion_scale: float = 1.0     # tumour radii as a multiple of the default's
+    skull_contact: bool = False   # meningiomas pressed flat against the inner table, without the CSF cleft
+    meningioma_share: float | None = None  # share of patients with a meningioma; None spreads classes evenly
+    bias_strength: float = 1.0    # multiple of the coil bias field's coefficients
+    inhomogeneity: float = 0.0    # amplitude of an extra smooth random multiplicative field, one per patient
+
+    def __post_init__(self):
+        if not (self.lesion_contrast > 0 and self.lesion_scale > 0 and self.bias_strength >= 0
+                and self.inhomogeneity >= 0):
+            raise ValueError(f"lesion_contrast and lesion_scale must be > 0, bias_strength and inhomogeneity >= 0: "
+                             f"{self}")
+        if self.meningioma_share is not None and not 0 <= self.meningioma_share <= 1:
+            raise ValueError(f"meningioma_share must be in [0, 1], got {self.meningioma_share}")
+
+
+# Harder datasets (issue 14): each with its own default seed, so none shares a patient with the standard demo.
+PRESETS: dict[str, tuple[DemoSettings, int]] = {
+    "skull": (DemoSettings(skull_contact=True, meningioma_share=0.5), 101),
+    "low-contrast": (DemoSettings(lesion_contrast=0.3), 102),
+    "small": (DemoSettings(lesion_scale=0.5), 103),
+    "bias": (DemoSettings(bias_strength=3.0, inhomogeneity=0.35), 104),
+}
+
+
+def preset_settings(preset: str | None) -> tuple[DemoSettings, int]:
+    """(settings, default seed) of a preset name; None is the standard demo data (seed 0)."""
+    if preset is None:
+        return DemoSettings(), 0
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
 @dataclass
 class DemoSlice:
     """One generated slice: int16 image in scanner units, 0/1 uint8 tumour mask, class label, patient id."""
@@ -76,43 +115,47 @@ class _Head:
 
 
 def demo_slices(patients: int = 30, slices_per_patient: int = 8, size: int = 256, seed: int = 0,
-                empty_share: float = 0.125):
+                empty_share: float = 0.125, settings: DemoSettings = DemoSettings()):
     """Yield DemoSlice for every slice, patient by patient, level by level (deterministic in the arguments).
 
     Classes are spread evenly over patients. About `empty_share` of all slices lie above or below the tumour
     and have an empty mask; each keeps its patient's class label, because the Figshare format has no
-    "no tumour" label (the real dataset has no tumour-free slices).
+    "no tumour" label (the real dataset has no tumour-free slices). `settings` make the task harder.
     """
     if patients < 1 or slices_per_patient < 1 or size < 16:
         raise ValueError("need patients >= 1, slices_per_patient >= 1 and size >= 16")
     if not 0.0 <= empty_share < 1.0:
         raise ValueError(f"empty_share must be in [0, 1), got {empty_share}")
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.resize(TUMOUR_CLASSES, patients))
+    labels = rng.permutation(_class_spread(patients, settings.meningioma_share))
     pids = _patient_ids(rng, patients)
     empties = _spread_empty_slices(rng, patients, slices_per_patient, empty_share)
     for p in range(patients):
         head_rng = np.random.default_rng([seed, p])
-        head = _random_head(head_rng, int(labels[p]), slices_per_patient, int(empties[p]))
+        head = _random_head(head_rng, int(labels[p]), slices_per_patient, int(empties[p]), settings)
+        field = _inhomogeneity(seed, p, size, settings.inhomogeneity)
         for z in head.levels:
-            image, mask = _render(head, float(z), size, head_rng)
+            image, mask = _render(head, float(z), size, head_rng, settings, field)
             yield DemoSlice(image, mask, int(labels[p]), pids[p])
 
 
 def make_demo_dataset(out_dir: str | Path, patients: int = 30, slices_per_patient: int = 8, size: int = 256,
-                      seed: int = 0, empty_share: float = 0.125, force: bool = False,
-                      progress: bool = True) -> dict:
+                      seed: int | None = None, empty_share: float = 0.125, force: bool = False,
+                      progress: bool = True, preset: str | None = None) -> dict:
     """Write the demo dataset to `out_dir` in the Figshare layout and return a summary dict.
 
     Files: `1.mat` .. `N.mat` (v7.3, struct `cjdata` with label, PID, image int16, tumorMask, tumorBorder),
     `cvind.mat` (patient-wise folds 1..5) and a `README.txt`. Everything is written into a temporary sibling
     folder that is renamed onto `out_dir` at the end, so an interrupted run never looks like a dataset.
-    A non-empty `out_dir` is refused unless `force`, which replaces it with everything in it.
+    A non-empty `out_dir` is refused unless `force`, which replaces it with everything in it. `preset` (PRESETS)
+    draws a harder dataset; `seed` None takes the preset's own seed (0 for the standard demo data).
     """
+    settings, preset_seed = preset_settings(preset)
+    seed = preset_seed if seed is None else seed
     out_dir = check_out_dir(out_dir, force)
     start = time.perf_counter()
     total = patients * slices_per_patient
-    slices = demo_slices(patients, slices_per_patient, size, seed, empty_share)
+    slices = demo_slices(patients, slices_per_patient, size, seed, empty_share, settings)
     pids, labels, empty = [], [], 0
     with atomic_path(out_dir, is_dir=True) as tmp:
         for i, s in enumerate(tqdm(slices, total=total, desc="demo slices", unit="slice", disable=not progress)):
@@ -123,7 +166,7 @@ def make_demo_dataset(out_dir: str | Path, patients: int = 30, slices_per_patien
         write_cvind_mat(tmp / "cvind.mat", assign_patient_folds(pids, num_folds=5, seed=seed))
         summary = {"out_dir": str(out_dir), "slices": total, "patients": patients, "size": size, "seed": seed,
                    "classes": {CLASS_NAMES[c]: labels.count(c) for c in TUMOUR_CLASSES},
-                   "empty_slices": empty}
+                   "empty_slices": empty, "preset": preset}
         (tmp / "README.txt").write_text(_readme(summary))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
@@ -147,7 +190,8 @@ def _readme(summary: dict) -> str:
         "as x,y 1-based interleaved) and cvind.mat with patient-wise folds 1..5.\n"
         "Slices whose tumorMask is all zero lie above or below the tumour; they keep the patient's label.\n"
         f"Made with: genseg demo-data OUT --patients {summary['patients']} --slices-per-patient "
-        f"{summary['slices'] // summary['patients']} --size {summary['size']} --seed {summary['seed']}\n"
+        f"{summary['slices'] // summary['patients']} --size {summary['size']} --seed {summary['seed']}"
+        f"{'' if summary['preset'] is None else ' --preset ' + summary['preset']}\n"
         f"Summary: {json.dumps({k: summary[k] for k in ('slices', 'patients', 'classes', 'empty_slices')})}\n")
 
 
@@ -160,6 +204,23 @@ def _patient_ids(rng: np.random.Generator, patients: int) -> list[str]:
     return [f"MR04{n % 10_000:04d}" if mr else str(n) for n, mr in zip(numbers, styles)]
 
 
+def _class_spread(patients: int, meningioma_share: float | None) -> np.ndarray:
+    """Each patient's class before shuffling: evenly spread, or that share of meningiomas and the rest even."""
+    if meningioma_share is None:
+        return np.resize(TUMOUR_CLASSES, patients)
+    meningiomas = round(meningioma_share * patients)
+    return np.concatenate([np.full(meningiomas, 1), np.resize(TUMOUR_CLASSES[1:], patients - meningiomas)])
+
+
+def _inhomogeneity(seed: int, patient: int, size: int, amplitude: float) -> np.ndarray | None:
+    """A smooth multiplicative field exp(amplitude * N(0, 1) field) for one patient's slices (None for 0), drawn
+    from its own generator so that the anatomy's random stream stays that of the standard data."""
+    if amplitude == 0:
+        return None
+    rng = np.random.default_rng([seed, patient, 1])
+    return np.exp(amplitude * smooth_fields(rng, size, {"bias": 0.4})["bias"])
+
+
 def _spread_empty_slices(rng: np.random.Generator, patients: int, per_patient: int, share: float) -> np.ndarray:
     """How many tumour-free slices each patient gets: round(share * total) overall, at most all but one each."""
     capacity = np.full(patients, per_patient - 1)
@@ -170,9 +231,11 @@ def _spread_empty_slices(rng: np.random.Generator, patients: int, per_patient: i
     return counts
 
 
-def _random_head(rng: np.random.Generator, label: int, n_slices: int, n_empty: int) -> _Head:
+def _random_head(rng: np.random.Generator, label: int, n_slices: int, n_empty: int,
+                 settings: DemoSettings) -> _Head:
     """Draw one patient: head shape and pose, scanner scaling, the tumour, and the slice levels through it."""
     tumour = _random_tumour(rng, label)
+    tumour.radius *= settings.lesion_scale
     # Slices are evenly spaced; the tumour spans exactly the n_slices - n_empty middle ones.
     n_tumour = n_slices - n_empty
     spacing = rng.uniform(0.022, 0.03) if label == 3 else rng.uniform(0.035, 0.05)
@@ -184,7 +247,7 @@ def _random_head(rng: np.random.Generator, label: int, n_slices: int, n_empty: i
         rotation=rng.normal(0, 0.09), shift=rng.normal(0, 0.02, size=2), egg=rng.uniform(0.03, 0.08),
         scalp=rng.uniform(0.03, 0.045), bone=rng.uniform(0.035, 0.05), ventricles=rng.uniform(0.75, 1.3),
         wm_units=rng.uniform(450, 800), noise=rng.uniform(0.02, 0.04),
-        bias=np.array([*rng.normal(0, 0.06, 2), rng.normal(0, 0.05), rng.uniform(0.0, 0.15)]),
+        bias=np.array([*rng.normal(0, 0.06, 2), rng.normal(0, 0.05), rng.uniform(0.0, 0.15)]) * settings.bias_strength,
         levels=first + spacing * np.arange(n_slices), tumour=tumour)
 
 
@@ -213,7 +276,8 @@ def _random_tumour(rng: np.random.Generator, label: int) -> _Tumour:
 
 # --- rendering --------------------------------------------------------------------------------------------
 
-def _render(head: _Head, z: float, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _render(head: _Head, z: float, size: int, rng: np.random.Generator, settings: DemoSettings,
+            inhomogeneity: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one axial slice at level z: (int16 image, uint8 mask)."""
     pixel = 2.0 / size
     grid = (np.arange(size) + 0.5) * pixel - 1.0
@@ -234,7 +298,7 @@ def _render(head: _Head, z: float, size: int, rng: np.random.Generator) -> tuple
 
     fields = smooth_fields(rng, size, {"gyri": 0.04, "texture": 0.006, "fine": 0.004, "shape": 0.05,
                                        "rim": 0.03, "oedema": 0.06})
-    lesion = _tumour(head.tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel)
+    lesion = _tumour(head.tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel, settings)
     # Internal anatomy is drawn in warped unit-brain coordinates so a large tumour pushes it aside.
     un, vn = (u - lesion.push[0]) / brain_a, (v - lesion.push[1]) / brain_b
 
@@ -260,6 +324,8 @@ def _render(head: _Head, z: float, size: int, rng: np.random.Generator) -> tuple
     # Coil bias (slow, multiplicative), point-spread blur, then complex Gaussian noise -> Rician magnitude.
     bx, by, bxy, brad = head.bias
     image *= 1 + bx * x + by * y + bxy * x * y + brad * (x ** 2 + y ** 2)
+    if inhomogeneity is not None:
+        image *= inhomogeneity
     image = ndimage.gaussian_filter(image, 0.6)
     noise = rng.standard_normal((2, size, size)) * head.noise
     image = np.hypot(image + noise[0], noise[1]) * head.wm_units
@@ -361,7 +427,7 @@ class _Lesion:
     push: tuple                 # displacement of the surrounding anatomy (mass effect)
 
 
-def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -> _Lesion:
+def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel, settings: DemoSettings) -> _Lesion:
     """The tumour's cross-section at level z, with its class-typical appearance."""
     none = np.zeros(u.shape, dtype=bool)
     lesion = _Lesion(none, None, np.zeros(u.shape), none, (0.0, 0.0))
@@ -371,7 +437,8 @@ def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -
     if t.label == 1:  # meningioma: the centre lies inside the inner table so the base abuts the dura
         direction = t.centre / np.hypot(*t.centre)
         surface = direction / np.hypot(direction[0] / brain_a, direction[1] / brain_b)
-        cu, cv = surface - direction * 0.55 * t.radius
+        # skull_contact: the centre near the surface, so a broad base is cut flat by the inner table
+        cu, cv = surface - direction * (0.15 if settings.skull_contact else 0.55) * t.radius
     else:
         cu, cv = t.centre[0] * brain_a, t.centre[1] * brain_b
     du, dv = u - cu, v - cv
@@ -394,7 +461,7 @@ def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -
     tex = fields["texture"]
     if t.label == 1:  # homogeneous avid enhancement, a thin CSF cleft around it
         lesion.image = MENINGIOMA * (1 + 0.04 * tex + 0.03 * fields["shape"])
-        lesion.cleft = (r < outline + 0.012) & ~lesion.mask
+        lesion.cleft = (r < outline + 0.012) & ~lesion.mask & (not settings.skull_contact)
     elif t.label == 2:  # irregular enhancing rim around a dark necrotic core
         rim = t.rim * np.clip(1 + 0.3 * fields["rim"], 0.5, None)
         core = r < outline - rim
@@ -402,6 +469,8 @@ def _tumour(t: _Tumour, z, u, v, brain_a, brain_b, brain_depth, fields, pixel) -
     else:  # bright adenoma, sometimes with a small cystic part
         cyst = np.hypot(du + 0.35 * radius, dv) < t.rim * radius
         lesion.image = np.where(cyst, 0.55, PITUITARY * (1 + 0.05 * tex))
+    if settings.lesion_contrast != 1:
+        lesion.image = WM + settings.lesion_contrast * (lesion.image - WM)
     # Mass effect: anatomy near the lesion is sampled from closer to its centre, i.e. pushed outwards.
     push = 0.5 * np.exp(-(r / (1.4 * radius)) ** 2) * (t.label != 3)
     lesion.push = (du * push, dv * push)

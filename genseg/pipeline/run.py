@@ -15,6 +15,7 @@ from ..errors import ConfigError, GensegError
 from ..inference import load_segmenter
 from ..io import atomic_path
 from ..metrics import dice_iou
+from ..postprocess import postprocessed
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
 from .diffusion import SamplingSettings
 from .genseg import GenSegOutput, GenSegPipeline
@@ -135,23 +136,25 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
 
 
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
-                 force: bool = False) -> dict[str, Any]:
-    """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder."""
+                 force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+    """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. `tta` and
+    `min_component` (genseg.postprocess) become the pipeline's predictor from here on."""
+    pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     if Path(out).exists() and not force:  # before spending minutes on sampling
         raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
     started = time.perf_counter()
     result = sampling.sample(pipe, num)
-    settings = {**sampling.metadata(), "threshold": pipe.config.threshold, "size_note": pipe.size_note,
-                "seconds": time.perf_counter() - started}
+    settings = {**sampling.metadata(), "threshold": pipe.config.threshold, "tta": tta, "min_component": min_component,
+                "size_note": pipe.size_note, "seconds": time.perf_counter() - started}
     return write_pipeline_outputs(result, out, settings, force=force)
 
 
 def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str | Path,
-                   force: bool = False) -> dict[str, Any]:
+                   force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs (and its
-    refusal to replace existing ones unless `force`)."""
+    refusal to replace existing ones unless `force`) and post-processing."""
     from ..inference import segment_files
 
-    return segment_files(inputs, pipe.predictor(), out, force=force)
+    return segment_files(inputs, pipe.predictor(), out, force=force, tta=tta, min_component=min_component)

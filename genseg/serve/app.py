@@ -27,6 +27,7 @@ from ..decode import MAX_SLICE_PIXELS
 from ..errors import ConfigError, DataError, GensegError
 from ..inference import load_segmenter, prepare_input, resize_mask
 from ..metrics import dice_iou
+from ..postprocess import drop_small_components, flip_views, merge_views
 from .batcher import MicroBatcher
 from .codec import RequestError, decode_instance, describe_prediction, encode_mask, png_b64, read_instance
 from .generation import GenerationQueue
@@ -123,8 +124,7 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
         async with budget.reserve(MAX_SLICE_PIXELS):  # the most one instance can hold while it is decoded
             inputs = await asyncio.to_thread(_prepare, body.instances, segmenter.channels, segmenter.size,
                                              settings.request_pixels)
-        to_run = [x for x, _ in inputs if x is not None]
-        probabilities = await batcher.submit(to_run) if to_run else []
+        probabilities = await _predict(batcher, [x for x, _ in inputs if x is not None], parameters)
         predictions = await asyncio.to_thread(_describe, inputs, probabilities, segmenter.size, parameters)
         return JSONResponse({"predictions": predictions})
 
@@ -210,6 +210,16 @@ def _prepare(instances: list, channels: int, size: int, request_pixels: int) -> 
             raise RequestError(exc.problem, status=422, index=index) from None
         uploads[index] = image = None  # release the upload and its raw image before decoding the next
     return inputs
+
+
+async def _predict(batcher: MicroBatcher, to_run: list[np.ndarray], parameters: Parameters) -> list[np.ndarray]:
+    """Probabilities of the preprocessed images through the shared batcher, with the request's flip TTA (its flipped
+    copies join the queue like more images) and small-component removal (genseg.postprocess)."""
+    if not to_run:
+        return []
+    views = await batcher.submit(list(flip_views(np.stack(to_run), parameters.tta)))
+    merged = merge_views(np.stack(views), parameters.tta)
+    return list(drop_small_components(merged, parameters.threshold, parameters.min_component))
 
 
 def _describe(inputs: list, probabilities: list, model_size: int, parameters: Parameters) -> list[dict[str, Any]]:

@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
 from ..models.diffusion import SCHEDULERS
+from ..postprocess import TTA_MODES
 
 MASK_FORMATS = ("png_b64", "rle", "none")
 GENERATE_LIMIT = 64  # schema bound; the server's --max-generate is checked in the route
 MAX_GENERATE_STEPS = 1000
 MAX_SEED = 2**31 - 1
 MAX_CLASS = 10**6
+MAX_MIN_COMPONENT = 10**6  # pixels, larger than any model's input
 
 WholeNumber = Annotated[int, Field(strict=True)]
 
@@ -40,6 +42,8 @@ class Parameters(BaseModel):
     threshold: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] = 0.5
     mask_format: Literal[MASK_FORMATS] = "png_b64"  # type: ignore[valid-type]
     return_probabilities: StrictBool = False
+    tta: Literal[TTA_MODES] = "none"  # type: ignore[valid-type]
+    min_component: Annotated[WholeNumber, Field(ge=0, le=MAX_MIN_COMPONENT)] = 0
     generate: Annotated[WholeNumber, Field(ge=1, le=GENERATE_LIMIT)] | None = None
     class_label: Annotated[WholeNumber, Field(ge=0, le=MAX_CLASS)] | None = Field(None, alias="class")
     steps: Annotated[WholeNumber, Field(ge=1, le=MAX_GENERATE_STEPS)] = 20
@@ -53,6 +57,9 @@ class Parameters(BaseModel):
         if self.generate is None and generate_only:
             raise ValueError("unknown parameter(s) for a segmentation request: class, steps, seed, scheduler and "
                              "guidance apply only to generate requests")
+        if self.generate is not None and {"tta", "min_component"} & self.model_fields_set:
+            raise ValueError("tta and min_component apply only to segmentation requests (instances), not to "
+                             "generate requests")
         return self
 
 
@@ -70,6 +77,8 @@ def rules(max_generate: int = GENERATE_LIMIT) -> dict[str, str]:
         "threshold": "threshold must be a number in [0, 1]",
         "mask_format": f"mask_format must be one of {list(MASK_FORMATS)}",
         "return_probabilities": "return_probabilities must be true or false",
+        "tta": f"tta must be one of {list(TTA_MODES)}",
+        "min_component": f"min_component must be a whole number of pixels in [0, {MAX_MIN_COMPONENT}]",
         "generate": f"generate must be a whole number in [1, {max_generate}]",
         "class": f"class must be a whole number in [0, {MAX_CLASS}]",
         "steps": f"steps must be a whole number in [1, {MAX_GENERATE_STEPS}]",

@@ -1,0 +1,106 @@
+"""Test-time augmentation and post-processing of a segmenter's output (issue 14, item 4).
+
+- Flip TTA: the probabilities are averaged over flipped copies of each image, each flipped back first:
+  "hflip" uses the identity and the left-right flip (brains are roughly left-right symmetric), "hvflip" adds the
+  up-down flip and both flips together. Works with any segmenter's `predict` (PyTorch or ONNX Runtime), at the
+  cost of 2 or 4 forward passes.
+- Small-component removal: connected regions (8-connected) of a slice's mask with fewer than `min_component`
+  pixels are dropped, and their probabilities set to 0 so that masks drawn from them agree. Each slice on its own;
+  an empty mask stays empty, and the largest region is dropped too when it is below the limit.
+
+`PostProcessed` wraps a segmenter with both, behind the same interface, so evaluate, segment and the pipeline
+take them without knowing; the server applies the same functions around its batcher.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import ConfigError
+
+TTA_MODES = ("none", "hflip", "hvflip")
+_FLIPS = {"none": [()], "hflip": [(), (-1,)], "hvflip": [(), (-1,), (-2,), (-2, -1)]}  # axes of (..., H, W)
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def check_postprocess(tta: str = "none", min_component: int = 0) -> None:
+    """ConfigError naming the value for an unknown TTA mode or a negative / non-integer component size."""
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if isinstance(min_component, bool) or not isinstance(min_component, (int, np.integer)) or min_component < 0:
+        raise ConfigError(f"min_component must be a whole number of pixels >= 0, got {min_component!r}")
+
+
+def flip_views(images: np.ndarray, tta: str) -> np.ndarray:
+    """(V * N, C, H, W): every image (N, C, H, W) in each of the mode's V flips, view by view."""
+    images = np.asarray(images)
+    return np.concatenate([np.flip(images, axes) if axes else images for axes in _FLIPS[tta]])
+
+
+def merge_views(probabilities: np.ndarray, tta: str) -> np.ndarray:
+    """(N, H, W): the mean of `flip_views`' predictions (V * N, H, W), each view flipped back first."""
+    views = np.split(np.asarray(probabilities, np.float32), len(_FLIPS[tta]))
+    return np.mean([np.flip(view, axes) if axes else view for view, axes in zip(views, _FLIPS[tta])], axis=0)
+
+
+def predict_with_tta(predict: Callable[[np.ndarray], np.ndarray], images, tta: str) -> np.ndarray:
+    """`predict`'s probabilities (N, H, W) averaged over the flips of `tta`."""
+    if tta == "none":
+        return predict(images)
+    return merge_views(predict(flip_views(np.asarray(images, np.float32), tta)), tta)
+
+
+def remove_small_components(mask: np.ndarray, min_component: int) -> np.ndarray:
+    """A boolean mask (H, W) or stack (N, H, W) without its 8-connected regions of fewer than `min_component`
+    pixels, slice by slice."""
+    from scipy import ndimage  # here, so that the CLI can read TTA_MODES without loading SciPy
+
+    mask = np.asarray(mask, bool)
+    if min_component <= 1 or not mask.any():
+        return mask
+    if mask.ndim == 3:
+        return np.stack([remove_small_components(m, min_component) for m in mask])
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_component
+    keep[0] = False
+    return keep[labels]
+
+
+def drop_small_components(probabilities: np.ndarray, threshold: float, min_component: int) -> np.ndarray:
+    """Probabilities (N, H, W) with those of the small regions of the mask at `threshold` set to 0."""
+    probabilities = np.asarray(probabilities, np.float32)
+    if min_component <= 1:
+        return probabilities
+    mask = probabilities >= threshold
+    return np.where(mask & ~remove_small_components(mask, min_component), np.float32(0), probabilities)
+
+
+class PostProcessed:
+    """A segmenter (Segmenter or OnnxSegmenter) whose `predict` applies flip TTA and small-component removal;
+    everything else is the wrapped segmenter's. `threshold` (default the segmenter's) is the one the components
+    are found at, and the one callers threshold at."""
+
+    def __init__(self, segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
+        check_postprocess(tta, min_component)
+        self.segmenter, self.tta, self.min_component = segmenter, tta, int(min_component)
+        self.threshold = segmenter.threshold if threshold is None else threshold
+
+    def __getattr__(self, name: str):
+        return getattr(self.segmenter, name)
+
+    def predict(self, images) -> np.ndarray:
+        probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
+        return drop_small_components(probabilities, self.threshold, self.min_component)
+
+
+def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
+    """The plain segmenter when there is nothing to do, else PostProcessed (checking the values either way); a
+    PostProcessed segmenter's settings are replaced, not applied twice."""
+    check_postprocess(tta, min_component)
+    segmenter = segmenter.segmenter if isinstance(segmenter, PostProcessed) else segmenter
+    if tta == "none" and min_component <= 1:
+        return segmenter
+    return PostProcessed(segmenter, tta, min_component, threshold)

@@ -1,0 +1,47 @@
+"""scripts/bench_recipe.py end to end at a tiny budget: every recipe trains, is scored by genseg.metrics, and
+lands in the JSON, the markdown table and the validation-curve figure."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, returncode=0) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_recipe.py"), *map(str, args)],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == returncode, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_three_recipes_on_a_tiny_dataset(tmp_path):
+    out = tmp_path / "bench"
+    bench("--budget", 0.03, "--datasets", "skull", "--patients", 5, "--size", 32, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    rows = results["datasets"]["skull"]
+    assert list(rows) == ["bare", "monai", "genseg"]
+    for recipe, row in rows.items():
+        assert row["epochs"] > 0 and row["curve"], recipe
+        assert row["wall_s"] >= 0.03 * 60 * 0.9, recipe  # each used its budget
+        assert 0 <= row["test"]["dice"] <= 1 and set(row["test"]["per_class"]) <= {"meningioma", "glioma", "pituitary"}
+        assert all(0 <= dice <= 1 for _, dice in row["curve"])
+    assert rows["genseg"]["budget_by"] in ("time_budget", "epochs")
+    table = (out / "results.md").read_text()
+    assert table.count("| skull |") == 3 and "Dice / bare" in table
+    assert all(f"{name} " in table for name in rows["genseg"]["test"]["per_class"])
+    assert Image.open(out / "val_dice.png").size[0] > 300
+    assert (out / "data" / "skull-5p-32px.h5").exists()  # cached for the next run
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    done = bench("--budget", 0, "--out", tmp_path, returncode=2)
+    assert "--budget must be positive" in done.stderr
+    done = bench("--datasets", "brats", "--out", tmp_path, returncode=2)
+    assert "invalid choice: 'brats'" in done.stderr
