@@ -33,10 +33,11 @@ from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients
+from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
 from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
 
 RESUMABLE_KEYS = {"epochs", "patience", "num_workers", "eval_batch_size", "plot_samples",
-                  "gradient_checkpointing"}  # exact, so it may change on --resume (e.g. after running out of memory)
+                  "gradient_checkpointing", "report_to"}  # exact, so it may change on --resume (e.g. after running out of memory)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class SegTrainConfig:
     plot_samples: int = 4  # slices per split in the sample grids
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # a tracker's copy of log.csv (tracking.py)
 
     def __post_init__(self):
         checks = [
@@ -211,7 +213,8 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
         _check_resume(cfg, out, seg_data.info)
     else:
         refuse_to_overwrite(out)
-    acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed,
+                           tracking=accelerator_tracking(cfg.report_to, out))
     set_seed(cfg.seed)
     init = _initial_network(cfg, seg_data, acc, resume)
     trainer = _seg_trainer(cfg, seg_data, init.model, acc, out)
@@ -220,9 +223,13 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     start_run(trainer, cfg, seg_data.info, resume)
     hooks = Hooks(after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
                   on_best=lambda state: _save_best(trainer.model, acc, out))
+    start_tracking(acc, "train-seg", cfg)
     trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs, hooks=hooks,
                 desc=f"train-seg {out.name}")
-    return _seg_result(trainer, cfg, data, seg_data.info["precision"])
+    result = _seg_result(trainer, cfg, data, seg_data.info["precision"])
+    log_image_files(acc, {path.stem: path for path in sorted((out / "plots").glob("samples_*.png"))}, trainer.state.step)
+    finish_tracking(acc)
+    return result
 
 
 def _memory_format(cfg: SegTrainConfig) -> torch.memory_format:
