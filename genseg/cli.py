@@ -168,6 +168,11 @@ def _precision_option(command):
              "Default: fp32 for a run or pipeline folder, the file's own for an .onnx checkpoint.")(command)
 
 
+REPORT_TO_OPTION = {"type": click.Choice(["none", "tensorboard", "wandb", "mlflow"]),
+                    "help": "Also send log rows (losses, metrics, learning rate) and image grids to this tracker "
+                            "through accelerate (TensorBoard: RUN_DIR/tracking); log.csv stays the record."}
+
+
 def _seg_training_options(command):
     """Flags shared by train-seg and cross-validate; each overrides one SegTrainConfig key when given."""
     options = [
@@ -217,6 +222,7 @@ def _seg_training_options(command):
                           "adapt the first convolution (logged); width/depth must match."),
         click.option("--freeze", type=click.Choice(["none", "encoder", "encoder+bottleneck"]),
                      help="With --init-from: keep these parts at the source's weights (BatchNorm statistics too)."),
+        click.option("--report-to", **REPORT_TO_OPTION),
         click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present."),
     ]
     for option in reversed(options):
@@ -442,6 +448,7 @@ def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slice
 @click.option("--init-from", type=click.Path(),
               help="Start from a trained generator (train-diffusion run or saved pipeline folder), e.g. to adapt "
                    "it to a new domain; its channel layout and classes must match this run's.")
+@click.option("--report-to", **REPORT_TO_OPTION)
 @click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present.")
 def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
     """Train a DDPM (diffusers UNet2DModel) on prepared slices; RUN_DIR becomes a diffusers pipeline folder

@@ -30,6 +30,7 @@ Image.MAX_IMAGE_PIXELS = MAX_SLICE_PIXELS
 PICTURE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # the only PIL plugins tried: others would run Ghostscript etc.
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+GZIP_SIGNATURE = b"\x1f\x8b"
 MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"\x93NUMPY", "npy"), (HDF5_SIGNATURE, "mat"),
          (b"MATLAB", "mat"))
 
@@ -111,15 +112,19 @@ def decode_npy(source: Path | bytes, where: str | Path, max_pixels: int) -> np.n
     return array.astype(np.float32)
 
 
-def decode_nifti(path: Path, where: str | Path, max_pixels: int):
-    """A NIfTI-1/2 single file (.nii or .nii.gz): (nibabel image, float32 voxels (H, W, Z)).
+def decode_nifti(source: Path | bytes, where: str | Path, max_pixels: int):
+    """A NIfTI-1/2 single file (.nii or .nii.gz, or its bytes, gzip told by its magic number): (nibabel image,
+    float32 voxels (H, W, Z)).
 
     The fixed header is parsed first and only the bytes it accounts for are decompressed and handed to
     nibabel, so neither the voxel count nor header extensions can claim more than the bounds.
     """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    if isinstance(source, bytes):
+        f = gzip.GzipFile(fileobj=io.BytesIO(source)) if source[:2] == GZIP_SIGNATURE else io.BytesIO(source)
+    else:
+        f = (gzip.open if source.name.lower().endswith(".gz") else open)(source, "rb")
     try:
-        with opener(path, "rb") as f:
+        with f:
             head = f.read(540)
             image_class, header = _nifti_header(head, where)
             shape, dtype = header.get_data_shape(), header.get_data_dtype()

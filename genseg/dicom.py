@@ -63,6 +63,20 @@ class Member:
         return io.BytesIO(data)
 
 
+@dataclass(frozen=True)
+class UploadMember(Member):
+    """An uploaded DICOM file, read from memory: nothing of it is named by a path."""
+
+    data: bytes = b""
+
+    @property
+    def where(self) -> str:
+        return "upload"
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.data)
+
+
 @dataclass(eq=False)
 class DicomSeries:
     """One image series in slice order: headers without pixel data, where they came from and the grid they span."""
@@ -169,7 +183,12 @@ def read_dicom(path: str | Path, max_pixels: int) -> DicomFolder:
 
     A series that cannot be stacked or decoded is skipped with its reason, the others are kept.
     """
-    found = read_headers(find_members(Path(path)), max_pixels)
+    return decode_frames(read_headers(find_members(Path(path)), max_pixels), max_pixels)
+
+
+def decode_frames(found: DicomFolder, max_pixels: int) -> DicomFolder:
+    """`found` with each series' pixels decoded into `frames`, within `max_pixels` in all; a series that cannot be
+    decoded moves to `skipped`."""
     budget, decoded = max_pixels, []
     for series in found.series:
         rows, columns, slices = series.shape

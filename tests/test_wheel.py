@@ -43,3 +43,7 @@ def test_a_wheel_install_runs_the_pipeline_and_the_demo_from_another_directory(t
     shipped = run([python, "-c", "from genseg.config import builtin_config; print(builtin_config('seg-demo'))"],
                   cwd=elsewhere).stdout.strip()
     assert shipped.startswith(str(venv)), shipped
+    page = run([python, "-c", "from importlib import resources; s = resources.files('genseg.serve') / 'static'; "
+                              "print(*(len((s / n).read_bytes()) for n in ('viewer.html', 'viewer.js', 'viewer.css')))"],
+               cwd=elsewhere).stdout.split()
+    assert len(page) == 3 and all(int(n) > 0 for n in page), page  # the viewer page ships in the wheel

@@ -34,6 +34,7 @@ from .generation import GenerationQueue
 from .guard import MemoryBudget, RequestGuard, error_response
 from .schema import B64Instance, Parameters, PredictRequest, validation_message
 from .storage import resolve_model_uri
+from .viewer import VIEWER_SEGMENT_ROUTE, add_viewer
 
 __all__ = ["MAX_BODY_BYTES", "ServeSettings", "create_app", "resolve_model_uri"]
 
@@ -70,6 +71,7 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
     batcher = MicroBatcher(lambda images: state["segmenter"].predict(images), max_batch=settings.max_batch)
     generation = GenerationQueue(settings.generate_queue)
     budget = MemoryBudget(settings.decode_pixels)
+    predict_route = os.environ.get("AIP_PREDICT_ROUTE", "/predict")
 
     def load() -> None:
         try:
@@ -94,7 +96,8 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
 
     app = FastAPI(title="genseg", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.generation = batcher, generation
-    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, body_timeout=settings.body_timeout_s)
+    app.add_middleware(RequestGuard, max_body=settings.max_body_bytes, body_timeout=settings.body_timeout_s,
+                       raw_routes=frozenset({VIEWER_SEGMENT_ROUTE}))
     _add_error_handlers(app, settings)
 
     @app.get(os.environ.get("AIP_HEALTH_ROUTE", "/health"))
@@ -106,7 +109,7 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
                                 status_code=503)
         return JSONResponse({"status": "loading"}, status_code=503)
 
-    @app.post(os.environ.get("AIP_PREDICT_ROUTE", "/predict"),
+    @app.post(predict_route,
               responses={code: {"description": "error", "content": {"application/json": {}}}
                          for code in (400, 408, 413, 415, 422, 499, 503)})
     async def predict(body: PredictRequest, request: Request) -> JSONResponse:
@@ -140,6 +143,7 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
         return await generation.run(request, lambda check: _generate(pipe, state["train_scheduler_config"],
                                                                      parameters, check))
 
+    add_viewer(app, state, settings, budget, batcher, predict_route)  # after the Vertex AI routes: they match first
     return app
 
 

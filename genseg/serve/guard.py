@@ -22,13 +22,15 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 class RequestGuard:
     """ASGI middleware: refuse a body over `max_body` bytes (413, before reading it when Content-Length says
-    so), a POST whose Content-Type is not JSON (415), and a body that does not arrive within `body_timeout`
-    seconds (408), so a client that sends less than it announced cannot hold a request open."""
+    so), a POST whose Content-Type is not JSON (415; `raw_routes` also take application/octet-stream, a file's
+    bytes), and a body that does not arrive within `body_timeout` seconds (408), so a client that sends less than
+    it announced cannot hold a request open."""
 
-    def __init__(self, app, max_body: int, body_timeout: float):
+    def __init__(self, app, max_body: int, body_timeout: float, raw_routes: frozenset[str] = frozenset()):
         self.app = app
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.raw_routes = raw_routes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -38,9 +40,12 @@ class RequestGuard:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
             return await error_response(413, f"request body is larger than {self.max_body} bytes")(scope, receive, send)
         content_type = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-        if scope["method"] == "POST" and not (content_type == b"application/json" or content_type.endswith(b"+json")):
-            return await error_response(415, "the body must be JSON (Content-Type: application/json)")(
-                scope, receive, send)
+        raw = scope["path"] in self.raw_routes
+        if scope["method"] == "POST" and not (content_type == b"application/json" or content_type.endswith(b"+json")
+                                              or raw and content_type == b"application/octet-stream"):
+            wanted = "the file's bytes (Content-Type: application/octet-stream)" if raw else \
+                "JSON (Content-Type: application/json)"
+            return await error_response(415, f"the body must be {wanted}")(scope, receive, send)
         await self.app(scope, self._bounded(receive), send)
 
     def _bounded(self, receive):

@@ -42,11 +42,12 @@ from .loop import (Hooks, SavedGenerator, Trainer, TrainState, effective_precisi
                    refuse_to_overwrite, start_run)
 from .mixing import kept_patient_ids, subsample_patients
 from .seg import default_run_dir
+from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
 from .transfer import InitResult, initial_unet
 
 # Settings that may differ when a run is resumed (they do not change what the saved state means).
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every_steps", "keep_last", "sample_every_steps", "sample_count",
-                  "sample_steps", "log_every_steps", "num_workers"}
+                  "sample_steps", "log_every_steps", "num_workers", "report_to"}
 
 
 @dataclass
@@ -82,6 +83,7 @@ class DiffusionTrainConfig:
     sample_count: int = 16
     sample_steps: int = 20  # DPM-Solver++ steps of the grids
     init_from: str | None = None  # continue a trained generator (run or pipeline folder) on this data
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # a tracker's copy of log.csv (tracking.py)
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -221,7 +223,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
         _check_resume(cfg, out, data)
     else:
         refuse_to_overwrite(out)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=cpu, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, cpu=cpu, seed=cfg.seed,
+                           tracking=accelerator_tracking(cfg.report_to, out))
     set_seed(cfg.seed)
     dataset = _training_slices(cfg, data)
     init = initial_unet(cfg, load=not resume)  # a bad --init-from fails here, before anything is written
@@ -237,8 +240,11 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
                                     generator=rng.generator)
     hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc),
                   log_row=lambda state: {"ema_decay": ema.cur_decay_value})
+    start_tracking(acc, "train-diffusion", cfg)
     trainer.fit(train_batch, max_steps=cfg.max_steps, hooks=hooks, desc=f"train-diffusion {out.name}")
-    return _diffusion_result(trainer, ema, cfg, info["precision"])
+    result = _diffusion_result(trainer, ema, cfg, info["precision"])
+    finish_tracking(acc)
+    return result
 
 
 def _training_slices(cfg: DiffusionTrainConfig, data: str | Path) -> PreparedDataset:
@@ -323,5 +329,6 @@ def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: D
             save_pipeline(unet, cfg, out)
         if due_grid:
             pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(cfg.model))
-            sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count, cfg.sample_steps,
-                        cfg.seed)
+            grid = sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
+                               cfg.sample_steps, cfg.seed)
+            log_image_files(acc, {"samples": grid}, state.step)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..config import save_config
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path, replace_path
+from .tracking import log_row
 
 STATE_FILE = "trainer_state.json"
 
@@ -49,13 +50,16 @@ class TrainState:
     row_sums: dict = field(default_factory=dict)  # and of the batches since the last per-N-steps log row
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False, seed: int = 0) -> Accelerator:
-    """An Accelerator whose data order is reproducible from `seed` (needed for exact resume)."""
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, cpu: bool = False, seed: int = 0,
+                     tracking: dict[str, Any] | None = None) -> Accelerator:
+    """An Accelerator whose data order is reproducible from `seed` (needed for exact resume); `tracking` as
+    genseg.training.tracking.accelerator_tracking gives it."""
     return Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         cpu=cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        **(tracking or {}),
     )
 
 
@@ -450,8 +454,10 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        self.log.append({"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": lr,
-                         "seconds": round(self.state.elapsed_s, 2)})
+        row = {"epoch": self.state.epoch, "step": self.state.step, **metrics, "lr": lr,
+               "seconds": round(self.state.elapsed_s, 2)}
+        self.log.append(row)
+        log_row(self.accelerator, row, self.state.step)  # a tracker's copy; log.csv stays the record
 
 
 def refuse_to_overwrite(run_dir: Path) -> None:

@@ -34,12 +34,14 @@ from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
 from .schedule import ProgressSchedule
+from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
 from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
 
 # May change on --resume: gradient_checkpointing is exact (e.g. after running out of memory); a changed limit
-# (epochs, max_steps, time_budget) extends or shortens the run and moves the rest of its schedule (schedule.py).
+# (epochs, max_steps, time_budget) extends or shortens the run and moves the rest of its schedule (schedule.py);
+# report_to only changes where the log is mirrored.
 RESUMABLE_KEYS = {"epochs", "max_steps", "time_budget", "patience", "num_workers", "eval_batch_size", "plot_samples",
-                  "gradient_checkpointing"}
+                  "gradient_checkpointing", "report_to"}
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SegTrainConfig:
     plot_samples: int = 4  # slices per split in the sample grids
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # a tracker's copy of log.csv (tracking.py)
 
     def __post_init__(self):
         checks = [
@@ -250,7 +253,8 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
         _check_resume(cfg, out, seg_data.info)
     else:
         refuse_to_overwrite(out)
-    acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed)
+    acc = make_accelerator(cfg.mixed_precision, cpu=cpu, seed=cfg.seed,
+                           tracking=accelerator_tracking(cfg.report_to, out))
     set_seed(cfg.seed)
     init = _initial_network(cfg, seg_data, acc, resume)
     trainer = _seg_trainer(cfg, seg_data, init.model, acc, out)
@@ -262,11 +266,15 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     hooks = Hooks(after_step=lambda state: schedule.apply(trainer.optimizer, state),
                   after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
                   on_best=lambda state: _save_best(trainer.model, acc, out))
+    start_tracking(acc, "train-seg", cfg)
     trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs,
                 max_steps=cfg.max_steps, time_budget_s=_budget_s(cfg), close_partial_epoch=True, hooks=hooks,
                 desc=f"train-seg {out.name}")
     _say_where_the_budget_ended(cfg, trainer, acc)
-    return _seg_result(trainer, cfg, data, seg_data.info["precision"])
+    result = _seg_result(trainer, cfg, data, seg_data.info["precision"])
+    log_image_files(acc, {path.stem: path for path in sorted((out / "plots").glob("samples_*.png"))}, trainer.state.step)
+    finish_tracking(acc)
+    return result
 
 
 def _budget_s(cfg: SegTrainConfig) -> float | None:
