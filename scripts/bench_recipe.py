@@ -36,7 +36,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +111,31 @@ def test_scores(probs: torch.Tensor, test: dict) -> dict:
     return summarize(scores, test["labels"], test["patients"])
 
 
+# --- the baselines' shared loop -------------------------------------------------------------------------------
+
+def train_until(model: torch.nn.Module, optimizer, loss_fn, epoch, per_epoch: int, val: dict,
+                budget_s: float) -> tuple[torch.nn.Module, dict]:
+    """Train on `epoch()`'s (x, y) batches until `budget_s` seconds, validating after each (possibly cut) epoch and
+    keeping the best validation state: the loop both baselines run, so only their model, loss and data differ."""
+    start, steps, best, best_state, curve = time.perf_counter(), 0, -1.0, None, []
+    while time.perf_counter() - start < budget_s:
+        model.train()
+        for x, y in epoch():
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.perf_counter() - start >= budget_s:
+                break
+        dice = mean_dice(predict(model, val["images"]), val["masks"])
+        curve.append((time.perf_counter() - start, dice))
+        if dice > best:
+            best, best_state = dice, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return model, {"epochs": steps / per_epoch, "best_val_dice": best, "curve": curve}
+
+
 # --- the bare loop ------------------------------------------------------------------------------------------
 
 def bare_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -126,27 +150,15 @@ def train_bare(train: dict, val: dict, budget_s: float, seed: int) -> tuple[torc
     images, masks = train["images"], train["masks"]
     model = SegmentationUNet(in_channels=images.shape[1], base_channels=16, depth=4, sample_size=images.shape[-1])
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    start, steps, per_epoch = time.perf_counter(), 0, math.ceil(len(images) / BATCH)
-    best, best_state, curve = -1.0, None, []
-    while time.perf_counter() - start < budget_s:
-        model.train()
+
+    def epoch():
         for rows in torch.randperm(len(images)).split(BATCH):
             x, y = images[rows].clone(), masks[rows].clone()
             flip = torch.rand(len(rows)) < 0.5
             x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
-            loss = bare_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.perf_counter() - start >= budget_s:
-                break
-        dice = mean_dice(predict(model, val["images"]), val["masks"])
-        curve.append((time.perf_counter() - start, dice))
-        if dice > best:
-            best, best_state = dice, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    return model, {"epochs": steps / per_epoch, "best_val_dice": best, "curve": curve}
+            yield x, y
+
+    return train_until(model, optimizer, bare_loss, epoch, math.ceil(len(images) / BATCH), val, budget_s)
 
 
 # --- MONAI's standard 2-D recipe ----------------------------------------------------------------------------
@@ -170,24 +182,10 @@ def train_monai(train: dict, val: dict, budget_s: float, seed: int) -> tuple[tor
     model = UNet(spatial_dims=2, in_channels=train["images"].shape[1], out_channels=1,
                  channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
     loss_fn, optimizer = DiceCELoss(sigmoid=True), torch.optim.Adam(model.parameters(), lr=LR)
-    start, steps, best, best_state, curve = time.perf_counter(), 0, -1.0, None, []
-    while time.perf_counter() - start < budget_s:
-        model.train()
-        for batch in loader:
-            loss = loss_fn(model(batch["image"].as_tensor()), batch["label"].as_tensor())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.perf_counter() - start >= budget_s:
-                break
-        dice = mean_dice(predict(model, val["images"]), val["masks"])
-        curve.append((time.perf_counter() - start, dice))
-        if dice > best:
-            best, best_state = dice, copy.deepcopy(model.state_dict())
+    batches = lambda: ((batch["image"].as_tensor(), batch["label"].as_tensor()) for batch in loader)  # noqa: E731
+    trained = train_until(model, optimizer, loss_fn, batches, len(loader), val, budget_s)
     set_determinism(seed=None)
-    model.load_state_dict(best_state)
-    return model, {"epochs": steps / len(loader), "best_val_dice": best, "curve": curve}
+    return trained
 
 
 # --- the shipped recipe -------------------------------------------------------------------------------------

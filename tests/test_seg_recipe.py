@@ -4,18 +4,15 @@ budget and continues on --resume after a kill, and the bad settings it refuses."
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401 (autouse fixture)
+from seg_helpers import cli_env, kill_after_first_checkpoint, one_torch_thread, write_phantoms  # noqa: F401 (autouse fixture)
 
 from genseg.config import load_config
 from genseg.data.augment import PairedAugment
@@ -25,13 +22,8 @@ from genseg.training.mixing import MixSampler
 from genseg.training.schedule import POLY_POWER
 from genseg.training.seg import SegTrainConfig, train_segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=None, patience=None, hflip=False,
             max_rotation=0.0, plot_samples=1)
-
-
-def cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +37,6 @@ def lrs(run: Path) -> list[float]:
 
 def weights(run: Path) -> dict:
     return load_file(run / "model" / "diffusion_pytorch_model.safetensors")
-
-
-def kill_after_first_checkpoint(args: list[str], run: Path) -> None:
-    """Start `genseg ARGS`, SIGKILL it once its first checkpoint exists (the pattern of test_seg_train)."""
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((run / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
 
 
 def test_time_budget_ends_the_run_with_the_schedule_at_its_end(data, tmp_path):

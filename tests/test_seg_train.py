@@ -4,18 +4,15 @@ cross-validates, and refuses bad settings with clear errors."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from seg_helpers import one_torch_thread, write_phantoms, write_synthetic  # noqa: F401 (autouse fixture)
+from seg_helpers import cli_env, kill_after_first_checkpoint, one_torch_thread, write_phantoms, write_synthetic  # noqa: F401 (autouse fixture)
 
 from genseg.data.prepared import PreparedDataset
 from genseg.errors import CheckpointError, ConfigError, DataError
@@ -26,13 +23,8 @@ from genseg.training.loop import CsvLog
 from genseg.training.mixing import MixSampler, subsample_patients
 from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=1, patience=None, hflip=False, max_rotation=0.0,
             plot_samples=2)
-
-
-def cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +66,7 @@ def test_kill_then_resume_reaches_the_same_epoch_count(data, tmp_path):
     args = [sys.executable, "-m", "genseg", "train-seg", "--data", str(data), "--out", str(run), "--size", "32",
             "--epochs", "10", "--batch-size", "2", "--seed", "1", "--config", str(tmp_path / "c.yaml")]
     (tmp_path / "c.yaml").write_text("base_channels: 4\ndepth: 2\npatience: null\nplot_samples: 1\n")
-    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((run / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(args, run)
     done = json.loads(sorted((run / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())
     assert 1 <= done["epoch"] < 10, "the kill should land mid-run"
     out = subprocess.run(args + ["--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
