@@ -212,8 +212,8 @@ def genseg_post_rows(run_dir: Path, data: Path, min_component: int) -> dict[str,
     """The genseg model evaluated with flip TTA, small-component removal and both (no extra training)."""
     from genseg.evaluate import evaluate
 
-    variants = {"genseg +tta": {"tta": True}, f"genseg +min-component {min_component}": {"min_component": min_component},
-                f"genseg +tta +min-component {min_component}": {"tta": True, "min_component": min_component}}
+    variants = {"genseg +tta": {"tta": "hflip"}, f"genseg +min-component {min_component}": {"min_component": min_component},
+                f"genseg +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component}}
     return {name: evaluate(run_dir, data, progress=False, **kwargs) for name, kwargs in variants.items()}
 
 
