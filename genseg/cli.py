@@ -411,7 +411,11 @@ def serve(checkpoint, pipeline_dir, host, port, max_batch, max_instances, compil
               help="With --int8: training slices that calibrate the activation ranges.")
 @click.option("--max-dice-change", type=click.FloatRange(min=0), default=0.005, show_default=True,
               help="With --int8: refuse (write nothing) when the validation or test Dice moves by more than this.")
-def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slices, max_dice_change):
+@click.option("--int8-format", type=click.Choice(["auto", "u8u8", "u8s8"]), default="auto", show_default=True,
+              help="With --int8: weight format. auto = u8s8 (int8 weights, fastest, uses VNNI/AMX) on a CPU with "
+                   "VNNI, else u8u8 (uint8 weights, exact on every CPU). A u8s8 file is refused on a CPU without "
+                   "VNNI, where ONNX Runtime's u8s8 sums saturate.")
+def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slices, max_dice_change, int8_format):
     """Export a trained segmenter to ONNX: input `image` (N, C, S, S) in [0, 1] preprocessed as `genseg segment`
     does, output `probability` (N, 1, S, S); the batch dimension is dynamic. With --int8 the file is quantised,
     and the Dice numbers of the accuracy check are printed and stored in its metadata."""
@@ -420,10 +424,12 @@ def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slice
     if not int8 and calibration:
         raise click.UsageError("--calibration applies to --int8 exports only")
     result = export_onnx(checkpoint, out, opset=opset, int8=int8, calibration=calibration,
-                         calibration_slices=calibration_slices, max_dice_change=max_dice_change)
+                         calibration_slices=calibration_slices, max_dice_change=max_dice_change,
+                         weight_format=int8_format)
     path = Path(result["path"])
     if int8:
-        click.echo(f"int8 accuracy check: {guard_summary(result['guard']['splits'])}")
+        click.echo(f"int8 ({result['quantisation']['weight_format']}) accuracy check: "
+                   f"{guard_summary(result['guard']['splits'])}")
     click.echo(f"Wrote {path} ({result['precision']}, {path.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -184,31 +184,39 @@ def amx_granted() -> bool:
 ONNX_BATCHES, ONNX_THREADS = (1, 8), (1, 2)
 
 
-def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, str, str]:
-    """(fp32 export, int8 export, int8 Dice note) of one segmenter: with `data`, `export-onnx --int8` calibrated
-    on it, whose accuracy check here reports instead of refusing; without, an untrained model's int8 export
-    calibrated on random images."""
-    from genseg.serve.onnx import export_onnx
+def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, dict[str, str], str]:
+    """(fp32 export, {weight format: int8 export}, int8 Dice note) of one segmenter, for each int8 weight format
+    this CPU can run accurately (u8u8 always; u8s8 with VNNI): with `data`, `export-onnx --int8` calibrated on it,
+    whose accuracy check here reports instead of refusing; without, an untrained model's int8 export calibrated on
+    random images."""
+    from genseg.serve.onnx import cpu_features, export_onnx, int8_format
     from genseg.serve.testing import make_untrained_int8
 
+    formats = sorted({"u8u8", int8_format("auto", cpu_features())}, reverse=True)
     fp32 = export_onnx(run_dir, work / "fp32.onnx")["path"]
     if not data:
-        return fp32, str(make_untrained_int8(run_dir)), "untrained, speed only"
-    exported = export_onnx(run_dir, work / "int8.onnx", int8=True, calibration=data, max_dice_change=1.0)
-    guard = exported["guard"]["splits"]
-    return fp32, exported["path"], (f"{guard['test']['dice_change']:+.4f} / {guard['val']['dice_change']:+.4f} "
-                                    f"(fp32 vs int8 masks {guard['test']['mask_dice_fp32_vs_int8']:.3f})")
+        return fp32, {f: str(make_untrained_int8(run_dir, weight_format=f, out=work / f"{f}.onnx")) for f in formats}, \
+            "untrained, speed only"
+    int8, notes = {}, []
+    for f in formats:
+        exported = export_onnx(run_dir, work / f"{f}.onnx", int8=True, calibration=data, max_dice_change=1.0,
+                               weight_format=f)
+        guard = exported["guard"]["splits"]
+        int8[f] = exported["path"]
+        notes.append(f"{f} {guard['test']['dice_change']:+.4f} / {guard['val']['dice_change']:+.4f} (fp32 vs int8 "
+                     f"masks {guard['test']['mask_dice_fp32_vs_int8']:.3f})")
+    return fp32, int8, "; ".join(notes)
 
 
 def onnx_table(sizes: list[int], trained: list[list[str]], repeats: int) -> None:
-    """ms/slice of PyTorch fp32 (`Segmenter`), ONNX Runtime fp32 and int8 at each batch and thread count, for
-    untrained paper U-Nets at `sizes` and each trained (RUN, DATA) at its own size; ratios to PyTorch."""
+    """ms/slice of PyTorch fp32 (`Segmenter`), ONNX Runtime fp32 and int8 (each weight format this CPU runs
+    accurately) at each batch and thread count, for untrained paper U-Nets at `sizes` and each trained (RUN, DATA)
+    at its own size; ratios to PyTorch."""
     from genseg.inference import load_segmenter
     from genseg.serve.onnx import OnnxSegmenter
     from genseg.serve.testing import make_untrained_segmenter
 
-    print("\n| model | px | batch | threads | PyTorch fp32 ms/slice | ORT fp32 ms/slice | ORT int8 ms/slice | "
-          "int8 Dice change test / val |\n|---|---|---|---|---|---|---|---|", flush=True)
+    header = False
     with tempfile.TemporaryDirectory() as tmp:
         models = [("paper U-Net", make_untrained_segmenter(Path(tmp) / f"paper{size}", size=size, base_channels=64,
                                                            depth=4), None) for size in sizes]
@@ -216,17 +224,23 @@ def onnx_table(sizes: list[int], trained: list[list[str]], repeats: int) -> None
         for k, (label, run_dir, data) in enumerate(models):
             (Path(tmp) / str(k)).mkdir()
             fp32, int8, note = onnx_exports(run_dir, data, Path(tmp) / str(k))
+            if not header:
+                print("\n| model | px | batch | threads | PyTorch fp32 ms/slice | ORT fp32 ms/slice | "
+                      + " | ".join(f"ORT int8 {f} ms/slice" for f in int8) + " | int8 Dice change test / val |\n|"
+                      + "---|" * (7 + len(int8)), flush=True)
+                header = True
             segmenter = load_segmenter(run_dir, device="cpu")
             for threads in ONNX_THREADS:
                 torch.set_num_threads(threads)
                 engines = {"torch": segmenter, "ort_fp32": OnnxSegmenter(fp32, threads=threads),
-                           "ort_int8": OnnxSegmenter(int8, threads=threads)}
+                           **{f: OnnxSegmenter(path, threads=threads) for f, path in int8.items()}}
                 for batch in ONNX_BATCHES:
                     x = torch.rand(batch, segmenter.channels, segmenter.size, segmenter.size).numpy()
                     t = {name: timed(lambda e=e: e.predict(x), repeats) / batch for name, e in engines.items()}
-                    print(f"| {label} | {segmenter.size} | {batch} | {threads} | {t['torch'] * 1e3:.0f} | "
-                          f"{t['ort_fp32'] * 1e3:.0f} ({t['torch'] / t['ort_fp32']:.2f}x) | "
-                          f"{t['ort_int8'] * 1e3:.0f} ({t['torch'] / t['ort_int8']:.2f}x) | {note} |", flush=True)
+                    cells = " | ".join(f"{t[name] * 1e3:.0f} ({t['torch'] / t[name]:.2f}x)" for name in engines
+                                       if name != "torch")
+                    print(f"| {label} | {segmenter.size} | {batch} | {threads} | {t['torch'] * 1e3:.0f} | {cells} | "
+                          f"{note} |", flush=True)
 
 
 def pytorch_benchmark(args) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,7 @@ from genseg.errors import CheckpointError, ConfigError
 from genseg.evaluate import evaluate
 from genseg.inference import load_segmenter, segment_files
 from genseg.serve.codec import rle_decode
-from genseg.serve.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter, export_onnx
+from genseg.serve.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter, cpu_features, export_onnx, int8_format
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
 from genseg.training.seg import SegTrainConfig, train_segmenter
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
@@ -70,7 +71,7 @@ def run(tmp_path_factory) -> Path:
     done = CliRunner().invoke(main, ["export-onnx", "--checkpoint", str(folder / "run"), "--int8",
                                      "--max-dice-change", "0.05"])
     assert done.exit_code == 0, done.output
-    assert "int8 accuracy check: val (8 slices): Dice fp32" in done.output
+    assert "accuracy check: val (8 slices): Dice fp32" in done.output
     return folder / "run"
 
 
@@ -238,4 +239,30 @@ def test_the_shipped_demo_segmenter_quantises_within_the_default_guard(tmp_path,
     for role in ("val", "test"):
         row = meta["guard"]["splits"][role]
         assert abs(row["dice_change"]) <= 0.005 and row["mask_dice_fp32_vs_int8"] > 0.98, (role, row, done.stdout)
-    assert meta["quantisation"]["weights"] == "uint8 per output channel"
+    assert meta["quantisation"]["weight_format"] == int8_format("auto", cpu_features())
+
+
+def test_the_int8_weight_format_follows_vnni_and_a_u8s8_file_is_refused_without_it(tmp_path):
+    """u8s8 only where VNNI keeps its sums exact; a u8s8 file moved to an AVX2 CPU without VNNI is refused by name.
+    The CPU cannot be swapped in a test, so the refusal is checked through the feature list it is given."""
+    from genseg.serve.onnx import check_int8_format
+    from genseg.serve.testing import make_untrained_int8
+
+    assert int8_format("auto", ["avx2", "fma", "avx512f", "avx512_vnni"]) == "u8s8"
+    assert int8_format("auto", ["avx2", "fma", "avx_vnni"]) == "u8s8"
+    assert int8_format("auto", ["avx2", "fma"]) == "u8u8" and int8_format("auto", []) == "u8u8"
+    assert int8_format("u8u8", ["avx512_vnni"]) == "u8u8"
+    with pytest.raises(ConfigError, match="int8 format 's8s8'"):
+        int8_format("s8s8", [])
+    run = make_untrained_segmenter(tmp_path / "r", size=SIZE, base_channels=4, depth=2)
+    for fmt in ("u8u8", "u8s8"):
+        path = make_untrained_int8(run, weight_format=fmt, out=tmp_path / f"{fmt}.onnx")
+        meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
+        assert meta["quantisation"]["weight_format"] == fmt
+        check_int8_format(path, meta, ["avx2", "fma", "avx512_vnni"])
+        check_int8_format(path, meta, [])  # not x86 (e.g. Arm): no saturating u8s8 path
+        if fmt == "u8u8":
+            check_int8_format(path, meta, ["avx2", "fma"])
+        else:
+            with pytest.raises(CheckpointError, match="u8s8 int8 export .* this CPU has no VNNI"):
+                check_int8_format(path, meta, ["avx2", "fma"])

@@ -4,8 +4,9 @@ behind the `Segmenter` interface, so `evaluate`, `segment`, `serve` and `pipelin
 
 fp32 uses torch's `torch.export`-based exporter (needs onnxscript, in the `onnx` extra): the TorchScript exporter is
 deprecated in recent torch releases. int8 is ONNX Runtime's static quantiser on that BatchNorm-folded export: QDQ
-format, int8 weights per output channel, uint8 activations calibrated (MinMax) on a few dozen slices of the model's
-own training split. Before an int8 file is written, its masks are compared with the fp32 model's on the held-out
+format, weights per output channel, uint8 activations calibrated (MinMax) on a few dozen slices of the model's
+own training split; the weights are int8 (u8s8) where the exporting CPU has VNNI and uint8 (u8u8) elsewhere
+(`int8_format`). Before an int8 file is written, its masks are compared with the fp32 model's on the held-out
 splits, and the export is refused when the Dice against ground truth moves by more than `max_dice_change`.
 Every export carries its metadata (sizes, threshold, the weights it came from, the guard's numbers) as the ONNX
 metadata entry "genseg".
@@ -31,6 +32,8 @@ METADATA_KEY = "genseg"
 MAX_DICE_CHANGE = 0.005
 CALIBRATION_SLICES = 32
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+INT8_FORMATS = ("auto", "u8u8", "u8s8")
+VNNI = ("avx512_vnni", "avx_vnni")  # either gives ONNX Runtime u8s8 kernels whose int32 sums do not saturate
 
 
 def onnxruntime():
@@ -41,6 +44,27 @@ def onnxruntime():
         raise GensegError("int8 and .onnx models run through ONNX Runtime, which is not installed: "
                           "pip install 'genseg[onnx]'") from None
     return onnxruntime
+
+
+def int8_format(requested: str, features: list[str]) -> str:
+    """The weight format of an int8 export: u8s8 (ONNX Runtime's fastest on x86) on a CPU with VNNI, u8u8
+    elsewhere. Without VNNI, ORT multiplies u8s8 with VPMADDUBSW, whose int16 partial sums saturate and break a
+    trained segmenter's masks; u8u8 never saturates but runs without the VNNI/AMX int8 kernels."""
+    if requested not in INT8_FORMATS:
+        raise ConfigError(f"int8 format {requested!r}: expected one of {', '.join(INT8_FORMATS)}")
+    if requested != "auto":
+        return requested
+    return "u8s8" if any(name in features for name in VNNI) else "u8u8"
+
+
+def check_int8_format(path: str | Path, metadata: dict[str, Any], features: list[str]) -> None:
+    """Refuse a u8s8 export on an x86 CPU without VNNI: its accuracy guard was measured where the sums do not
+    saturate, and here they do."""
+    fmt = metadata.get("quantisation", {}).get("weight_format")
+    if fmt == "u8s8" and "avx2" in features and not any(name in features for name in VNNI):
+        raise CheckpointError(f"{path}: a u8s8 int8 export (made on a CPU with VNNI), and this CPU has no VNNI, where "
+                              f"ONNX Runtime's u8s8 sums saturate and the masks would be wrong; export it again on "
+                              f"this machine (`genseg export-onnx --int8` picks u8u8 here)")
 
 
 def cpu_features() -> list[str]:
@@ -90,6 +114,7 @@ class OnnxSegmenter:
                                   f"`genseg export-onnx`") from None
         if self.precision not in PRECISIONS:
             raise CheckpointError(f"{path}: unknown precision {self.precision!r} in its metadata")
+        check_int8_format(path, self.metadata, cpu_features())
         self.batch_size = batch_size
         self.source = str(path)
 
@@ -155,15 +180,13 @@ def export_fp32(segmenter, out: Path, metadata: dict[str, Any], opset: int = 18)
     write_metadata(out, metadata)
 
 
-def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str, Any]) -> dict[str, Any]:
+def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str, Any],
+                 weight_format: str = "u8u8") -> dict[str, Any]:
     """Static int8 quantisation of an fp32 export with ONNX Runtime, calibrated on `images` (N, C, S, S); writes
     `out` with `metadata` plus the quantisation settings, and returns that metadata.
 
-    QDQ with uint8 weights per output channel and uint8 activations (u8u8), after ORT's recommended
-    pre-processing (shape inference, graph optimisation). Not u8s8, although it is ORT's fastest x86 format: on
-    CPUs without VNNI, ORT multiplies u8s8 with VPMADDUBSW, whose int16 sums saturate, and the masks of a trained
-    segmenter fall apart there; u8u8 never saturates, so one export is accurate on every CPU it is served on
-    (docs: README, "int8")."""
+    QDQ with weights per output channel (uint8 for "u8u8", int8 for "u8s8"; see `int8_format`) and uint8
+    activations, after ORT's recommended pre-processing (shape inference, graph optimisation)."""
     ort = onnxruntime()
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -175,15 +198,18 @@ def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str,
         def get_next(self):
             return next(self.batches, None)
 
+    weights = {"u8u8": QuantType.QUInt8, "u8s8": QuantType.QInt8}[weight_format]
     with tempfile.TemporaryDirectory() as work:
         pre = Path(work) / "pre.onnx"
         quant_pre_process(str(fp32), str(pre))
         quantize_static(str(pre), str(out), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+                        activation_type=QuantType.QUInt8, weight_type=weights,
                         calibrate_method=CalibrationMethod.MinMax)
     metadata = {**metadata, "precision": "int8",
                 "quantisation": {"toolkit": f"onnxruntime {ort.__version__}", "format": "QDQ",
-                                 "weights": "uint8 per output channel", "activations": "uint8 per tensor",
+                                 "weight_format": weight_format,
+                                 "weights": f"{'uint8' if weight_format == 'u8u8' else 'int8'} per output channel",
+                                 "activations": "uint8 per tensor",
                                  "calibration_method": "MinMax", "calibration_slices": len(images)}}
     write_metadata(out, metadata)
     return metadata
@@ -247,17 +273,19 @@ def _calibration_file(checkpoint: str | Path, calibration: str | Path | None) ->
 
 def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: int = 18, int8: bool = False,
                 calibration: str | Path | None = None, calibration_slices: int = CALIBRATION_SLICES,
-                max_dice_change: float = MAX_DICE_CHANGE) -> dict[str, Any]:
+                max_dice_change: float = MAX_DICE_CHANGE, weight_format: str = "auto") -> dict[str, Any]:
     """Write the export of `checkpoint` (atomically) and return its metadata with "path" added. `out` defaults to
     segmenter-fp32.onnx / segmenter-int8.onnx in the model folder (where `--precision int8` looks).
 
     int8 is calibrated on `calibration` (default: the run's own training data) and refused, with nothing written,
     when its test or validation Dice differs from fp32's by more than `max_dice_change` (GensegError with the
-    numbers); the guard's numbers are in the metadata."""
+    numbers); the guard's numbers are in the metadata. `weight_format` "auto" picks u8s8 on a CPU with VNNI and
+    u8u8 elsewhere (`int8_format`); a u8s8 file is refused later on a CPU without VNNI."""
     from ..inference import WEIGHTS, load_segmenter, model_folder
 
     if int8:
         onnxruntime()  # before any work: the clear install hint
+        weight_format = int8_format(weight_format, cpu_features())
     model_dir, _ = model_folder(checkpoint)
     segmenter = load_segmenter(checkpoint, device="cpu")
     out = Path(out) if out is not None else model_dir / f"segmenter-{'int8' if int8 else 'fp32'}.onnx"
@@ -273,7 +301,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
     with tempfile.TemporaryDirectory() as work, atomic_path(out) as tmp:
         fp32 = Path(work) / "fp32.onnx"
         export_fp32(segmenter, fp32, metadata, opset)
-        metadata = quantize_int8(fp32, tmp, images, metadata)
+        metadata = quantize_int8(fp32, tmp, images, metadata, weight_format)
         metadata["quantisation"].update(calibration_file=str(calibration), calibration_selection=chosen)
         guard = accuracy_guard(segmenter, OnnxSegmenter(tmp, batch_size=segmenter.batch_size), checkpoint,
                                calibration)

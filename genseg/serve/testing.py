@@ -34,22 +34,25 @@ def make_untrained_segmenter(run_dir: str | Path, size: int = 64, base_channels:
     return run_dir
 
 
-def make_untrained_int8(run_dir: str | Path, images: int = 8, seed: int = 0) -> Path:
+def make_untrained_int8(run_dir: str | Path, images: int = 8, seed: int = 0, weight_format: str = "auto",
+                        out: str | Path | None = None) -> Path:
     """The int8 export of a `make_untrained_segmenter` run, where `--precision int8` finds it, calibrated on
     uniform random images instead of a training split: an untrained model has no Dice to keep, and int8 speed
-    does not depend on the weights or the ranges, so benchmarks of speed use this."""
+    does not depend on the weights or the ranges, so benchmarks of speed use this. `weight_format` as in
+    `export_onnx`; `out` defaults to where `--precision int8` looks."""
     import numpy as np
 
     from ..inference import model_folder
-    from .onnx import INT8_FILE, export_onnx, quantize_int8
+    from .onnx import INT8_FILE, cpu_features, export_onnx, int8_format, quantize_int8
 
     model_dir, _ = model_folder(run_dir)
+    out = Path(out) if out is not None else model_dir / INT8_FILE
     with tempfile.TemporaryDirectory() as work:
         fp32 = export_onnx(run_dir, Path(work) / "fp32.onnx")
         shape = (images, fp32["channels"], fp32["size"], fp32["size"])
         calibration = np.random.default_rng(seed).random(shape, dtype=np.float32)
-        quantize_int8(Path(fp32.pop("path")), model_dir / INT8_FILE, calibration, fp32)
-    return model_dir / INT8_FILE
+        quantize_int8(Path(fp32.pop("path")), out, calibration, fp32, int8_format(weight_format, cpu_features()))
+    return out
 
 
 def free_port() -> int:
