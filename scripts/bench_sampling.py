@@ -23,8 +23,8 @@ import torch
 
 from genseg.config import load_config
 from genseg.pipeline.diffusion import SamplingSettings, load_diffusion
-from genseg.sampling import write_samples
-from genseg.synthetic_quality import evaluate_synthetic
+from genseg.workflows.sampling import write_samples
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpmsolver", 20), ("dpmsolver", 10))

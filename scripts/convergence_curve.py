@@ -32,8 +32,8 @@ from genseg.config import load_config
 from genseg.io import atomic_path
 from genseg.models.diffusion import build_unet
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.sampling import sample_to_file
-from genseg.synthetic_quality import evaluate_synthetic
+from genseg.workflows.sampling import sample_to_file
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, save_pipeline, train_diffusion
 from genseg.training.loop import STATE_FILE, CsvLog, _load_state_dict  # the checkpoint format's own reader
 from genseg.viz import plot_curves

@@ -26,7 +26,7 @@ from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampling_scheduler
 from genseg.pipeline import SamplingSettings, SliceDiffusionPipeline, load_diffusion, seed_generators
-from genseg.sampling import forward_process_figure, sample_to_file
+from genseg.workflows.sampling import forward_process_figure, sample_to_file
 from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
 from diffusion_helpers import quiet, tiny_config as shared_tiny_config
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)

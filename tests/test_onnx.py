@@ -19,10 +19,12 @@ from PIL import Image
 
 from genseg.cli import main
 from genseg.errors import CheckpointError, ConfigError
-from genseg.evaluate import evaluate
-from genseg.inference import load_segmenter, segment_files
+from genseg.evaluation.evaluate import evaluate
+from genseg.inference.files import segment_files
+from genseg.inference.segmenter import load_segmenter
 from genseg.serve.codec import rle_decode
-from genseg.serve.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter, export_onnx
+from genseg.inference.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter
+from genseg.workflows.export import export_onnx
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
 from genseg.training.seg import SegTrainConfig, train_segmenter
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
@@ -93,7 +95,7 @@ def test_int8_export_records_the_guard_and_evaluate_reproduces_it(run):
 def test_int8_runs_segment_serve_and_the_pipeline(run, tmp_path):
     from diffusion_helpers import tiny_generator
 
-    from genseg.pipeline.run import load_pipeline
+    from genseg.workflows.pipeline_run import load_pipeline
 
     image, _ = phantom(np.random.default_rng(5), 48, True)
     png = tmp_path / "scan.png"
@@ -123,7 +125,7 @@ def test_int8_runs_segment_serve_and_the_pipeline(run, tmp_path):
 
 
 def test_int8_export_refuses_past_the_dice_threshold(run, tmp_path, monkeypatch):
-    import genseg.serve.onnx as onnx_module
+    import genseg.workflows.export as onnx_module
 
     row = {"selection": {"split": "val"}, "slices": 8, "dice_fp32": 0.9, "dice_int8": 0.88, "dice_change": -0.02,
            "mask_dice_fp32_vs_int8": 0.97}

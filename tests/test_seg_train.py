@@ -16,9 +16,9 @@ from seg_helpers import cli_env, kill_after_first_checkpoint, one_torch_thread, 
 
 from genseg.data.prepared import PreparedDataset
 from genseg.errors import CheckpointError, ConfigError, DataError
-from genseg.evaluate import evaluate
-from genseg.inference import Segmenter
-from genseg.metrics import dice_iou
+from genseg.evaluation.evaluate import evaluate
+from genseg.inference.segmenter import Segmenter
+from genseg.evaluation.metrics import dice_iou
 from genseg.training.loop import CsvLog
 from genseg.training.mixing import MixSampler, subsample_patients
 from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter

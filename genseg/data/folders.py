@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decode import MAX_SLICE_PIXELS, read_picture
+from .decode import MAX_SLICE_PIXELS, read_picture
 from ..errors import DataError
 from .records import SliceRecord
 

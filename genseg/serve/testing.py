@@ -40,8 +40,9 @@ def make_untrained_int8(run_dir: str | Path, images: int = 8, seed: int = 0) -> 
     does not depend on the weights or the ranges, so benchmarks of speed use this."""
     import numpy as np
 
-    from ..inference import model_folder
-    from .onnx import INT8_FILE, export_onnx, quantize_int8
+    from ..inference.segmenter import model_folder
+    from ..inference.onnx import INT8_FILE
+    from ..workflows.export import export_onnx, quantize_int8
 
     model_dir, _ = model_folder(run_dir)
     with tempfile.TemporaryDirectory() as work:

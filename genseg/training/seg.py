@@ -29,7 +29,7 @@ from ..data.augment import AUGMENT_KEYS, PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io import atomic_path
-from ..metrics import dice_from_counts, iou_from_counts
+from ..evaluation.metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
@@ -375,7 +375,7 @@ def _seg_result(trainer: Trainer, cfg: SegTrainConfig, data: str | Path, precisi
 
 def finish_run(out: Path, data: str | Path, cfg: SegTrainConfig) -> dict:
     """Score the best model on the real val and test data, write metrics.json and the figures."""
-    from ..evaluate import evaluate, plot_run  # evaluate -> inference -> this module's SegTrainConfig
+    from ..evaluation.evaluate import evaluate, plot_run  # evaluate -> inference -> this module's SegTrainConfig
 
     scores = {role: evaluate(out, data, split=role, progress=False) for role in ("val", "test")}
     plot_run(out, data, cfg)
