@@ -231,9 +231,9 @@ def _seg_training_options(command):
 
 
 def _seg_config(config_path, out, resume, overrides):
-    from .training.seg import resolve_config
+    from .runs import SegTrainConfig, resolve_config
 
-    return resolve_config(config_path, overrides, out, resume)
+    return resolve_config(SegTrainConfig, config_path, overrides, out, resume)
 
 
 @main.command("train-seg")
@@ -453,9 +453,10 @@ def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slice
 def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
     """Train a DDPM (diffusers UNet2DModel) on prepared slices; RUN_DIR becomes a diffusers pipeline folder
     (model_index.json, unet/ with EMA weights, scheduler/) plus log.csv, checkpoints/ and samples/ grids."""
-    from .training.diffusion import resolve_config, train_diffusion
+    from .runs import resolve_config
+    from .training.diffusion import DiffusionTrainConfig, train_diffusion
 
-    cfg = resolve_config(config_path, overrides, out, resume)
+    cfg = resolve_config(DiffusionTrainConfig, config_path, overrides, out, resume)
     result = train_diffusion(cfg, data, out, resume=resume, cpu=cpu)
     if result.main_process:
         click.echo(f"{result.metrics}\nrun: {result.run_dir}")

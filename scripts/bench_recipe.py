@@ -47,8 +47,8 @@ from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.data.records import CLASS_NAMES
 from genseg.evaluation.metrics import dice_iou, score_slices, summarize
 from genseg.models.unet import SegmentationUNet
-from genseg.training.loop import CsvLog
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.runs import CsvLog, SegTrainConfig
+from genseg.training.seg import train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("standard", *PRESETS, "ultrasound")

@@ -121,8 +121,8 @@ def training(batch: int, steps: int, threads: int, checkpointing: bool = False) 
 def bf16_agreement(run_dir: str, data: str, limit: int = 64) -> dict:
     """Dice of a trained model's masks against ground truth in fp32 and bf16, and between the two."""
     from genseg.data.prepared import PreparedDataset
-    from genseg.inference.segmenter import load_segmenter
     from genseg.evaluation.metrics import dice_iou
+    from genseg.inference.segmenter import load_segmenter
 
     segmenter = load_segmenter(run_dir, device="cpu")
     dataset = PreparedDataset(data, split="test")
@@ -188,8 +188,8 @@ def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, str,
     """(fp32 export, int8 export, int8 Dice note) of one segmenter: with `data`, `export-onnx --int8` calibrated
     on it, whose accuracy check here reports instead of refusing; without, an untrained model's int8 export
     calibrated on random images."""
-    from genseg.workflows.export import export_onnx
     from genseg.serve.testing import make_untrained_int8
+    from genseg.workflows.export import export_onnx
 
     fp32 = export_onnx(run_dir, work / "fp32.onnx")["path"]
     if not data:
@@ -203,8 +203,8 @@ def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, str,
 def onnx_table(sizes: list[int], trained: list[list[str]], repeats: int) -> None:
     """ms/slice of PyTorch fp32 (`Segmenter`), ONNX Runtime fp32 and int8 at each batch and thread count, for
     untrained paper U-Nets at `sizes` and each trained (RUN, DATA) at its own size; ratios to PyTorch."""
-    from genseg.inference.segmenter import load_segmenter
     from genseg.inference.onnx import OnnxSegmenter
+    from genseg.inference.segmenter import load_segmenter
     from genseg.serve.testing import make_untrained_segmenter
 
     print("\n| model | px | batch | threads | PyTorch fp32 ms/slice | ORT fp32 ms/slice | ORT int8 ms/slice | "

@@ -20,8 +20,8 @@ from genseg.errors import CheckpointError, ConfigError, GensegError
 from genseg.evaluation.metrics import dice_iou
 from genseg.pipeline.diffusion import SamplingSettings, seed_generators
 from genseg.pipeline.genseg_pipeline import GenSegPipeline
-from genseg.workflows.pipeline_run import load_pipeline, run_pipeline
 from genseg.serve.testing import make_untrained_segmenter
+from genseg.workflows.pipeline_run import load_pipeline, run_pipeline
 from diffusion_helpers import quiet, tiny_generator
 from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 

@@ -21,12 +21,13 @@ from genseg.cli import main
 from genseg.errors import CheckpointError, ConfigError
 from genseg.evaluation.evaluate import evaluate
 from genseg.inference.files import segment_files
-from genseg.inference.segmenter import load_segmenter
-from genseg.serve.codec import rle_decode
 from genseg.inference.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter
-from genseg.workflows.export import export_onnx
+from genseg.inference.segmenter import load_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.serve.codec import rle_decode
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import train_segmenter
+from genseg.workflows.export import export_onnx
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401
 from genseg.errors import ConfigError
 from genseg.evaluation.evaluate import evaluate
 from genseg.inference.files import segment_file
-from genseg.inference.segmenter import Segmenter, load_segmenter
-from genseg.models.unet import SegmentationUNet
 from genseg.inference.postprocess import (PostProcessed, check_postprocess, drop_small_components, postprocessed,
                                           remove_small_components)
+from genseg.inference.segmenter import Segmenter, load_segmenter
+from genseg.models.unet import SegmentationUNet
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
 
 SIZE = 32

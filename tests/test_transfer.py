@@ -22,7 +22,8 @@ from genseg.cli import main
 from genseg.data.prepared import read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.unet import SegmentationUNet
-from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.training.seg import cross_validate, train_segmenter
 from genseg.training.transfer import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]

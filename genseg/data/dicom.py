@@ -27,9 +27,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .decode import check_size
 from ..errors import DataError
 from ..io import atomic_path
+from .decode import check_size
 
 MAX_ZIP_MEMBERS = 100_000
 MAX_ZIP_BYTES = 2**30  # uncompressed bytes of all members together

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DataError
 from .decode import MAX_FILE_PIXELS, check_size
 from .dicom import Member, decode_series, find_members, read_headers, read_segmentation
-from ..errors import DataError
 from .records import SliceRecord, sample_slices
 
 

@@ -12,20 +12,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import load_config
 from ..data.prepared import PreparedDataset, open_prepared, read_metadata
 from ..errors import DataError
-from ..inference.segmenter import Segmenter, load_segmenter
-from .metrics import score_slices, summarize
 from ..inference.postprocess import postprocessed
-from ..training.loop import CsvLog
-from ..training.seg import SegTrainConfig, split_selection
+from ..inference.segmenter import Segmenter, load_segmenter
+from ..runs import CsvLog, SegTrainConfig, run_config, split_selection
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
-
-
-def run_config(run_dir: str | Path) -> SegTrainConfig | None:
-    path = Path(run_dir) / "config.yaml"
-    return load_config(SegTrainConfig, path) if path.exists() else None
+from .metrics import score_slices, summarize
 
 
 def selection(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None) -> dict:

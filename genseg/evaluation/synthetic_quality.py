@@ -48,14 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.prepared import read_metadata
+from ..data.prepared import check_synthetic, read_metadata
 from ..data.records import CLASS_NAMES
 from ..errors import CheckpointError, DataError
 from ..inference.segmenter import Segmenter, load_segmenter
 from ..io import atomic_path
-from .metrics import dice_from_counts, kid, nearest_neighbour_distances, overlap_counts
-from ..training.mixing import check_synthetic
 from ..viz import plot_bars
+from .metrics import dice_from_counts, kid, nearest_neighbour_distances, overlap_counts
 
 NEAR_COPY_RATIO = 0.5
 NN_SIDE = 32  # images are average-pooled to at most this side before nearest-neighbour search

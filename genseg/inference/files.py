@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.figshare import read_figshare_mat
-from ..data.records import normalize_intensity, preprocess_image
 from ..data.decode import MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, decode_npy, decode_picture, sniff
 from ..data.dicom import DicomSeries, read_dicom, write_segmentation
+from ..data.figshare import read_figshare_mat
+from ..data.records import normalize_intensity, preprocess_image
 from ..errors import DataError, GensegError
 from ..io import atomic_path
 from ..viz import PREDICTION_COLOR, overlay, save_png

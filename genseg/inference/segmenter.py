@@ -13,7 +13,7 @@ from ..config import load_config
 from ..data.records import check_images
 from ..errors import CheckpointError, ConfigError
 from ..models.unet import SegmentationUNet
-from ..training.seg import SegTrainConfig
+from ..runs import SegTrainConfig
 from .onnx import INT8_FILE, PRECISIONS, OnnxSegmenter, load_onnx_segmenter
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights

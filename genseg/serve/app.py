@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.decode import MAX_SLICE_PIXELS
 from ..errors import ConfigError, DataError, GensegError
-from ..inference.files import prepare_input, resize_mask
-from ..inference.segmenter import load_segmenter
 from ..evaluation.metrics import dice_iou
+from ..inference.files import prepare_input, resize_mask
 from ..inference.postprocess import drop_small_components, flip_views, merge_views
+from ..inference.segmenter import load_segmenter
 from .batcher import MicroBatcher
 from .codec import RequestError, decode_instance, describe_prediction, encode_mask, png_b64, read_instance
 from .generation import GenerationQueue

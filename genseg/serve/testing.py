@@ -24,7 +24,7 @@ def make_untrained_segmenter(run_dir: str | Path, size: int = 64, base_channels:
 
     from ..config import save_config
     from ..models.unet import SegmentationUNet
-    from ..training.seg import SegTrainConfig
+    from ..runs import SegTrainConfig
 
     run_dir = Path(run_dir)
     torch.manual_seed(seed)
@@ -40,8 +40,8 @@ def make_untrained_int8(run_dir: str | Path, images: int = 8, seed: int = 0) -> 
     does not depend on the weights or the ranges, so benchmarks of speed use this."""
     import numpy as np
 
-    from ..inference.segmenter import model_folder
     from ..inference.onnx import INT8_FILE
+    from ..inference.segmenter import model_folder
     from ..workflows.export import export_onnx, quantize_int8
 
     model_dir, _ = model_folder(run_dir)

@@ -39,9 +39,10 @@ from ..data.prepare import prepare
 from ..data.prepared import read_metadata
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path
-from ..training.loop import STATE_FILE
-from ..training.seg import SegTrainConfig, train_segmenter
 from ..pipeline.diffusion import SamplingSettings, SliceDiffusionPipeline, load_diffusion, model_channels
+from ..runs import SegTrainConfig
+from ..training.loop import STATE_FILE
+from ..training.seg import train_segmenter
 
 SEG_DEMO_CONFIG = builtin_config("seg-demo")
 DIFFUSION_CPU_CONFIG = builtin_config("diffusion-cpu-small")
@@ -110,14 +111,15 @@ def diffusion_checkpoint_step(run: Path) -> int:
 def ensure_diffusion(cfg, data: Path, run: Path, cpu: bool = False) -> Path:
     """Train a generator in `run` up to `cfg.max_steps`: reused when it got there, resumed (with the run's own
     config, only max_steps changed) when it stopped earlier, started otherwise."""
-    from ..training.diffusion import resolve_config, train_diffusion
     from ..pipeline.diffusion import is_diffusion_run
+    from ..runs import resolve_config
+    from ..training.diffusion import DiffusionTrainConfig, train_diffusion
 
     done = diffusion_checkpoint_step(run)
     if done >= cfg.max_steps and is_diffusion_run(run):
         return Path(run)
     if done:
-        cfg = resolve_config(None, {"max_steps": cfg.max_steps}, run, resume=True)
+        cfg = resolve_config(DiffusionTrainConfig, None, {"max_steps": cfg.max_steps}, run, resume=True)
     train_diffusion(cfg, data, run, resume=bool(done), cpu=cpu)
     return Path(run)
 
@@ -153,8 +155,8 @@ def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int,
                      sampling: SamplingSettings = SamplingSettings(), *, source: str | Path = "",
                      grid: Path | None = None) -> Path:
     """`num` slices sampled with `sampling` written as a synthetic prepared file, plus a grid of the first 16."""
-    from .sampling import sample_into
     from ..viz import overlay, save_grid
+    from .sampling import sample_into
 
     result = sample_into(generator, num, out, source, sampling)
     if grid is not None:

@@ -12,13 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, GensegError
-from ..inference.segmenter import load_segmenter
-from ..io import atomic_path
 from ..evaluation.metrics import dice_iou
 from ..inference.postprocess import postprocessed
-from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
+from ..inference.segmenter import load_segmenter
+from ..io import atomic_path
 from ..pipeline.diffusion import SamplingSettings
 from ..pipeline.genseg_pipeline import GenSegOutput, GenSegPipeline
+from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
 CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
