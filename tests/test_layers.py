@@ -155,7 +155,7 @@ def test_imports_point_down_and_form_no_cycle():
     assert not loops, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in loops)
 
 
-def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
+def test_the_checks_catch_an_upward_import_and_a_cycle():
     """The checkers themselves, on made-up edges: an inference module importing training, and a two-module loop."""
     fake = [("genseg.inference.files", "genseg.training.seg", "genseg/inference/files.py:3"),
             ("genseg.data.records", "genseg.data.prepared", "x:1"), ("genseg.data.prepared", "genseg.data.records", "x:2")]
@@ -166,7 +166,7 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
         layer_of("genseg_other.thing")
 
 
-def test_function_local_imports_are_seen(tmp_path):
+def test_function_local_imports_are_seen():
     """A relative import inside a function body resolves like one at the top of the module."""
     modules = all_modules()
     edges = import_edges(modules)

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_config
 from ..data.records import check_images
 from ..errors import CheckpointError, ConfigError
 from ..models.unet import SegmentationUNet
-from ..runs import SegTrainConfig
+from ..runs import run_config
 from .onnx import INT8_FILE, PRECISIONS, OnnxSegmenter, load_onnx_segmenter
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
@@ -102,7 +101,7 @@ def model_folder(path: str | Path) -> tuple[Path, float]:
         raise CheckpointError(f"{path}: is a diffusion run or pipeline (unet/, scheduler/ or model_index.json) "
                               f"without a segmenter/, not a segmentation model; pass a train-seg run directory")
     if model_dir == path and (path / "config.yaml").exists() and not (path / "config.json").exists():
-        threshold = load_config(SegTrainConfig, path / "config.yaml").threshold
+        threshold = run_config(path).threshold
         model_dir = path / "model"
         if not model_dir.is_dir():
             raise CheckpointError(f"{path}: has no trained model yet (model/ is missing); finish or resume training")
