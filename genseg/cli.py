@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .errors import GensegError
-from .postprocess import TTA_MODES
+from .inference.postprocess import TTA_MODES
 
 MODALITY_CHOICES = ["t1", "t1ce", "t2", "flair", "t1n", "t1c", "t2w", "t2f"]  # genseg.data.brats.MODALITIES
 
@@ -148,7 +148,7 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
 
 
 def _postprocess_options(command):
-    """--tta and --min-component for the commands that segment (genseg.postprocess)."""
+    """--tta and --min-component for the commands that segment (genseg.inference.postprocess)."""
     command = click.option(
         "--min-component", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
         help="Drop connected regions (8-connected) of fewer than N pixels from each slice's mask, at the model's "
@@ -231,9 +231,9 @@ def _seg_training_options(command):
 
 
 def _seg_config(config_path, out, resume, overrides):
-    from .training.seg import resolve_config
+    from .runs import SegTrainConfig, resolve_config
 
-    return resolve_config(config_path, overrides, out, resume)
+    return resolve_config(SegTrainConfig, config_path, overrides, out, resume)
 
 
 @main.command("train-seg")
@@ -243,7 +243,7 @@ def _seg_config(config_path, out, resume, overrides):
 @click.option("--fold", "test_fold", type=int, help="Use fold K of the data as test set (val = K % 5 + 1).")
 def train_seg(data, config_path, out, resume, synthetic, cpu, **overrides):
     """Train the paper's U-Net on a prepared dataset; best model by validation score into RUN_DIR/model."""
-    from .evaluate import markdown_table
+    from .evaluation.evaluate import markdown_table
     from .training.seg import train_segmenter
 
     cfg = _seg_config(config_path, out, resume, overrides)
@@ -282,7 +282,7 @@ def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_compone
     """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
     import json
 
-    from .evaluate import evaluate as run_evaluate, markdown_table
+    from .evaluation.evaluate import evaluate as run_evaluate, markdown_table
 
     result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision,
                           tta=tta, min_component=min_component)
@@ -323,7 +323,7 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
     OUT/a/scan.png_mask.png, OUT/a/scan.tif_mask.png. If any output already exists nothing is written, unless
     --force. A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
     """
-    from .inference import segment_files
+    from .inference.files import segment_files
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
                            probabilities=save_probabilities, precision=precision, tta=tta,
@@ -419,7 +419,7 @@ def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slice
     """Export a trained segmenter to ONNX: input `image` (N, C, S, S) in [0, 1] preprocessed as `genseg segment`
     does, output `probability` (N, 1, S, S); the batch dimension is dynamic. With --int8 the file is quantised,
     and the Dice numbers of the accuracy check are printed and stored in its metadata."""
-    from .serve.onnx import export_onnx, guard_summary
+    from .workflows.export import export_onnx, guard_summary
 
     if not int8 and calibration:
         raise click.UsageError("--calibration applies to --int8 exports only")
@@ -459,9 +459,10 @@ def export_onnx_cmd(checkpoint, out, opset, int8, calibration, calibration_slice
 def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
     """Train a DDPM (diffusers UNet2DModel) on prepared slices; RUN_DIR becomes a diffusers pipeline folder
     (model_index.json, unet/ with EMA weights, scheduler/) plus log.csv, checkpoints/ and samples/ grids."""
-    from .training.diffusion import resolve_config, train_diffusion
+    from .runs import resolve_config
+    from .training.diffusion import DiffusionTrainConfig, train_diffusion
 
-    cfg = resolve_config(config_path, overrides, out, resume)
+    cfg = resolve_config(DiffusionTrainConfig, config_path, overrides, out, resume)
     result = train_diffusion(cfg, data, out, resume=resume, cpu=cpu)
     if result.main_process:
         click.echo(f"{result.metrics}\nrun: {result.run_dir}")
@@ -503,7 +504,7 @@ def _generation_options(command):
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
 def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
     """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run."""
-    from .sampling import sample_to_file
+    from .workflows.sampling import sample_to_file
 
     path = sample_to_file(checkpoint, num, out, sampling, png_dir=png_dir, save_intermediates=save_intermediates)
     click.echo(f"wrote {num} synthetic slices to {path}")
@@ -519,7 +520,7 @@ def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the noise.")
 def forward_process(data, index, out, checkpoint, beta_schedule, seed):
     """Figure of the forward (noising) process: x_t of one slice at several t, from clean to pure noise."""
-    from .sampling import forward_process_figure
+    from .workflows.sampling import forward_process_figure
 
     click.echo(f"wrote {forward_process_figure(data, index, out, checkpoint, beta_schedule, seed=seed)}")
 
@@ -555,7 +556,7 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
     it segments the real files named after it instead.
     """
     from .io import atomic_path
-    from .pipeline.run import load_pipeline, run_pipeline, segment_inputs
+    from .workflows.pipeline_run import load_pipeline, run_pipeline, segment_inputs
 
     if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
         raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
@@ -602,7 +603,7 @@ def evaluate_synthetic_cmd(synthetic, real, segmenter, near_copy_ratio, out_dir,
     into SYNTHETIC (an edited copy atomically replaces it)."""
     import json
 
-    from .synthetic_quality import evaluate_synthetic, markdown_table
+    from .evaluation.synthetic_quality import evaluate_synthetic, markdown_table
 
     result = evaluate_synthetic(synthetic, real, segmenter, near_copy_ratio=near_copy_ratio, seed=seed,
                                 write=not no_write, out_dir=out_dir, progress=not as_json)
@@ -631,7 +632,7 @@ def demo(out, pipeline_dir, from_scratch, diffusion_steps, force, tiny):
     a real-only and a mixed (synthetic ratio 0.5) segmenter, compare them on the real test split and run the
     generate-then-segment pipeline. Ends with OUT/report.md and PNGs. Prints a plan with times measured on this
     machine first; within 10 minutes on 2 idle CPU cores, and on a GPU it uses the GPU."""
-    from .pipeline.demo import run_demo
+    from .workflows.demo import run_demo
 
     run_demo(out, pipeline=pipeline_dir, from_scratch=from_scratch, diffusion_steps=diffusion_steps, force=force,
              tiny=tiny, echo=click.echo)

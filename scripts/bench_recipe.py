@@ -15,7 +15,7 @@ demo flow does. Recipes, each given --budget minutes of wall time per dataset:
   outputs, Adam 1e-3, batch 8, MONAI dictionary transforms (RandFlipd, RandRotated, RandScaleIntensityd,
   RandShiftIntensityd) and the same validation and best state.
 
-Every recipe's test masks are scored by genseg.metrics (the best validation state, threshold 0.5), so the numbers
+Every recipe's test masks are scored by genseg.evaluation.metrics (the best validation state, threshold 0.5), so the numbers
 compare. With --post-rows the genseg model is also evaluated with flip TTA, with small-component removal and with
 both (no extra training). Writes OUT/results.json (everything, with the validation curves), OUT/results.md (the
 table, with each recipe's test Dice over the bare loop's on that dataset) and OUT/val_dice.png (validation Dice
@@ -45,10 +45,10 @@ from genseg.data.demo_ultrasound import make_ultrasound_dataset
 from genseg.data.prepare import prepare
 from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.data.records import CLASS_NAMES
-from genseg.metrics import dice_iou, score_slices, summarize
+from genseg.evaluation.metrics import dice_iou, score_slices, summarize
 from genseg.models.unet import SegmentationUNet
-from genseg.training.loop import CsvLog
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.runs import CsvLog, SegTrainConfig
+from genseg.training.seg import train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ("standard", *PRESETS, "ultrasound")
@@ -96,7 +96,7 @@ def own_class_names(scores: dict, data: Path) -> dict:
 
 
 def mean_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
-    """Mean per-slice Dice (both empty = 1), genseg.metrics' convention, of probabilities at THRESHOLD."""
+    """Mean per-slice Dice (both empty = 1), genseg.evaluation.metrics' convention, of probabilities at THRESHOLD."""
     return float(dice_iou(probs[:, 0].numpy() >= THRESHOLD, masks[:, 0].numpy() > 0.5)[0].mean())
 
 
@@ -210,7 +210,7 @@ def train_genseg(data: Path, run_dir: Path, budget_s: float, bare_epoch_s: float
 
 def genseg_post_rows(run_dir: Path, data: Path, min_component: int) -> dict[str, dict]:
     """The genseg model evaluated with flip TTA, small-component removal and both (no extra training)."""
-    from genseg.evaluate import evaluate
+    from genseg.evaluation.evaluate import evaluate
 
     variants = {"genseg +tta": {"tta": "hflip"}, f"genseg +min-component {min_component}": {"min_component": min_component},
                 f"genseg +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component}}
@@ -249,7 +249,7 @@ def markdown(results: dict, budget_min: float) -> str:
     def fmt(v, digits=3):
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    lines = [f"Budget {budget_min:g} min of wall time per recipe and dataset; test split; genseg.metrics.", "",
+    lines = [f"Budget {budget_min:g} min of wall time per recipe and dataset; test split; genseg.evaluation.metrics.", "",
              "| dataset | recipe | test Dice | Dice / bare | per-class Dice | HD95 (px) | wall (s) | epochs |",
              "|---|---|---|---|---|---|---|---|"]
     for dataset, rows in results["datasets"].items():

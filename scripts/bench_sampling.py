@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from genseg.config import load_config
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.pipeline.diffusion import SamplingSettings, load_diffusion
-from genseg.sampling import write_samples
-from genseg.synthetic_quality import evaluate_synthetic
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
+from genseg.workflows.sampling import write_samples
 
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpmsolver", 20), ("dpmsolver", 10))
 QUALITY_KEYS = ("kid_mean", "kid_std", "kid_real_reference", "nn_ratio_median", "near_copy_percent",

@@ -121,8 +121,8 @@ def training(batch: int, steps: int, threads: int, checkpointing: bool = False) 
 def bf16_agreement(run_dir: str, data: str, limit: int = 64) -> dict:
     """Dice of a trained model's masks against ground truth in fp32 and bf16, and between the two."""
     from genseg.data.prepared import PreparedDataset
-    from genseg.inference import load_segmenter
-    from genseg.metrics import dice_iou
+    from genseg.evaluation.metrics import dice_iou
+    from genseg.inference.segmenter import load_segmenter
 
     segmenter = load_segmenter(run_dir, device="cpu")
     dataset = PreparedDataset(data, split="test")
@@ -189,7 +189,8 @@ def onnx_exports(run_dir: Path, data: str | None, work: Path) -> tuple[str, dict
     this CPU can run accurately (u8u8 always; u8s8 with VNNI): with `data`, `export-onnx --int8` calibrated on it,
     whose accuracy check here reports instead of refusing; without, an untrained model's int8 export calibrated on
     random images."""
-    from genseg.serve.onnx import cpu_features, export_onnx, int8_format
+    from genseg.inference.onnx import cpu_features, int8_format
+    from genseg.workflows.export import export_onnx
     from genseg.serve.testing import make_untrained_int8
 
     formats = sorted({"u8u8", int8_format("auto", cpu_features())}, reverse=True)
@@ -212,8 +213,8 @@ def onnx_table(sizes: list[int], trained: list[list[str]], repeats: int) -> None
     """ms/slice of PyTorch fp32 (`Segmenter`), ONNX Runtime fp32 and int8 (each weight format this CPU runs
     accurately) at each batch and thread count, for untrained paper U-Nets at `sizes` and each trained (RUN, DATA)
     at its own size; ratios to PyTorch."""
-    from genseg.inference import load_segmenter
-    from genseg.serve.onnx import OnnxSegmenter
+    from genseg.inference.onnx import OnnxSegmenter
+    from genseg.inference.segmenter import load_segmenter
     from genseg.serve.testing import make_untrained_segmenter
 
     header = False
@@ -304,7 +305,7 @@ def main() -> None:
         block_amx()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from genseg.serve.onnx import cpu_features
+    from genseg.inference.onnx import cpu_features
 
     print(f"CPU features: {' '.join(cpu_features())}{' (AMX blocked)' if args.block_amx else ''}", flush=True)
     if not args.onnx:

@@ -28,10 +28,10 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from genseg.inference import model_folder
-from genseg.serve.onnx import INT8_FILE
+from genseg.inference.onnx import INT8_FILE
+from genseg.inference.segmenter import model_folder
 from genseg.serve.testing import ServerProcess, make_untrained_int8, make_untrained_segmenter, post_json, request
-from genseg.pipeline.run import DEMO_PIPELINE
+from genseg.workflows.pipeline_run import DEMO_PIPELINE
 
 
 def run_load(port: int, body: bytes, requests: int, in_flight: int) -> dict:

@@ -29,14 +29,15 @@ import yaml
 from diffusers.training_utils import EMAModel
 
 from genseg.config import load_config
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.io import atomic_path
 from genseg.models.diffusion import build_unet
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.sampling import sample_to_file
-from genseg.synthetic_quality import evaluate_synthetic
-from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, save_pipeline, train_diffusion
-from genseg.training.loop import STATE_FILE, CsvLog, _load_state_dict  # the checkpoint format's own reader
+from genseg.runs import CsvLog, resolve_config
+from genseg.training.diffusion import DiffusionTrainConfig, save_pipeline, train_diffusion
+from genseg.training.loop import STATE_FILE, _load_state_dict  # the checkpoint format's own reader
 from genseg.viz import plot_curves
+from genseg.workflows.sampling import sample_to_file
 
 
 def ema_weights(checkpoint: Path, cfg: DiffusionTrainConfig):
@@ -119,7 +120,7 @@ def main() -> None:
         overrides = {key: yaml.safe_load(value) for key, value in (s.split("=", 1) for s in args.set)}
         overrides.update(max_steps=args.steps, checkpoint_every_steps=args.every,
                          keep_last=args.steps // args.every + 1)
-        cfg = resolve_config(args.config, overrides, args.out, resume=False)
+        cfg = resolve_config(DiffusionTrainConfig, args.config, overrides, args.out, resume=False)
         result = train_diffusion(cfg, args.data, args.out)
         print(f"trained {result.metrics}", flush=True)
     curve = measure(args.out, args.data, cfg, args.samples, args.sample_steps, args.seed, args.segmenter)

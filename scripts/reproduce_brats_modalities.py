@@ -18,7 +18,8 @@ from pathlib import Path
 from genseg.config import load_config
 from genseg.data.prepare import prepare
 from genseg.errors import DataError, GensegError
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.training.seg import train_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_IOU = {"t1": 0.8203, "t2": 0.8307, "t1ce": 0.7799, "flair": 0.8312}  # the paper's average IoU per modality

@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from genseg.data.prepared import PreparedWriter, read_metadata
-from genseg.synthetic_quality import evaluate_synthetic
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 
 
 def defect_sets(real: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

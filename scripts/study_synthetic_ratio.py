@@ -47,15 +47,15 @@ import numpy as np
 
 from genseg.config import load_config
 from genseg.data.prepared import PreparedDataset, read_metadata
+from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.io import atomic_path
-from genseg.pipeline.demo import (ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
-                                  generator_source, load_generator, sample_synthetic, training_length)
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.synthetic_quality import evaluate_synthetic
-from genseg.training.mixing import select_synthetic, subsample_patients
+from genseg.runs import SegTrainConfig
 from genseg.training.diffusion import DiffusionTrainConfig
-from genseg.training.seg import SegTrainConfig
+from genseg.training.mixing import select_synthetic, subsample_patients
 from genseg.viz import plot_curves
+from genseg.workflows.demo import (ensure_demo_data, ensure_diffusion, ensure_prepared, ensure_segmenter,
+                                   generator_source, load_generator, sample_synthetic, training_length)
 
 REPO = Path(__file__).resolve().parents[1]  # scripts are run from a checkout
 CONFIG = REPO / "configs" / "study-synthetic-ratio.yaml"

@@ -31,8 +31,8 @@ from genseg.data.demo_ultrasound import make_ultrasound_dataset
 from genseg.data.prepare import prepare
 from genseg.data.prepared import PreparedDataset
 from genseg.io import atomic_path
-from genseg.training.loop import CsvLog
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.runs import CsvLog, SegTrainConfig
+from genseg.training.seg import train_segmenter
 from genseg.viz import plot_curves
 
 

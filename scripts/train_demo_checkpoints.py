@@ -28,16 +28,15 @@ import torch
 
 from genseg.config import load_config
 from genseg.data.prepared import read_metadata
+from genseg.evaluation.synthetic_quality import evaluate_synthetic, markdown_table
 from genseg.io import atomic_path
-from genseg.pipeline.demo import (DIFFUSION_CPU_CONFIG, diffusion_checkpoint_step, ensure_demo_data,
-                                  ensure_diffusion, ensure_prepared, ensure_segmenter, load_generator,
-                                  sample_synthetic, seg_demo_config)
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.pipeline.genseg import GenSegPipeline
-from genseg.pipeline.run import DEMO_PIPELINE
-from genseg.synthetic_quality import evaluate_synthetic, markdown_table
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
+from genseg.runs import CsvLog
 from genseg.training.diffusion import DiffusionTrainConfig
-from genseg.training.loop import CsvLog
+from genseg.workflows.demo import (DIFFUSION_CPU_CONFIG, diffusion_checkpoint_step, ensure_demo_data, ensure_diffusion,
+                                   ensure_prepared, ensure_segmenter, load_generator, sample_synthetic, seg_demo_config)
+from genseg.workflows.pipeline_run import DEMO_PIPELINE
 
 SIZE = 64
 MAX_MB = 30.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from genseg.config import config_from_dict
-from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from genseg.serve.testing import make_untrained_segmenter
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 from seg_helpers import write_phantoms

@@ -1,4 +1,4 @@
-"""scripts/bench_recipe.py end to end at a tiny budget: every recipe trains, is scored by genseg.metrics, and
+"""scripts/bench_recipe.py end to end at a tiny budget: every recipe trains, is scored by genseg.evaluation.metrics, and
 lands in the JSON, the markdown table and the validation-curve figure."""
 
 import json

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genseg.metrics import dice_iou, hd95, kid
+from genseg.evaluation.metrics import dice_iou, hd95, kid
 
 
 def random_masks(n: int, side: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from genseg.cli import main
 from genseg.data.prepared import read_metadata
 from genseg.pipeline.diffusion import seed_generators
-from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from diffusion_helpers import quiet, tiny_pipeline as make_tiny_pipeline
 from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -97,7 +97,7 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(tiny_pipeline, tmp_path
 
 
 def test_demo_errors(tiny_pipeline, tmp_path, monkeypatch):
-    import genseg.pipeline.run as pipeline_run
+    import genseg.workflows.pipeline_run as pipeline_run
 
     monkeypatch.setattr(pipeline_run, "DEMO_PIPELINE", tmp_path / "not-shipped")
     done = demo("--out", tmp_path / "a", "--tiny")
@@ -186,7 +186,7 @@ def test_study_smoke(tiny_pipeline, tmp_path, change):
 def test_demo_from_scratch_states_the_training_time_first(tmp_path):
     """--from-scratch: the measured s/step x steps is printed before anything trains; the demo then samples from
     the generator it trained (tiny: a 32 px UNet, 2 steps)."""
-    from genseg.pipeline.demo import run_demo
+    from genseg.workflows.demo import run_demo
 
     lines = []
     summary = run_demo(tmp_path / "demo", from_scratch=True, diffusion_steps=2, tiny=True, echo=lines.append)
@@ -219,7 +219,7 @@ def test_other_load_counts_the_cores_other_processes_take():
     import subprocess
     import time
 
-    from genseg.pipeline.demo import OtherLoad
+    from genseg.workflows.demo import OtherLoad
 
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -235,7 +235,7 @@ def test_other_load_counts_the_cores_other_processes_take():
 def test_the_plan_says_when_it_timed_on_a_busy_machine(tiny_pipeline, tmp_path, monkeypatch):
     import itertools
 
-    import genseg.pipeline.demo as demo_module
+    import genseg.workflows.demo as demo_module
 
     ticks = itertools.count(0, 1000.0)  # every reading: another 1000 busy CPU seconds
     monkeypatch.setattr(demo_module, "_busy_cpu_seconds", lambda: next(ticks))

@@ -15,9 +15,9 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from conftest import oblique_orientation, write_dicom_series, write_enhanced_mr
-from genseg.dicom import read_dicom
+from genseg.data.dicom import read_dicom
 from genseg.errors import DataError
-from genseg.inference import load_inputs
+from genseg.inference.files import load_inputs
 
 BUDGET = 2**28
 

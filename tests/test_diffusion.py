@@ -26,8 +26,9 @@ from genseg.data.prepared import PreparedDataset, read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.diffusion import SCHEDULERS, DiffusionModelConfig, make_sampling_scheduler
 from genseg.pipeline import SamplingSettings, SliceDiffusionPipeline, load_diffusion, seed_generators
-from genseg.sampling import forward_process_figure, sample_to_file
-from genseg.training.diffusion import DiffusionTrainConfig, resolve_config, train_diffusion
+from genseg.runs import resolve_config
+from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
+from genseg.workflows.sampling import forward_process_figure, sample_to_file
 from diffusion_helpers import quiet, tiny_config as shared_tiny_config
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
@@ -273,7 +274,7 @@ def test_kill_and_resume_continues_the_step_count(data, tmp_path):
     steps = [int(r["step"]) for r in _log(run) if r["loss"]]
     assert steps == list(range(5, target + 1, 5))  # no restart from 0, no duplicates after the kill
     assert (run / "model_index.json").is_file()
-    changed = resolve_config(config, {"lr": 0.1}, run, resume=True)
+    changed = resolve_config(DiffusionTrainConfig, config, {"lr": 0.1}, run, resume=True)
     with pytest.raises(ConfigError, match=r"cannot resume with changed settings \['lr'\]"):
         train_diffusion(changed, data, run, resume=True, cpu=True)
     with pytest.raises(ConfigError, match="already holds a training run; pass --resume"):
@@ -298,7 +299,7 @@ def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
     log (bar the timings) as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from genseg.training.loop import CsvLog
+    from genseg.runs import CsvLog
 
     cfg = tiny_config(max_steps=8, checkpoint_every_steps=checkpoint_every, log_every_steps=1, sample_every_steps=0,
                       lr_warmup_steps=2, model={"num_classes": 4})
@@ -335,7 +336,8 @@ def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
 def test_real_fraction_learns_from_the_patients_train_seg_keeps(tmp_path):
     """A generator matched to a segmenter: with the same --real-fraction and --seed both keep the same patients
     (and a different seed keeps others)."""
-    from genseg.training.seg import SegTrainConfig, build_seg_data
+    from genseg.runs import SegTrainConfig
+    from genseg.training.seg import build_seg_data
 
     data = write_phantoms(tmp_path / "p.h5", n=40, size=16, patients=10)
     quick = {"split": "train", "max_steps": 1, "checkpoint_every_steps": 1, "sample_every_steps": 0}

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from genseg.errors import CheckpointError, ConfigError, GensegError
-from genseg.metrics import dice_iou
+from genseg.evaluation.metrics import dice_iou
 from genseg.pipeline.diffusion import SamplingSettings, seed_generators
-from genseg.pipeline.genseg import GenSegPipeline
-from genseg.pipeline.run import load_pipeline, run_pipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from genseg.serve.testing import make_untrained_segmenter
+from genseg.workflows.pipeline_run import load_pipeline, run_pipeline
 from diffusion_helpers import quiet, tiny_generator
 from seg_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -50,7 +50,7 @@ def test_round_trip_in_a_fresh_process(parts, saved, tmp_path):
 import numpy as np
 from diffusers import DDPMScheduler, UNet2DModel
 from genseg.pipeline.diffusion import seed_generators
-from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from genseg.models.unet import SegmentationUNet
 pipe = GenSegPipeline.from_pretrained({str(saved)!r})
 pipe.set_progress_bar_config(disable=True)

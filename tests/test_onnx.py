@@ -20,12 +20,15 @@ from PIL import Image
 
 from genseg.cli import main
 from genseg.errors import CheckpointError, ConfigError
-from genseg.evaluate import evaluate
-from genseg.inference import load_segmenter, segment_files
+from genseg.evaluation.evaluate import evaluate
+from genseg.inference.files import segment_files
+from genseg.inference.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter, cpu_features, int8_format
+from genseg.inference.segmenter import load_segmenter
+from genseg.runs import SegTrainConfig
 from genseg.serve.codec import rle_decode
-from genseg.serve.onnx import INT8_FILE, METADATA_KEY, OnnxSegmenter, cpu_features, export_onnx, int8_format
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import train_segmenter
+from genseg.workflows.export import export_onnx
 from seg_helpers import one_torch_thread, phantom, write_phantoms  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +97,7 @@ def test_int8_export_records_the_guard_and_evaluate_reproduces_it(run):
 def test_int8_runs_segment_serve_and_the_pipeline(run, tmp_path):
     from diffusion_helpers import tiny_generator
 
-    from genseg.pipeline.run import load_pipeline
+    from genseg.workflows.pipeline_run import load_pipeline
 
     image, _ = phantom(np.random.default_rng(5), 48, True)
     png = tmp_path / "scan.png"
@@ -124,7 +127,7 @@ def test_int8_runs_segment_serve_and_the_pipeline(run, tmp_path):
 
 
 def test_int8_export_refuses_past_the_dice_threshold(run, tmp_path, monkeypatch):
-    import genseg.serve.onnx as onnx_module
+    import genseg.workflows.export as onnx_module
 
     row = {"selection": {"split": "val"}, "slices": 8, "dice_fp32": 0.9, "dice_int8": 0.88, "dice_change": -0.02,
            "mask_dice_fp32_vs_int8": 0.97}
@@ -245,7 +248,7 @@ def test_the_shipped_demo_segmenter_quantises_within_the_default_guard(tmp_path,
 def test_the_int8_weight_format_follows_vnni_and_a_u8s8_file_is_refused_without_it(tmp_path):
     """u8s8 only where VNNI keeps its sums exact; a u8s8 file moved to an AVX2 CPU without VNNI is refused by name.
     The CPU cannot be swapped in a test, so the refusal is checked through the feature list it is given."""
-    from genseg.serve.onnx import check_int8_format
+    from genseg.inference.onnx import check_int8_format
     from genseg.serve.testing import make_untrained_int8
 
     assert int8_format("auto", ["avx2", "fma", "avx512f", "avx512_vnni"]) == "u8s8"

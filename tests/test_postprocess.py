@@ -1,4 +1,4 @@
-"""Flip TTA and small-component removal (genseg.postprocess) and their options in evaluate, segment, the pipeline
+"""Flip TTA and small-component removal (genseg.inference.postprocess) and their options in evaluate, segment, the pipeline
 and the server (issue 14, item 4)."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from PIL import Image
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401
 
 from genseg.errors import ConfigError
-from genseg.evaluate import evaluate
-from genseg.inference import Segmenter, load_segmenter, segment_file
+from genseg.evaluation.evaluate import evaluate
+from genseg.inference.files import segment_file
+from genseg.inference.postprocess import (PostProcessed, check_postprocess, drop_small_components, postprocessed,
+                                          remove_small_components)
+from genseg.inference.segmenter import Segmenter, load_segmenter
 from genseg.models.unet import SegmentationUNet
-from genseg.postprocess import (PostProcessed, check_postprocess, drop_small_components, postprocessed,
-                                remove_small_components)
 from genseg.serve.testing import ServerProcess, make_untrained_segmenter, post_json
 
 SIZE = 32

@@ -160,7 +160,7 @@ def test_dicom_series_labelled_by_dicom_seg(tmp_path):
     from pydicom.data import get_testdata_file
 
     from conftest import write_dicom_series
-    from genseg.dicom import find_members, read_headers, write_segmentation
+    from genseg.data.dicom import find_members, read_headers, write_segmentation
     from seg_helpers import phantom
 
     rng = np.random.default_rng(3)

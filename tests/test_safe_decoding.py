@@ -24,7 +24,7 @@ from genseg.data.figshare import read_figshare_mat
 from genseg.data.folders import find_folder_pairs, read_image_pair
 from genseg.data.prepared import PreparedWriter, open_prepared
 from genseg.errors import DataError
-from genseg.inference import load_inputs, load_upload
+from genseg.inference.files import load_inputs, load_upload
 
 # name: (builder given the canary (text, hdf5) paths, suffix on disk, a regex `problem` must match)
 CORPUS = {
@@ -151,7 +151,7 @@ sys.path.insert(0, {str(REPO / "tests")!r})
 from pathlib import Path
 import hostile
 from genseg.errors import DataError
-from genseg.inference import load_inputs, load_upload
+from genseg.inference.files import load_inputs, load_upload
 folder = Path({str(tmp_path)!r})
 bombs = {{"fill.mat": hostile.fill_value_bomb(), "chunk.mat": hostile.chunk_bomb(), "v5.mat": hostile.v5_bomb(),
          "bomb.png": hostile.png_bomb(), "huge.npy": hostile.npy_huge_shape(), "bomb.nii.gz": hostile.nifti_bomb(),

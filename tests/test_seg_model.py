@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genseg.metrics import dice_iou, hd95, score_slices, summarize
+from genseg.evaluation.metrics import dice_iou, hd95, score_slices, summarize
 from genseg.models.unet import SegmentationUNet
 from genseg.viz import overlay, plot_curves, save_grid
 
@@ -41,7 +41,7 @@ def test_bad_shapes_are_clear():
 
 
 def test_save_load_identical_predictions(tmp_path):
-    from genseg.inference import Segmenter, load_segmenter
+    from genseg.inference.segmenter import Segmenter, load_segmenter
 
     torch.manual_seed(0)
     model = SegmentationUNet(base_channels=8, depth=3, sample_size=64)
@@ -122,7 +122,7 @@ def test_folding_batchnorm_keeps_the_outputs_and_leaves_the_model_alone():
 
 
 def test_compiled_segmenter_predicts_what_the_eager_one_does(tmp_path):
-    from genseg.inference import load_segmenter
+    from genseg.inference.segmenter import load_segmenter
     from genseg.serve.testing import make_untrained_segmenter
 
     run = make_untrained_segmenter(tmp_path / "run", size=32, base_channels=4, depth=2)

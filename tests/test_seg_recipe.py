@@ -17,10 +17,10 @@ from seg_helpers import cli_env, kill_after_first_checkpoint, one_torch_thread, 
 from genseg.config import load_config
 from genseg.data.augment import PairedAugment
 from genseg.errors import ConfigError
-from genseg.training.loop import CsvLog
+from genseg.runs import CsvLog, SegTrainConfig
 from genseg.training.mixing import MixSampler
 from genseg.training.schedule import POLY_POWER
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import train_segmenter
 
 TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=None, patience=None, hflip=False,
             max_rotation=0.0, plot_samples=1)

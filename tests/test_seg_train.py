@@ -16,12 +16,12 @@ from seg_helpers import cli_env, kill_after_first_checkpoint, one_torch_thread, 
 
 from genseg.data.prepared import PreparedDataset
 from genseg.errors import CheckpointError, ConfigError, DataError
-from genseg.evaluate import evaluate
-from genseg.inference import Segmenter
-from genseg.metrics import dice_iou
-from genseg.training.loop import CsvLog
+from genseg.evaluation.evaluate import evaluate
+from genseg.evaluation.metrics import dice_iou
+from genseg.inference.segmenter import Segmenter
+from genseg.runs import CsvLog, SegTrainConfig
 from genseg.training.mixing import MixSampler, subsample_patients
-from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
+from genseg.training.seg import cross_validate, train_segmenter
 
 TINY = dict(size=32, base_channels=4, depth=2, batch_size=4, epochs=1, patience=None, hflip=False, max_rotation=0.0,
             plot_samples=2)
@@ -93,7 +93,8 @@ def test_resume_refuses_changed_settings(data, tmp_path):
 TWO_PROCESS_SCRIPT = """
 import sys
 from safetensors.torch import save_file
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.training.seg import train_segmenter
 import torch.distributed as dist
 cfg = SegTrainConfig(size=32, base_channels=4, depth=2, batch_size=2, epochs=1, patience=None, plot_samples=1)
 result = train_segmenter(cfg, sys.argv[1], sys.argv[2], cpu=True)

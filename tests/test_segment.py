@@ -21,10 +21,11 @@ from conftest import oblique_orientation, write_dicom_series, write_enhanced_mr
 
 from genseg.data.figshare import write_figshare_mat
 from genseg.errors import CheckpointError, DataError
-from genseg.inference import (load_inputs, load_segmenter, plan_outputs, prepare_input, segment_file,
-                              segment_files)
-from genseg.metrics import dice_iou
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.evaluation.metrics import dice_iou
+from genseg.inference.files import load_inputs, plan_outputs, prepare_input, segment_file, segment_files
+from genseg.inference.segmenter import load_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.training.seg import train_segmenter
 
 SIZE = 64
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from genseg.data.figshare import write_figshare_mat
 from genseg.errors import GensegError
-from genseg.inference import load_segmenter, segment_file
+from genseg.inference.files import segment_file
+from genseg.inference.segmenter import load_segmenter
 from genseg.serve.app import MAX_BODY_BYTES, resolve_model_uri
 from genseg.serve.batcher import MicroBatcher
 from genseg.serve.codec import rle_decode, rle_encode
@@ -263,7 +264,7 @@ def test_compiled_server_is_ready_only_after_compiling_and_predicts_like_eager(r
         first_request_s = time.perf_counter() - started
     assert status == 200
     eager = load_segmenter(run_dir, device="cpu")
-    from genseg.inference import prepare_input
+    from genseg.inference.files import prepare_input
 
     expected = eager.predict(prepare_input(image.astype(np.float32), 1, SIZE)[None])[0]
     step = SIZE // 32

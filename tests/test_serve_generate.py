@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genseg.inference import segment_file
+from genseg.inference.files import segment_file
 from genseg.models.diffusion import make_sampling_scheduler
 from genseg.pipeline.diffusion import seed_generators
-from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from genseg.serve.codec import rle_decode
 from genseg.serve.testing import ServerProcess, free_port, post_json, request
 
@@ -70,7 +70,7 @@ def test_segmentation_still_works_on_a_pipeline_server(server, pipeline_dir, tmp
     rng = np.random.default_rng(1)
     image = (rng.random((24, 24)) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "x.png")
-    from genseg.inference import load_segmenter
+    from genseg.inference.segmenter import load_segmenter
 
     segment_file(load_segmenter(pipeline_dir), tmp_path / "x.png", tmp_path / "out")
     status, body = post_json(server.port, "/predict", {"instances": [image.tolist()]})

@@ -17,15 +17,16 @@ from genseg.config import config_from_dict
 from genseg.data.prepared import PreparedWriter, read_metadata
 from genseg.data.records import preprocess_pair
 from genseg.errors import CheckpointError, DataError
-from genseg.inference import load_segmenter
-from genseg.metrics import kid
+from genseg.evaluation.metrics import kid
+from genseg.evaluation.synthetic_quality import evaluate_synthetic, kid_reading, markdown_table, random_feature_network
+from genseg.inference.segmenter import load_segmenter
 from genseg.models.diffusion import build_unet
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.sampling import sample_to_file
-from genseg.synthetic_quality import evaluate_synthetic, kid_reading, markdown_table, random_feature_network
+from genseg.runs import SegTrainConfig
 from genseg.training.diffusion import DiffusionTrainConfig, save_pipeline
 from genseg.training.mixing import select_synthetic
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import train_segmenter
+from genseg.workflows.sampling import sample_to_file
 
 FAST = dict(kid_subsets=20, progress=False)
 META = {"model": "test-ddpm", "scheduler": "dpmsolver", "steps": 20, "seed": 7, "class": None}

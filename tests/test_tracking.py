@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 
+from genseg.runs import CsvLog, SegTrainConfig
 from genseg.training.diffusion import train_diffusion
-from genseg.training.loop import CsvLog
-from genseg.training.seg import SegTrainConfig, train_segmenter
+from genseg.training.seg import train_segmenter
 from genseg.training.tracking import TRACKING_DIR
 
 from diffusion_helpers import tiny_config

@@ -22,7 +22,8 @@ from genseg.cli import main
 from genseg.data.prepared import read_metadata
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.models.unet import SegmentationUNet
-from genseg.training.seg import SegTrainConfig, cross_validate, train_segmenter
+from genseg.runs import SegTrainConfig
+from genseg.training.seg import cross_validate, train_segmenter
 from genseg.training.transfer import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def tiny_generator() -> tuple:
 
 def test_cli_fine_tunes_from_a_pipeline_folder_and_logs_it(grey, source_run, tmp_path, genseg_cli):
     """A saved GenSegPipeline folder (model_index.json, unet/, scheduler/, segmenter/) is a source too."""
-    from genseg.pipeline.genseg import GenSegPipeline
+    from genseg.pipeline.genseg_pipeline import GenSegPipeline
 
     unet, scheduler = tiny_generator()
     GenSegPipeline(unet=unet, scheduler=scheduler, segmenter=source_model(source_run)).save_pretrained(tmp_path / "pipe")

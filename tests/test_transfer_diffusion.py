@@ -11,7 +11,7 @@ import torch
 
 from genseg.errors import CheckpointError, ConfigError
 from genseg.pipeline.diffusion import load_diffusion
-from genseg.pipeline.genseg import GenSegPipeline
+from genseg.pipeline.genseg_pipeline import GenSegPipeline
 from genseg.serve.testing import make_untrained_segmenter
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 from genseg.training.transfer import initial_unet

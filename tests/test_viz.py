@@ -66,7 +66,7 @@ def _overlaps(a, b) -> bool:
 def test_contact_sheet_captions_never_overlap_and_stay_inside(side, count):
     """The captions `genseg pipeline` writes (the longest numbers it can print), as the contact sheet lays them
     out: their ink boxes meet neither each other nor a tile, lie inside the figure, and hold every caption pixel."""
-    from genseg.pipeline.run import CONTACT_SHEET_COLUMNS, caption
+    from genseg.workflows.pipeline_run import CONTACT_SHEET_COLUMNS, caption
 
     rows = [{"index": i, "tumour_share": 1.0, "dice_generated_vs_predicted": 0.86} for i in range(count)]
     tiles = [np.zeros((side, side)) for _ in rows]

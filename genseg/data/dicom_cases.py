@@ -1,6 +1,6 @@
 """DICOM training data for `prepare`: image series labelled by DICOM Segmentation objects in the same folder or zip.
 
-Each image series (genseg.dicom: grouped, ordered and checked as `segment` reads it) is one case; its mask is
+Each image series (genseg.data.dicom: grouped, ordered and checked as `segment` reads it) is one case; its mask is
 the union of the segments of the DICOM-SEG that references it (ReferencedSeriesSequence), as written by
 `genseg segment --dicom-seg`, viewers and annotation tools. Slices keep the series' own row/column layout.
 Every tumour slice is kept plus a seeded share of the tumour-free ones (records.sample_slices); tumour slices
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..decode import MAX_FILE_PIXELS, check_size
-from ..dicom import Member, decode_series, find_members, read_headers, read_segmentation
 from ..errors import DataError
+from .decode import MAX_FILE_PIXELS, check_size
+from .dicom import Member, decode_series, find_members, read_headers, read_segmentation
 from .records import SliceRecord, sample_slices
 
 

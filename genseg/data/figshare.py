@@ -17,8 +17,8 @@ import hdf5storage
 import numpy as np
 import scipy.io
 
-from ..decode import HDF5_SIGNATURE, MAX_SIDE, MAX_SLICE_PIXELS, UPLOAD
 from ..errors import DataError
+from .decode import HDF5_SIGNATURE, MAX_SIDE, MAX_SLICE_PIXELS, UPLOAD
 from .hdf5 import Spec, check_dataset, check_values, member, small_attribute
 from .records import CLASS_NAMES, SliceRecord
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decode import MAX_SLICE_PIXELS, read_picture
 from ..errors import DataError
+from .decode import MAX_SLICE_PIXELS, read_picture
 from .records import SliceRecord
 
 BUSI_CLASSES = {"normal": 0, "benign": 1, "malignant": 2}

@@ -225,6 +225,23 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         }
 
 
+def check_synthetic(path: str | Path, real_attrs: dict) -> dict:
+    """`read_metadata` of a synthetic file, after checking it is marked synthetic and matches the real data's
+    image size and channels (DataError naming the file otherwise)."""
+    meta = read_metadata(path)
+    attrs = meta["attrs"]
+    if not attrs.get("synthetic", False):
+        raise DataError(path, "is not marked synthetic (attribute synthetic is false); pass a file written by "
+                              "`genseg sample`")
+    ours = (int(attrs["size"]), int(attrs["channels"]))
+    theirs = (int(real_attrs["size"]), int(real_attrs["channels"]))
+    if ours != theirs:
+        raise DataError(path, f"synthetic images are {ours[0]}x{ours[0]} with {ours[1]} channel(s), but the real "
+                              f"data is {theirs[0]}x{theirs[0]} with {theirs[1]} channel(s); sample at the real "
+                              f"data's size or prepare the real data at {ours[0]}")
+    return meta
+
+
 class PreparedDataset(Dataset):
     """Lazily reads slices of a prepared file (bounded RAM), optionally restricted to a split or folds.
 

@@ -107,3 +107,18 @@ def preprocess_pair(image: np.ndarray, mask: np.ndarray | None, size: int) -> tu
 
 def preprocess_image(image: np.ndarray, size: int) -> np.ndarray:
     return preprocess_pair(image, None, size)[0]
+
+
+def check_images(images: np.ndarray | torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """float32 (N, channels, size, size) in [0, 1], or ValueError: what every segmenter's predict accepts."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    expected = (channels, size, size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
+                         f"got values in [{x.min():.3g}, {x.max():.3g}]")
+    return x
+

@@ -23,11 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..decode import MAX_SLICE_PIXELS
+from ..data.decode import MAX_SLICE_PIXELS
 from ..errors import ConfigError, DataError, GensegError
-from ..inference import load_segmenter, prepare_input, resize_mask
-from ..metrics import dice_iou
-from ..postprocess import drop_small_components, flip_views, merge_views
+from ..evaluation.metrics import dice_iou
+from ..inference.files import prepare_input, resize_mask
+from ..inference.postprocess import drop_small_components, flip_views, merge_views
+from ..inference.segmenter import load_segmenter
 from .batcher import MicroBatcher
 from .codec import RequestError, decode_instance, describe_prediction, encode_mask, png_b64, read_instance
 from .generation import GenerationQueue
@@ -151,7 +152,7 @@ def _load_model(source: str, is_pipeline: bool, settings: ServeSettings):
     """(pipeline or None, Segmenter) from a run directory, a pipeline folder or a gs:// copy of either."""
     path = resolve_model_uri(source)
     if is_pipeline or (path / "model_index.json").is_file():  # AIP_STORAGE_URI may hold either kind
-        from ..pipeline.genseg import GenSegPipeline
+        from ..pipeline.genseg_pipeline import GenSegPipeline
 
         pipe = GenSegPipeline.load(path)
         pipe.set_progress_bar_config(disable=True)  # a server's stderr is its log, not a terminal
@@ -218,7 +219,7 @@ def _prepare(instances: list, channels: int, size: int, request_pixels: int) -> 
 
 async def _predict(batcher: MicroBatcher, to_run: list[np.ndarray], parameters: Parameters) -> list[np.ndarray]:
     """Probabilities of the preprocessed images through the shared batcher, with the request's flip TTA (its flipped
-    copies join the queue like more images) and small-component removal (genseg.postprocess)."""
+    copies join the queue like more images) and small-component removal (genseg.inference.postprocess)."""
     if not to_run:
         return []
     views = await batcher.submit(list(flip_views(np.stack(to_run), parameters.tta)))

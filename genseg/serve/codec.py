@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..decode import MAX_SIDE, sniff
+from ..data.decode import MAX_SIDE, sniff
 from ..errors import DataError
-from ..inference import load_upload
+from ..inference.files import load_upload
 
 MIN_SIDE = 8
 log = logging.getLogger("genseg.serve")
@@ -57,7 +57,7 @@ def read_instance(instance: Any, index: int) -> bytes | np.ndarray:
 
 def decode_instance(upload: bytes | np.ndarray, index: int, max_pixels: int) -> np.ndarray:
     """A read instance -> raw image (H, W) or (C, H, W), decoded from memory by the very decoders `genseg segment`
-    uses (genseg.inference.load_upload), so a served mask equals the CLI's for the same file. Nothing larger
+    uses (genseg.inference.files.load_upload), so a served mask equals the CLI's for the same file. Nothing larger
     than `max_pixels` is allocated."""
     if isinstance(upload, np.ndarray):
         image = upload

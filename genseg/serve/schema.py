@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
+from ..inference.postprocess import TTA_MODES
 from ..models.diffusion import SCHEDULERS
-from ..postprocess import TTA_MODES
 
 MASK_FORMATS = ("png_b64", "rle", "none")
 GENERATE_LIMIT = 64  # schema bound; the server's --max-generate is checked in the route

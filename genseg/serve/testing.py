@@ -24,7 +24,7 @@ def make_untrained_segmenter(run_dir: str | Path, size: int = 64, base_channels:
 
     from ..config import save_config
     from ..models.unet import SegmentationUNet
-    from ..training.seg import SegTrainConfig
+    from ..runs import SegTrainConfig
 
     run_dir = Path(run_dir)
     torch.manual_seed(seed)
@@ -42,8 +42,9 @@ def make_untrained_int8(run_dir: str | Path, images: int = 8, seed: int = 0, wei
     `export_onnx`; `out` defaults to where `--precision int8` looks."""
     import numpy as np
 
-    from ..inference import model_folder
-    from .onnx import INT8_FILE, cpu_features, export_onnx, int8_format, quantize_int8
+    from ..inference.onnx import INT8_FILE, cpu_features, int8_format
+    from ..inference.segmenter import model_folder
+    from ..workflows.export import export_onnx, quantize_int8
 
     model_dir, _ = model_folder(run_dir)
     out = Path(out) if out is not None else model_dir / INT8_FILE

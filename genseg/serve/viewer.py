@@ -22,11 +22,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..decode import GZIP_SIGNATURE, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, sniff
-from ..dicom import UploadMember, decode_frames, read_headers
+from ..data.decode import GZIP_SIGNATURE, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, sniff
+from ..data.dicom import UploadMember, decode_frames, read_headers
 from ..data.records import normalize_intensity
 from ..errors import DataError
-from ..inference import load_upload, prepare_input
+from ..inference.files import load_upload, prepare_input
 from .codec import MIN_SIDE, RequestError, png_b64
 
 VIEWER_SEGMENT_ROUTE = "/viewer/segment"

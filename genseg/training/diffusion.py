@@ -14,13 +14,12 @@ A run directory is a diffusers pipeline folder plus training files:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,16 +31,15 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 
-from ..config import config_from_dict, load_config
+from ..config import config_from_dict
 from ..data.prepared import PreparedDataset, read_metadata
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..io import replace_path
 from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
 from ..pipeline.diffusion import SliceDiffusionPipeline, seed_generators
-from .loop import (Hooks, SavedGenerator, Trainer, TrainState, effective_precision, make_accelerator,
-                   refuse_to_overwrite, start_run)
+from ..runs import check_resume, default_run_dir, refuse_to_overwrite
+from .loop import Hooks, SavedGenerator, Trainer, TrainState, effective_precision, make_accelerator, start_run
 from .mixing import kept_patient_ids, subsample_patients
-from .seg import default_run_dir
 from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
 from .transfer import InitResult, initial_unet
 
@@ -104,14 +102,6 @@ class DiffusionTrainConfig:
                 raise ConfigError(problem)
 
 
-def resolve_config(config: str | Path | None, overrides: dict[str, Any], out: str | Path | None,
-                   resume: bool) -> DiffusionTrainConfig:
-    """--config (or, on --resume without one, the run's own config.yaml) plus the flags the user gave."""
-    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
-        config = Path(out) / "config.yaml"
-    return load_config(DiffusionTrainConfig, config, overrides)
-
-
 def _check_data(cfg: DiffusionTrainConfig, data: str | Path) -> dict:
     attrs = read_metadata(data)["attrs"]
     m = cfg.model
@@ -125,14 +115,7 @@ def _check_data(cfg: DiffusionTrainConfig, data: str | Path) -> dict:
 
 
 def _check_resume(cfg: DiffusionTrainConfig, out: Path, data: str | Path) -> None:
-    if not (out / "config.yaml").exists():
-        raise CheckpointError(f"{out}: nothing to resume (no config.yaml; is this a train-diffusion run directory?)")
-    saved = dataclasses.asdict(load_config(DiffusionTrainConfig, out / "config.yaml"))
-    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if saved[k] != v and k not in RESUMABLE_KEYS)
-    if changed:
-        raise ConfigError(f"{out}: cannot resume with changed settings {changed} (only {sorted(RESUMABLE_KEYS)} may "
-                          f"change); start a new run with another --out instead")
-    old = json.loads((out / "run.json").read_text())["data"]
+    old = check_resume(cfg, out, RESUMABLE_KEYS, "train-diffusion")["data"]
     if old != str(Path(data).resolve()):
         raise ConfigError(f"{out}: was trained on {old}; resume with the same --data")
 

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config import save_config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io import atomic_path, replace_path
+from ..runs import CsvLog
 from .tracking import log_row
 
 STATE_FILE = "trainer_state.json"
@@ -69,49 +70,6 @@ def effective_precision(accelerator: Accelerator) -> str:
     if requested == "fp16" and accelerator.device.type == "cpu":
         return "no (fp16 requested; not supported on CPU, ran fp32)"
     return requested
-
-
-class CsvLog:
-    """Append-only CSV; a row with new keys widens the header. On resume, rows past the checkpoint are dropped."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fields: list[str] | None = None
-
-    def append(self, row: dict[str, Any]) -> None:
-        row = {k: _fmt(v) for k, v in row.items()}
-        if self._fields is None:
-            self._fields = list(self.rows()[0]) if self.path.exists() and self.rows() else []
-        missing = [k for k in row if k not in self._fields]
-        if missing or not self.path.exists():
-            self._fields += missing
-            self._write(self.rows() + [row])
-            return
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self._fields).writerow(row)
-
-    def rows(self) -> list[dict[str, str]]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as f:
-            return list(csv.DictReader(f))
-
-    def truncate_after(self, key: str, value: int) -> None:
-        rows = self.rows()
-        kept = [r for r in rows if int(r[key]) <= value]
-        if len(kept) != len(rows):
-            self._fields = list(rows[0])
-            self._write(kept)
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def _fmt(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
 
 
 class Checkpointer:
@@ -458,12 +416,6 @@ class Trainer:
                "seconds": round(self.state.elapsed_s, 2)}
         self.log.append(row)
         log_row(self.accelerator, row, self.state.step)  # a tracker's copy; log.csv stays the record
-
-
-def refuse_to_overwrite(run_dir: Path) -> None:
-    """A new run must not mix its checkpoints and log rows with those of a run already in `run_dir`."""
-    if any((run_dir / "checkpoints").glob("step-*")):
-        raise ConfigError(f"{run_dir} already holds a training run; pass --resume to continue it or choose another --out")
 
 
 def start_run(trainer: Trainer, cfg: Any, info: dict, resume: bool) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.prepared import open_prepared, read_metadata
+from ..data.prepared import check_synthetic, open_prepared
 from ..errors import ConfigError, DataError
 
 
@@ -119,23 +119,6 @@ def kept_patient_ids(patients: np.ndarray, fraction: float) -> list[str] | None:
     """run.json's record of which patients a run learned from (None when it kept them all), so a generator and a
     segmenter trained with the same --real-fraction and --seed can be checked to have seen the same ones."""
     return None if fraction >= 1.0 else sorted(set(patients.astype(str).tolist()))
-
-
-def check_synthetic(path: str | Path, real_attrs: dict) -> dict:
-    """`read_metadata` of a synthetic file, after checking it is marked synthetic and matches the real data's
-    image size and channels (DataError naming the file otherwise)."""
-    meta = read_metadata(path)
-    attrs = meta["attrs"]
-    if not attrs.get("synthetic", False):
-        raise DataError(path, "is not marked synthetic (attribute synthetic is false); pass a file written by "
-                              "`genseg sample`")
-    ours = (int(attrs["size"]), int(attrs["channels"]))
-    theirs = (int(real_attrs["size"]), int(real_attrs["channels"]))
-    if ours != theirs:
-        raise DataError(path, f"synthetic images are {ours[0]}x{ours[0]} with {ours[1]} channel(s), but the real "
-                              f"data is {theirs[0]}x{theirs[0]} with {theirs[1]} channel(s); sample at the real "
-                              f"data's size or prepare the real data at {ours[0]}")
-    return meta
 
 
 def select_synthetic(path: str | Path, real_attrs: dict, min_agreement: float | None = None,

@@ -9,13 +9,10 @@ plots/. Validation and test data are always real; synthetic slices only ever ent
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,108 +21,24 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import ConcatDataset, DataLoader
 
-from ..config import load_config
-from ..data.augment import AUGMENT_KEYS, PairedAugment
 from ..data.prepared import PreparedDataset, read_metadata
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
+from ..evaluation.evaluate import evaluate, plot_run
+from ..evaluation.metrics import dice_from_counts, iou_from_counts
 from ..io import atomic_path
-from ..metrics import dice_from_counts, iou_from_counts
 from ..models.unet import SegmentationUNet
-from .loop import Hooks, Trainer, effective_precision, make_accelerator, refuse_to_overwrite, start_run
+from ..runs import SegTrainConfig, check_resume, default_run_dir, refuse_to_overwrite, split_selection
+from .loop import Hooks, Trainer, effective_precision, make_accelerator, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
 from .schedule import ProgressSchedule
 from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
-from .transfer import FREEZE_PARTS, InitResult, initial_model, keep_frozen_eval
+from .transfer import InitResult, initial_model, keep_frozen_eval
 
 # May change on --resume: gradient_checkpointing is exact (e.g. after running out of memory); a changed limit
 # (epochs, max_steps, time_budget) extends or shortens the run and moves the rest of its schedule (schedule.py);
 # report_to only changes where the log is mirrored.
 RESUMABLE_KEYS = {"epochs", "max_steps", "time_budget", "patience", "num_workers", "eval_batch_size", "plot_samples",
                   "gradient_checkpointing", "report_to"}
-
-
-@dataclass
-class SegTrainConfig:
-    """Everything a segmentation run depends on; written to RUN_DIR/config.yaml and read back by every user."""
-
-    size: int = 256  # must equal the prepared file's size (`genseg prepare --size`)
-    base_channels: int = 64  # filters of the first level; the paper's 64 gives 64 -> 1024
-    depth: int = 4  # number of down-sampling steps
-    loss: Literal["bce", "dice", "bce+dice"] = "bce"
-    lr: float = 1e-3
-    lr_schedule: Literal["constant", "cosine", "polynomial", "linear"] = "constant"  # over the run (schedule.py)
-    warmup_steps: int = 0  # optimizer steps of linear learning-rate warm-up
-    batch_size: int = 8
-    epochs: int | None = 50  # the run ends at the first of epochs, max_steps and time_budget; None = no epoch cap
-    max_steps: int | None = None  # optimizer steps; None = no step cap
-    time_budget: float | None = None  # minutes of wall time, validation included; None = no time cap
-    patience: int | None = 10  # epochs without a better validation score before stopping; None = never
-    monitor: Literal["dice", "iou"] = "dice"
-    threshold: float = 0.5  # probability at which a pixel counts as tumour (metrics and `segment`)
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    channels_last: bool = False  # NHWC weights and inputs: faster on GPUs with AMP; measure on CPU first
-    gradient_checkpointing: bool = False  # recompute each level in backward: 0.64x memory, 1.05-1.4x step time
-    # augmentation of training slices (data/augment.py: what each does, with nnU-Net's probabilities); 0 = off
-    hflip: bool = True
-    vflip: bool = False
-    max_rotation: float = 10.0  # degrees
-    scale_range: float = 0.0  # zoom by U(1 - r, 1 + r)
-    elastic_alpha: float = 0.0  # elastic deformation strength (torchvision's alpha)
-    brightness: float = 0.0  # multiply by U(1 - b, 1 + b)
-    contrast: float = 0.0  # contrast factor U(1 - c, 1 + c)
-    gamma: float = 0.0  # intensity ** U(1 - g, 1 + g)
-    noise_std: float = 0.0  # Gaussian noise of sigma up to this
-    blur_sigma: float = 0.0  # Gaussian blur of sigma up to this (pixels)
-    low_resolution: float = 0.0  # down-sample by up to this share and back
-    num_workers: int = 0
-    eval_batch_size: int = 16
-    test_fold: int | None = None  # None: the file's own split; K: test fold K, val fold K % num_folds + 1
-    synthetic_ratio: float = 0.0  # share of each training epoch drawn from the synthetic file (mixing.py)
-    foreground_fraction: float | None = None  # share of an epoch's real slices with tumour (mixing.py); None = as drawn
-    real_fraction: float = 1.0  # share of real training patients kept (seeded)
-    min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
-    min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
-    plot_samples: int = 4  # slices per split in the sample grids
-    init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
-    freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # a tracker's copy of log.csv (tracking.py)
-
-    def __post_init__(self):
-        checks = [
-            (self.size > 0 and self.size % 2**self.depth == 0, f"size {self.size} must be a positive multiple of "
-                                                               f"2**depth = {2**self.depth}"),
-            (self.base_channels > 0 and self.depth > 0, "base_channels and depth must be positive"),
-            (self.lr > 0 and self.batch_size > 0, "lr and batch_size must be positive"),
-            (self.epochs is None or self.epochs > 0, f"epochs must be positive (or null for no cap), got {self.epochs}"),
-            (self.max_steps is None or self.max_steps > 0,
-             f"max_steps must be positive (or null for no cap), got {self.max_steps}"),
-            (self.time_budget is None or self.time_budget > 0,
-             f"time_budget must be a positive number of minutes (or null for none), got {self.time_budget}"),
-            (any(v is not None for v in (self.epochs, self.max_steps, self.time_budget)),
-             "set at least one of epochs, max_steps and time_budget: nothing would end the run"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
-            (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
-            (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
-            (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
-            (self.foreground_fraction is None or 0.0 <= self.foreground_fraction <= 1.0,
-             f"foreground_fraction must be in [0, 1] (or null for off), got {self.foreground_fraction}"),
-            (self.patience is None or self.patience > 0, "patience must be positive (or null to disable)"),
-            (self.freeze in FREEZE_PARTS, f"freeze: unknown part {self.freeze!r}; choose one of {list(FREEZE_PARTS)}"),
-            (self.freeze == "none" or self.init_from is not None,
-             f"freeze {self.freeze!r} needs init_from (--init-from): a network trained from scratch has nothing to keep"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise ConfigError(problem)
-        try:
-            self.augmentation()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-
-    def augmentation(self) -> PairedAugment:
-        """The paired augmentation of training slices these settings switch on."""
-        return PairedAugment(**{key: getattr(self, key) for key in AUGMENT_KEYS})
 
 
 def seg_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
@@ -140,20 +53,6 @@ def seg_loss(logits: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tens
         soft_dice = (2 * (probs * masks).sum(dims) + 1) / (probs.sum(dims) + masks.sum(dims) + 1)
         loss = loss + 1 - soft_dice
     return loss
-
-
-def split_selection(test_fold: int | None, num_folds: int, role: str) -> dict[str, Any]:
-    """PreparedDataset arguments for role train/val/test: the file's split, or folds when test_fold is set."""
-    if test_fold is None:
-        return {"split": role}
-    if not 1 <= test_fold <= num_folds:
-        raise ConfigError(f"test_fold must be in 1..{num_folds} (the data has {num_folds} folds), got {test_fold}")
-    if num_folds < 3:
-        raise ConfigError(f"cross-validation needs at least 3 folds (test, val, train), the data has {num_folds}")
-    val_fold = test_fold % num_folds + 1
-    folds = {"test": [test_fold], "val": [val_fold],
-             "train": [k for k in range(1, num_folds + 1) if k not in (test_fold, val_fold)]}
-    return {"folds": folds[role]}
 
 
 @dataclass
@@ -206,31 +105,9 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
     return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
 
 
-def default_run_dir(kind: str = "seg") -> Path:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("pass --out when launching several processes (each would pick its own default name)")
-    return Path("checkpoints") / f"{kind}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def resolve_config(config: str | Path | None, overrides: dict[str, Any], out: str | Path | None,
-                   resume: bool) -> SegTrainConfig:
-    """The config a run uses: --config (or, on --resume without one, the run's own config.yaml) plus flags."""
-    if config is None and resume and out is not None and (Path(out) / "config.yaml").exists():
-        config = Path(out) / "config.yaml"
-    return load_config(SegTrainConfig, config, overrides)
-
-
 def _check_resume(cfg: SegTrainConfig, out: Path, info: dict) -> None:
     """Refuse to continue a run with settings or data that differ from what it was started with."""
-    saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        raise CheckpointError(f"{out}: nothing to resume (no config.yaml; is this a train-seg run directory?)")
-    saved = dataclasses.asdict(load_config(SegTrainConfig, saved_path))
-    changed = sorted(k for k, v in dataclasses.asdict(cfg).items() if saved[k] != v and k not in RESUMABLE_KEYS)
-    if changed:
-        raise ConfigError(f"{out}: cannot resume with changed settings {changed} (only {sorted(RESUMABLE_KEYS)} may "
-                          f"change); start a new run with another --out instead")
-    old = json.loads((out / "run.json").read_text())
+    old = check_resume(cfg, out, RESUMABLE_KEYS, "train-seg")
     old_synth = (old.get("synthetic") or {}).get("path")
     new_synth = (info.get("synthetic") or {}).get("path")
     if old["data"] != info["data"] or old_synth != new_synth:
@@ -375,8 +252,6 @@ def _seg_result(trainer: Trainer, cfg: SegTrainConfig, data: str | Path, precisi
 
 def finish_run(out: Path, data: str | Path, cfg: SegTrainConfig) -> dict:
     """Score the best model on the real val and test data, write metrics.json and the figures."""
-    from ..evaluate import evaluate, plot_run  # evaluate -> inference -> this module's SegTrainConfig
-
     scores = {role: evaluate(out, data, split=role, progress=False) for role in ("val", "test")}
     plot_run(out, data, cfg)
     with atomic_path(out / "metrics.json") as tmp:

@@ -1,7 +1,7 @@
 """Starting a segmentation run from a trained segmenter (`train-seg --init-from`, the paper's "foundation model"),
 and a diffusion run from a trained generator (`train-diffusion --init-from`, `initial_unet` below).
 
-The source is anything `genseg.inference.load_segmenter` reads: a train-seg run directory, its model/ folder, or a
+The source is anything `genseg.inference.segmenter.load_segmenter` reads: a train-seg run directory, its model/ folder, or a
 saved generate-then-segment pipeline folder (its `segmenter/` module). Its weights are copied into the new run's
 network before any training step, so the first forward pass equals the source model's. Then:
 
@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..inference.segmenter import load_segmenter
 from ..models.unet import SegmentationUNet
+from ..runs import FREEZE_PARTS
 
-FREEZE_PARTS = ("none", "encoder", "encoder+bottleneck")
 ARCHITECTURE_KEYS = ("base_channels", "depth", "out_channels")
 
 
@@ -44,8 +45,6 @@ def describe(config) -> str:
 
 def load_source(path: str | Path) -> SegmentationUNet:
     """The trained SegmentationUNet at `path` (run dir, model/ folder or pipeline folder), on the CPU, eval mode."""
-    from ..inference import load_segmenter  # inference imports training.seg, which imports this module
-
     if not Path(path).exists():
         raise CheckpointError(f"--init-from {path}: not found (expected a train-seg run directory, its model/ "
                               f"folder, or a saved pipeline folder with segmenter/)")

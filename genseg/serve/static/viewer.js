@@ -81,7 +81,7 @@ async function ensureSlice(index) {
 }
 
 // The mask at the image's resolution: probabilities (8-bit, model resolution) >= threshold, enlarged nearest-exact
-// like genseg.inference.resize_mask.
+// like genseg.inference.files.resize_mask.
 function maskOf(slice, threshold) {
   const [height, width] = current.shape;
   const size = slice.probability.width;

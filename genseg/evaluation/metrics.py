@@ -13,7 +13,7 @@ Conventions (binary masks; predictions are thresholded probabilities, `>= thresh
   patients with no tumour and no prediction anywhere score 1.
 - fp_rate: share of tumour-free slices (empty ground truth) on which the prediction has at least one pixel.
 
-Synthetic-data measures (used by `genseg evaluate-synthetic`, genseg/synthetic_quality.py):
+Synthetic-data measures (used by `genseg evaluate-synthetic`, genseg/evaluation/synthetic_quality.py):
 - `nearest_neighbour_distances`: per query, the smallest RMS pixel difference to a reference set (memorisation).
 - `kid`: Kernel Inception Distance (Binkowski et al. 2018) on any feature vectors: the unbiased MMD^2 with the
   cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets; mean and standard deviation.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data.records import CLASS_NAMES
+from ..data.records import CLASS_NAMES
 
 
 def overlap_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

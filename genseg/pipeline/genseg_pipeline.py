@@ -17,7 +17,7 @@ from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
 
 from ..errors import CheckpointError, ConfigError
-from ..inference import Segmenter, load_segmenter
+from ..inference.segmenter import Segmenter, load_segmenter
 from ..models.unet import SegmentationUNet
 from .diffusion import SliceDiffusionPipeline, check_output_type, convert_output, load_diffusion, model_channels
 

@@ -8,7 +8,7 @@ reason: genseg does not resample. Pixels are scaled by RescaleSlope/Intercept in
 grid (row, column, slice) maps to patient RAS millimetres (DICOM's LPS with x and y negated), so NIfTI outputs
 overlay the series in viewers.
 
-Sizes are checked as in genseg.decode: every header is read without its pixel data first, and a series' Rows x
+Sizes are checked as in genseg.data.decode: every header is read without its pixel data first, and a series' Rows x
 Columns x slices must fit the pixel budget before any pixels are decoded. Deflated data sets are refused
 before pydicom would inflate them whole. Zip members are read in memory, one at a time and never past the
 size their header declares; an archive whose member names are absolute or contain `..` is refused whole.
@@ -27,9 +27,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..errors import DataError
+from ..io import atomic_path
 from .decode import check_size
-from .errors import DataError
-from .io import atomic_path
 
 MAX_ZIP_MEMBERS = 100_000
 MAX_ZIP_BYTES = 2**30  # uncompressed bytes of all members together
@@ -395,7 +395,7 @@ def write_segmentation(series: DicomSeries, masks: np.ndarray, target: Path) -> 
         from pydicom.uid import generate_uid
     except ImportError:
         raise DataError(target, "writing DICOM-SEG needs highdicom: pip install 'genseg[dicom]'") from None
-    from . import __version__
+    from .. import __version__
 
     if series.frame_numbers:  # back to the source's frame order
         sources = [_shared_geometry(series.headers[0])]

@@ -3,7 +3,7 @@
 Every decoder reads the size a file claims from its header and refuses it before allocating anything in
 proportion to it, so a small hostile upload or a damaged file cannot exhaust memory; no decoder runs pickle,
 external programs or plugins chosen by the file. MATLAB .mat files are read by genseg.data.figshare and DICOM by
-genseg.dicom under the same bounds. Messages follow DataError's rule: `problem` never quotes the input, `detail` may.
+genseg.data.dicom under the same bounds. Messages follow DataError's rule: `problem` never quotes the input, `detail` may.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from ..errors import DataError
 
 MAX_SIDE = 4096  # longest image side any decoder accepts
 MAX_SLICE_PIXELS = MAX_SIDE * MAX_SIDE

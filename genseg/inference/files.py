@@ -1,13 +1,11 @@
-"""Using a trained segmenter: load it from a run, predict on preprocessed arrays, segment files on disk.
-
-`load_inputs` (files) and `load_upload` (uploaded bytes), both through genseg.decode's bounded decoders, and
-`prepare_input` (channel check + the shared preprocessing) are kept separate from writing outputs so the HTTP
-server decodes an upload exactly as `genseg segment` decodes the same file.
+"""Segmenting files: decode inputs (`load_inputs` for files, `load_upload` for uploaded bytes, both through
+genseg.data.decode's bounded decoders), `prepare_input` (channel check + the shared preprocessing), and
+`segment_files`, which writes the outputs. Decoding is kept separate from writing outputs so the HTTP server
+decodes an upload exactly as `genseg segment` decodes the same file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,141 +17,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import load_config
-from .data.figshare import read_figshare_mat
-from .data.records import normalize_intensity, preprocess_image
-from .decode import MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, decode_npy, decode_picture, sniff
-from .dicom import DicomSeries, read_dicom, write_segmentation
-from .errors import CheckpointError, ConfigError, DataError, GensegError
-from .io import atomic_path
-from .models.unet import SegmentationUNet
+from ..data.decode import MAX_FILE_PIXELS, MAX_SLICE_PIXELS, UPLOAD, decode_nifti, decode_npy, decode_picture, sniff
+from ..data.dicom import DicomSeries, read_dicom, write_segmentation
+from ..data.figshare import read_figshare_mat
+from ..data.records import normalize_intensity, preprocess_image
+from ..errors import DataError, GensegError
+from ..io import atomic_path
+from ..viz import PREDICTION_COLOR, overlay, save_png
 from .postprocess import check_postprocess, postprocessed
-from .training.seg import SegTrainConfig
-from .viz import PREDICTION_COLOR, overlay, save_png
+from .segmenter import Segmenter, load_segmenter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
-
-
-class Segmenter:
-    """A segmentation U-Net ready for inference: eval mode, on its device, BatchNorm folded into the convs,
-    channels-last by default (together ~1.4x eager NCHW on CPU, scripts/bench_segmenter.py), predicting in batches."""
-
-    precision = "fp32"  # genseg.serve.onnx.OnnxSegmenter, the same interface on ONNX Runtime, may be int8
-
-    def __init__(self, model: SegmentationUNet, threshold: float = 0.5, device: str | torch.device | None = None,
-                 batch_size: int = 16, channels_last: bool = True, source: str = "", compile: bool = False):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.eval().to(self.device)  # as trained and saved (what pipelines register)
-        self.network = model.fold_batchnorm().to(memory_format=self.memory_format)  # what predicts
-        if compile:  # inductor: ~1.4-1.6x on CPU after a one-off ~40 s compile (worth it for long jobs and servers)
-            self.network = torch.compile(self.network)
-        self.threshold = threshold
-        self.batch_size = batch_size
-        self.source = source
-
-    @property
-    def size(self) -> int:
-        return int(self.model.config.sample_size)
-
-    @property
-    def channels(self) -> int:
-        return int(self.model.config.in_channels)
-
-    @torch.no_grad()
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]."""
-        x = self._check(images)
-        out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
-               for batch in x.split(self.batch_size)]
-        probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
-        return probs.float().cpu().numpy()
-
-    @torch.no_grad()
-    def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Bottleneck features of the encoder, global-average-pooled: (N, D) float32 for preprocessed images
-        (the feature space `genseg evaluate-synthetic` measures KID in)."""
-        x = self._check(images)
-        out = [self.network.encode(batch.to(self.device).contiguous(memory_format=self.memory_format))[-1].mean((2, 3))
-               for batch in x.split(self.batch_size)]
-        width = self.model.config.base_channels * 2 ** self.model.config.depth
-        return (torch.cat(out) if out else torch.zeros(0, width)).float().cpu().numpy()
-
-    def _check(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return check_images(images, self.channels, self.size)
-
-
-def check_images(images: np.ndarray | torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """float32 (N, channels, size, size) in [0, 1], or ValueError: what every segmenter's predict accepts."""
-    x = torch.as_tensor(images, dtype=torch.float32)
-    expected = (channels, size, size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"expected images of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or infinite values")
-    if len(x) and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-        raise ValueError(f"images must be preprocessed to [0, 1] (genseg.data.records.preprocess_image), "
-                         f"got values in [{x.min():.3g}, {x.max():.3g}]")
-    return x
-
-
-def load_segmenter(path: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
-                   compile: bool = False, precision: str | None = None) -> "Segmenter | OnnxSegmenter":
-    """A Segmenter from a train-seg run directory, its model/ folder, or a saved pipeline folder (its segmenter/);
-    an OnnxSegmenter from an `export-onnx` file, or with precision "int8" from the folder's int8 export
-    (INT8_FILE in the model folder). `precision` None takes the checkpoint's own (fp32 for a folder). CheckpointError
-    if it is none of them."""
-    from .serve.onnx import INT8_FILE, PRECISIONS, load_onnx_segmenter
-
-    if precision not in (None, *PRECISIONS):
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    path = Path(path)
-    if path.is_file():
-        return load_onnx_segmenter(path, precision, batch_size=batch_size, compile=compile)
-    model_dir, threshold = model_folder(path)
-    if precision == "int8":
-        return load_onnx_segmenter(model_dir / INT8_FILE, precision, batch_size=batch_size, compile=compile,
-                                   weights=model_dir / WEIGHTS)
-    model = SegmentationUNet.from_pretrained(model_dir, use_safetensors=True)
-    return Segmenter(model, threshold=threshold, device=device, batch_size=batch_size, source=str(path),
-                     compile=compile)
-
-
-def model_folder(path: str | Path) -> tuple[Path, float]:
-    """(folder holding config.json and the safetensors weights, the run's threshold) of a train-seg run directory,
-    its model/ folder or a saved pipeline folder; CheckpointError naming what is missing."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found")
-    threshold = 0.5
-    model_dir = path
-    if (path / "model_index.json").exists() and (path / "segmenter").is_dir():
-        model_dir = path / "segmenter"  # a saved generate-then-segment pipeline: its registered segmenter module
-    elif (path / "unet").is_dir() or (path / "scheduler").is_dir() or (path / "model_index.json").exists():
-        raise CheckpointError(f"{path}: is a diffusion run or pipeline (unet/, scheduler/ or model_index.json) "
-                              f"without a segmenter/, not a segmentation model; pass a train-seg run directory")
-    if model_dir == path and (path / "config.yaml").exists() and not (path / "config.json").exists():
-        threshold = load_config(SegTrainConfig, path / "config.yaml").threshold
-        model_dir = path / "model"
-        if not model_dir.is_dir():
-            raise CheckpointError(f"{path}: has no trained model yet (model/ is missing); finish or resume training")
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path}: not a segmentation run or model folder (no config.yaml + model/, "
-                              f"no config.json)")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file}: unreadable model config ({exc})") from None
-    if class_name != SegmentationUNet.__name__:
-        raise CheckpointError(f"{model_dir}: holds a {class_name}, not a genseg {SegmentationUNet.__name__}")
-    if not (model_dir / WEIGHTS).exists():
-        found = sorted(p.name for p in model_dir.iterdir() if p.name != "config.json")
-        raise CheckpointError(f"{model_dir}: no safetensors weights ({WEIGHTS}); found {found or 'nothing'}. "
-                              f"Weights load only from safetensors, never from pickle files")
-    return model_dir, threshold
 
 
 class InputSlice(NamedTuple):

@@ -1,6 +1,4 @@
-"""ONNX export of a trained segmenter, fp32 or int8, and `OnnxSegmenter`, which runs an export on ONNX Runtime
-behind the `Segmenter` interface, so `evaluate`, `segment`, `serve` and `pipeline` take `--precision int8` (or an
-.onnx file as --checkpoint) and their callers do not change.
+"""ONNX export of a trained segmenter, fp32 or int8 (run by `OnnxSegmenter`, genseg.inference.onnx).
 
 fp32 uses torch's `torch.export`-based exporter (needs onnxscript, in the `onnx` extra): the TorchScript exporter is
 deprecated in recent torch releases. int8 is ONNX Runtime's static quantiser on that BatchNorm-folded export: QDQ
@@ -14,7 +12,6 @@ metadata entry "genseg".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -23,61 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError, GensegError
+from ..errors import ConfigError, GensegError
+from ..evaluation.evaluate import open_split, selection
+from ..evaluation.metrics import dice_iou
+from ..inference.onnx import METADATA_KEY, OnnxSegmenter, cpu_features, file_sha256, int8_format, onnxruntime
+from ..inference.segmenter import WEIGHTS, load_segmenter, model_folder
 from ..io import atomic_path
 
-PRECISIONS = ("fp32", "int8")
-INT8_FILE = "segmenter-int8.onnx"  # in the model folder, where `--precision int8` looks for it
-METADATA_KEY = "genseg"
 MAX_DICE_CHANGE = 0.005
 CALIBRATION_SLICES = 32
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
-INT8_FORMATS = ("auto", "u8u8", "u8s8")
-VNNI = ("avx512_vnni", "avx_vnni")  # either gives ONNX Runtime u8s8 kernels whose int32 sums do not saturate
-
-
-def onnxruntime():
-    """The onnxruntime module, or a GensegError that says how to install it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise GensegError("int8 and .onnx models run through ONNX Runtime, which is not installed: "
-                          "pip install 'genseg[onnx]'") from None
-    return onnxruntime
-
-
-def int8_format(requested: str, features: list[str]) -> str:
-    """The weight format of an int8 export: u8s8 (ONNX Runtime's fastest on x86) on a CPU with VNNI, u8u8
-    elsewhere. Without VNNI, ORT multiplies u8s8 with VPMADDUBSW, whose int16 partial sums saturate and break a
-    trained segmenter's masks; u8u8 never saturates but runs without the VNNI/AMX int8 kernels."""
-    if requested not in INT8_FORMATS:
-        raise ConfigError(f"int8 format {requested!r}: expected one of {', '.join(INT8_FORMATS)}")
-    if requested != "auto":
-        return requested
-    return "u8s8" if any(name in features for name in VNNI) else "u8u8"
-
-
-def check_int8_format(path: str | Path, metadata: dict[str, Any], features: list[str]) -> None:
-    """Refuse a u8s8 export on an x86 CPU without VNNI: its accuracy guard was measured where the sums do not
-    saturate, and here they do."""
-    fmt = metadata.get("quantisation", {}).get("weight_format")
-    if fmt == "u8s8" and "avx2" in features and not any(name in features for name in VNNI):
-        raise CheckpointError(f"{path}: a u8s8 int8 export (made on a CPU with VNNI), and this CPU has no VNNI, where "
-                              f"ONNX Runtime's u8s8 sums saturate and the masks would be wrong; export it again on "
-                              f"this machine (`genseg export-onnx --int8` picks u8u8 here)")
-
-
-def cpu_features() -> list[str]:
-    """The x86 vector features of this CPU that int8 and fp32 kernels choose by (from /proc/cpuinfo; empty
-    elsewhere), recorded next to measured numbers because the int8 speed-up depends on them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
-    except (OSError, StopIteration):
-        return []
-    return [name for name in CPU_FEATURES if name in flags]
-
-
 class _Probabilities(torch.nn.Module):
     """The exported graph ends in the sigmoid, so its output is what `Segmenter.predict` returns."""
 
@@ -87,71 +38,6 @@ class _Probabilities(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model.predict_proba(image)
-
-
-class OnnxSegmenter:
-    """An `export-onnx` file on ONNX Runtime's CPU provider, with `Segmenter`'s predict, size, channels, threshold
-    and batch_size; `precision` and `metadata` come from the file. `threads` defaults to torch's thread count, so
-    one setting governs both paths."""
-
-    def __init__(self, path: str | Path, batch_size: int = 16, threads: int | None = None):
-        ort = onnxruntime()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT's own errors (InvalidProtobuf, Fail, ...) share no useful base class
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {first_line[:200]})"
-                                  ) from None
-        try:
-            self.metadata = json.loads(self.session.get_modelmeta().custom_metadata_map[METADATA_KEY])
-            self.precision = self.metadata["precision"]
-            self.size, self.channels = int(self.metadata["size"]), int(self.metadata["channels"])
-            self.threshold = float(self.metadata["threshold"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: an ONNX model without genseg's export metadata; write it with "
-                                  f"`genseg export-onnx`") from None
-        if self.precision not in PRECISIONS:
-            raise CheckpointError(f"{path}: unknown precision {self.precision!r} in its metadata")
-        check_int8_format(path, self.metadata, cpu_features())
-        self.batch_size = batch_size
-        self.source = str(path)
-
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]."""
-        from ..inference import check_images
-
-        x = check_images(images, self.channels, self.size).numpy()
-        out = [self.session.run(["probability"], {"image": x[i:i + self.batch_size]})[0][:, 0]
-               for i in range(0, len(x), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.size, self.size), np.float32)
-
-
-def load_onnx_segmenter(path: Path, precision: str | None, batch_size: int = 16, compile: bool = False,
-                        weights: Path | None = None) -> OnnxSegmenter:
-    """An OnnxSegmenter whose precision is `precision` (None: any); with `weights`, the file must have been
-    exported from exactly those weights, so a retrained model is never served with a stale int8 file."""
-    if compile:
-        raise ConfigError("--compile applies to the PyTorch fp32 path; ONNX Runtime models are not compiled")
-    if weights is not None and not path.is_file():
-        raise CheckpointError(f"{path.parent}: has no int8 export ({path.name}); make it with `genseg export-onnx "
-                              f"--checkpoint RUN --int8 [--calibration DATA.h5]`")
-    segmenter = OnnxSegmenter(path, batch_size=batch_size)
-    if precision is not None and segmenter.precision != precision:
-        raise CheckpointError(f"{path}: is an {segmenter.precision} export, not {precision}")
-    if weights is not None and segmenter.metadata.get("weights_sha256") != file_sha256(weights):
-        raise CheckpointError(f"{path}: was exported from other weights than {weights} holds now (retrained?); "
-                              f"export it again")
-    return segmenter
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_metadata(path: Path, metadata: dict[str, Any]) -> None:
@@ -216,8 +102,6 @@ def quantize_int8(fp32: Path, out: Path, images: np.ndarray, metadata: dict[str,
 
 
 def _split(segmenter, checkpoint: str | Path, data: str | Path, role: str, what: str):
-    from ..evaluate import open_split, selection
-
     chosen = selection(checkpoint, data, role)
     return chosen, open_split(data, chosen, segmenter, what)
 
@@ -233,8 +117,6 @@ def accuracy_guard(fp32, int8, checkpoint: str | Path, data: str | Path) -> dict
     """Per held-out split (val, test) of `data`: slices, mean Dice against ground truth of the fp32 and the int8
     model, its change, and the mean Dice between the two models' masks."""
     from torch.utils.data import DataLoader
-
-    from ..metrics import dice_iou
 
     rows = {}
     for role in ("val", "test"):
@@ -281,8 +163,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
     when its test or validation Dice differs from fp32's by more than `max_dice_change` (GensegError with the
     numbers); the guard's numbers are in the metadata. `weight_format` "auto" picks u8s8 on a CPU with VNNI and
     u8u8 elsewhere (`int8_format`); a u8s8 file is refused later on a CPU without VNNI."""
-    from ..inference import WEIGHTS, load_segmenter, model_folder
-
     if int8:
         onnxruntime()  # before any work: the clear install hint
         weight_format = int8_format(weight_format, cpu_features())

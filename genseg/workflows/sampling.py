@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.prepared import PreparedDataset, PreparedWriter
-from .errors import ConfigError, DataError
-from .models.diffusion import build_scheduler
-from .pipeline.diffusion import SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
+from ..data.prepared import PreparedDataset, PreparedWriter
+from ..errors import ConfigError, DataError
+from ..models.diffusion import build_scheduler
+from ..pipeline.diffusion import SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
 
 
 def sample_to_file(run_dir: str | Path, num: int, out: str | Path, sampling: SamplingSettings = SamplingSettings(),
@@ -76,7 +76,7 @@ def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | 
 
 def write_pngs(result: SliceDiffusionOutput, folder: Path) -> Path:
     """synth-00000.png (+ _mask.png, 0/255, the BUSI layout `genseg segment` and `prepare` read) and grid.png."""
-    from .viz import overlay, save_grid, save_png
+    from ..viz import overlay, save_grid, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     tiles = []
@@ -93,7 +93,7 @@ def write_pngs(result: SliceDiffusionOutput, folder: Path) -> Path:
 
 def reverse_process_figure(result: SliceDiffusionOutput, path: Path, rows: int = 4) -> Path:
     """Denoising strips: one row per sample (at most `rows`), x_t from noise to the last step, then the result."""
-    from .viz import overlay, save_grid
+    from ..viz import overlay, save_grid
 
     if not result.intermediates:
         raise ValueError("no intermediates: sample with save_intermediates=True")
@@ -117,8 +117,8 @@ def forward_process_figure(data: str | Path, index: int, out: str | Path, run_di
                            seed: int = 0) -> Path:
     """x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps for t from 0 to T (clean to noise) of slice `index` of a prepared
     file; the schedule is the run's when `run_dir` is given, else `beta_schedule` over `num_train_timesteps`."""
-    from .models.diffusion import DiffusionModelConfig
-    from .viz import save_grid
+    from ..models.diffusion import DiffusionModelConfig
+    from ..viz import save_grid
 
     dataset = PreparedDataset(data)
     if not 0 <= index < len(dataset):

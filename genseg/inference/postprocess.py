@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TTA_MODES = ("none", "hflip", "hvflip")
 _FLIPS = {"none": [()], "hflip": [(), (-1,)], "hvflip": [(), (-1,), (-2,), (-2, -1)]}  # axes of (..., H, W)

@@ -10,7 +10,7 @@ Three views, each next to a real-vs-real reference so the number means something
   training set as an unseen real patient", 0 an exact copy. A slice is a near-copy when its ratio is below
   NEAR_COPY_RATIO (0.5: half the typical distance between different patients' slices); the same threshold
   applied to the held-out real slices is reported as the false-alarm reference.
-- Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, genseg.metrics.kid) between synthetic
+- Distribution distance: KID (unbiased MMD^2, cubic polynomial kernel, genseg.evaluation.metrics.kid) between synthetic
   and real training images, and between held-out (val/test) real and real training images as the floor (None
   when the real file has no held-out slices), each as mean +- sd over bootstrap resamples of both sets (at most
   `kid_subset_size` rows drawn with replacement): the spread is the KID's own uncertainty, also for sets
@@ -23,7 +23,7 @@ Three views, each next to a real-vs-real reference so the number means something
   feature networks are still not comparable with each other, only with the real reference beside them.
   At most `max_features` slices per set (synthetic, real training, real held-out; seeded choice) are encoded.
 - Mask/image agreement (with a segmenter): Dice between each generated mask and the segmenter's prediction on
-  the generated image (both empty = 1, genseg/metrics.py), next to the same Dice on (up to `max_features`)
+  the generated image (both empty = 1, genseg/evaluation/metrics.py), next to the same Dice on (up to `max_features`)
   held-out real slices, i.e. what the segmenter reaches on real pairs; plus tumour-size (mask area share) and class
   histograms of synthetic vs real training slices. Skipped for image-mode samples (metadata mask_source
   "none"): their empty masks are placeholders, not generated masks.
@@ -48,14 +48,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.prepared import read_metadata
-from .data.records import CLASS_NAMES
-from .errors import CheckpointError, DataError
-from .inference import Segmenter, load_segmenter
-from .io import atomic_path
+from ..data.prepared import check_synthetic, read_metadata
+from ..data.records import CLASS_NAMES
+from ..errors import CheckpointError, DataError
+from ..inference.segmenter import Segmenter, load_segmenter
+from ..io import atomic_path
+from ..viz import plot_bars
 from .metrics import dice_from_counts, kid, nearest_neighbour_distances, overlap_counts
-from .training.mixing import check_synthetic
-from .viz import plot_bars
 
 NEAR_COPY_RATIO = 0.5
 NN_SIDE = 32  # images are average-pooled to at most this side before nearest-neighbour search

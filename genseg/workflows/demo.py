@@ -39,9 +39,10 @@ from ..data.prepare import prepare
 from ..data.prepared import read_metadata
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_path
+from ..pipeline.diffusion import SamplingSettings, SliceDiffusionPipeline, load_diffusion, model_channels
+from ..runs import SegTrainConfig
 from ..training.loop import STATE_FILE
-from ..training.seg import SegTrainConfig, train_segmenter
-from .diffusion import SamplingSettings, SliceDiffusionPipeline, load_diffusion, model_channels
+from ..training.seg import train_segmenter
 
 SEG_DEMO_CONFIG = builtin_config("seg-demo")
 DIFFUSION_CPU_CONFIG = builtin_config("diffusion-cpu-small")
@@ -110,14 +111,15 @@ def diffusion_checkpoint_step(run: Path) -> int:
 def ensure_diffusion(cfg, data: Path, run: Path, cpu: bool = False) -> Path:
     """Train a generator in `run` up to `cfg.max_steps`: reused when it got there, resumed (with the run's own
     config, only max_steps changed) when it stopped earlier, started otherwise."""
-    from ..training.diffusion import resolve_config, train_diffusion
-    from .diffusion import is_diffusion_run
+    from ..pipeline.diffusion import is_diffusion_run
+    from ..runs import resolve_config
+    from ..training.diffusion import DiffusionTrainConfig, train_diffusion
 
     done = diffusion_checkpoint_step(run)
     if done >= cfg.max_steps and is_diffusion_run(run):
         return Path(run)
     if done:
-        cfg = resolve_config(None, {"max_steps": cfg.max_steps}, run, resume=True)
+        cfg = resolve_config(DiffusionTrainConfig, None, {"max_steps": cfg.max_steps}, run, resume=True)
     train_diffusion(cfg, data, run, resume=bool(done), cpu=cpu)
     return Path(run)
 
@@ -153,8 +155,8 @@ def sample_synthetic(generator: SliceDiffusionPipeline, out: Path, num: int,
                      sampling: SamplingSettings = SamplingSettings(), *, source: str | Path = "",
                      grid: Path | None = None) -> Path:
     """`num` slices sampled with `sampling` written as a synthetic prepared file, plus a grid of the first 16."""
-    from ..sampling import sample_into
     from ..viz import overlay, save_grid
+    from .sampling import sample_into
 
     result = sample_into(generator, num, out, source, sampling)
     if grid is not None:
@@ -335,7 +337,7 @@ def _prepare_out(out: Path, force: bool) -> None:
 def generator_source(pipeline: str | Path | None, from_scratch: bool = False) -> Path | None:
     """The folder to sample from: `pipeline`, else the shipped demo pipeline (a clear error when it is missing);
     None with `from_scratch` (the generator is trained in the demo folder)."""
-    from . import run as pipeline_run
+    from . import pipeline_run
 
     if from_scratch:
         if pipeline is not None:
@@ -512,7 +514,7 @@ def _expected_seconds(running: list[str], settings: DemoSettings, seg_cfg: SegTr
 
 
 def _quality(synthetic: Path, data: Path, seg_run: Path, out: Path) -> dict:
-    from ..synthetic_quality import evaluate_synthetic
+    from ..evaluation.synthetic_quality import evaluate_synthetic
 
     result = evaluate_synthetic(synthetic, data, seg_run, out_dir=out)
     with atomic_path(out / "quality.json") as tmp:
@@ -524,9 +526,9 @@ def _quality(synthetic: Path, data: Path, seg_run: Path, out: Path) -> dict:
 
 
 def _run_pipeline(generator_dir: Path, seg_run: Path, out: Path, settings: DemoSettings) -> dict:
-    from ..inference import load_segmenter
-    from .genseg import GenSegPipeline
-    from .run import run_pipeline
+    from ..inference.segmenter import load_segmenter
+    from ..pipeline.genseg_pipeline import GenSegPipeline
+    from .pipeline_run import run_pipeline
 
     generator = load_generator(generator_dir)
     seg = load_segmenter(seg_run, device="cpu")
@@ -550,9 +552,9 @@ def comparison_table(test: dict[str, dict]) -> str:
 
 
 def _report(out: Path, summary: dict, rows: list[dict]) -> str:
-    from ..synthetic_quality import kid_reading
+    from ..evaluation.synthetic_quality import kid_reading
     from ..viz import plot_bars
-    from .run import CAPTION_LEGEND
+    from .pipeline_run import CAPTION_LEGEND
 
     test = summary["test"]
     plot_bars({"real test split": (["Dice", "IoU"], {name: [s["dice"], s["iou"]] for name, s in test.items()})},

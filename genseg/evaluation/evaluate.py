@@ -1,6 +1,6 @@
 """Scoring a trained segmenter on a prepared file (`genseg evaluate`) and drawing a run's figures.
 
-Metric conventions (empty masks, HD95, per-patient pooling, false-positive rate) are in genseg/metrics.py.
+Metric conventions (empty masks, HD95, per-patient pooling, false-positive rate) are in genseg/evaluation/metrics.py.
 """
 
 from __future__ import annotations
@@ -12,20 +12,13 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import load_config
-from .data.prepared import PreparedDataset, open_prepared, read_metadata
-from .errors import DataError
-from .inference import Segmenter, load_segmenter
+from ..data.prepared import PreparedDataset, open_prepared, read_metadata
+from ..errors import DataError
+from ..inference.postprocess import postprocessed
+from ..inference.segmenter import Segmenter, load_segmenter
+from ..runs import CsvLog, SegTrainConfig, run_config, split_selection
+from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
 from .metrics import score_slices, summarize
-from .postprocess import postprocessed
-from .training.loop import CsvLog
-from .training.seg import SegTrainConfig, split_selection
-from .viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
-
-
-def run_config(run_dir: str | Path) -> SegTrainConfig | None:
-    path = Path(run_dir) / "config.yaml"
-    return load_config(SegTrainConfig, path) if path.exists() else None
 
 
 def selection(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None) -> dict:
@@ -56,7 +49,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
 
     `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
     `fold=K` scores fold K of the file instead. `precision` as `load_segmenter`'s (int8: the run's int8 export).
-    `tta` and `min_component` as genseg.postprocess's; the result records them.
+    `tta` and `min_component` as genseg.inference.postprocess's; the result records them.
     """
     segmenter = postprocessed(segmenter or load_segmenter(run_dir, precision=precision), tta, min_component)
     chosen = selection(run_dir, data, split, fold)

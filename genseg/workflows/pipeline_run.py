@@ -12,13 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, GensegError
-from ..inference import load_segmenter
+from ..evaluation.metrics import dice_iou
+from ..inference.postprocess import postprocessed
+from ..inference.segmenter import load_segmenter
 from ..io import atomic_path
-from ..metrics import dice_iou
-from ..postprocess import postprocessed
+from ..pipeline.diffusion import SamplingSettings
+from ..pipeline.genseg_pipeline import GenSegOutput, GenSegPipeline
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
-from .diffusion import SamplingSettings
-from .genseg import GenSegOutput, GenSegPipeline
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
 CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
@@ -138,7 +138,7 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
                  force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. `tta` and
-    `min_component` (genseg.postprocess) become the pipeline's predictor from here on."""
+    `min_component` (genseg.inference.postprocess) become the pipeline's predictor from here on."""
     pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
@@ -155,6 +155,6 @@ def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str 
                    force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs (and its
     refusal to replace existing ones unless `force`) and post-processing."""
-    from ..inference import segment_files
+    from ..inference.files import segment_files
 
     return segment_files(inputs, pipe.predictor(), out, force=force, tta=tta, min_component=min_component)
