@@ -514,7 +514,7 @@ def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
     Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
     --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
     sample ...`: each process denoises whole batches of --batch-size, and the main process writes the one file,
-    equal bit for bit to a single process's. If any process fails, no file is written.
+    the same as a single process's (bit for bit on CPU). If any process fails, no file is written.
     """
     from .sampling import sample_to_file
 
