@@ -121,13 +121,14 @@ def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_interme
     from .pipeline.diffusion import SliceDiffusionOutput
 
     out = Path(out)
-    folder = None
-    if state.is_main_process:
+
+    def shard_folder() -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)  # the shard folders of killed runs
-        folder = _create_temporary(out, is_dir=True)
+        return str(_create_temporary(out, is_dir=True))
+
+    folder = Path(main_decides(state, shard_folder))  # an error creating it stops every process alike
     try:
-        folder = Path(main_decides(state, lambda: str(folder)))
         mine = batch_share(state, num, sampling.batch_size)
         call = {"save_intermediates": save_intermediates}
         if os.environ.get(TEST_EXIT_RANK) == str(state.process_index):
@@ -141,7 +142,7 @@ def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_interme
             return None
         shards = [_read_shard(path) for path in sorted(folder.glob("rank-*.npz"))]
         shards = [s for s in shards if len(s["indices"])]
-        indices = np.concatenate([s["indices"] for s in shards])
+        indices = np.concatenate([s["indices"] for s in shards]) if shards else np.zeros(0, np.int64)
         if not np.array_equal(indices, np.arange(num)):
             raise DataError(folder, f"the shards hold images {_ranges(indices)} of 0..{num - 1}; with several "
                                     f"machines, --out must be on a folder that every machine shares")
@@ -156,8 +157,8 @@ def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_interme
         return SliceDiffusionOutput(images=joined("images"), masks=joined("masks"), labels=joined("labels"),
                                     intermediates=intermediates)
     finally:
-        if state.is_main_process and folder is not None:
-            _remove(Path(folder))
+        if state.is_main_process:
+            _remove(folder)
 
 
 def _shard_arrays(mine: range, result) -> dict[str, np.ndarray]:
