@@ -26,6 +26,13 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _main_process() -> bool:
+    """False on every process but the main one of an `accelerate launch` / `torchrun` run (genseg.distributed)."""
+    from .distributed import process_state
+
+    return process_state().is_main_process
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="genseg")
 def main():
@@ -322,15 +329,20 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
     Inputs whose output names would meet, such as a/scan.png and a/scan.tif, use their whole file name:
     OUT/a/scan.png_mask.png, OUT/a/scan.tif_mask.png. If any output already exists nothing is written, unless
     --force. A file that cannot be read is reported; the others are still segmented (exit status 1 if any failed).
+
+    Runs over several processes when launched with `torchrun --nproc_per_node N -m genseg segment ...` or
+    `accelerate launch --multi_gpu --num_processes N -m genseg segment ...`: the inputs are split between them,
+    outputs are named and checked once for all, and the masks are the same as a single process's.
     """
     from .inference.files import segment_files
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
                            probabilities=save_probabilities, precision=precision, tta=tta,
                            min_component=min_component)
-    click.echo(f"wrote {len(report['written'])} files to {out}")
-    for failure in report["failed"]:
-        click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
+    if _main_process():  # one summary for a distributed launch; every process exits with its status
+        click.echo(f"wrote {len(report['written'])} files to {out}")
+        for failure in report["failed"]:
+            click.echo(f"Error: {failure['path']}: {failure['reason']}", err=True)
     if report["failed"]:
         sys.exit(1)
 
@@ -496,18 +508,26 @@ def _generation_options(command):
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="train-diffusion run directory.")
-@click.option("--num", required=True, type=int, help="Number of slices to generate.")
+@click.option("-n", "--num", required=True, type=int,
+              help="Number of slices to generate (-n under torchrun, whose own parser refuses --num as ambiguous).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
 @_generation_options
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
 def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
-    """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run."""
+    """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run.
+
+    Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
+    --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
+    sample ...`: each process denoises whole batches of --batch-size, and the main process writes the one file,
+    the same as a single process's (bit for bit on CPU). If any process fails, no file is written.
+    """
     from .workflows.sampling import sample_to_file
 
     path = sample_to_file(checkpoint, num, out, sampling, png_dir=png_dir, save_intermediates=save_intermediates)
-    click.echo(f"wrote {num} synthetic slices to {path}")
+    if path is not None:  # None: a process other than the main one of a distributed launch
+        click.echo(f"wrote {num} synthetic slices to {path}")
 
 
 @main.command("forward-process")

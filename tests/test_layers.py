@@ -1,7 +1,7 @@
 """The package's layering: every import inside genseg points down (or within its own layer), and no modules import
 each other in a cycle. Imports inside functions count as much as those at the top of a module.
 
-    foundation (genseg, errors, io, config, viz) < data < models < runs < inference < evaluation < pipeline
+    foundation (genseg, errors, io, config, viz, distributed) < data < models < runs < inference < evaluation < pipeline
     < training < workflows < serve < cli
 
 runs.py is the leaf that reads run directories (the train-seg config, threshold, folds, log.csv), so inference and
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "genseg"
 
 LAYERS = [
-    ("foundation", ["genseg", "genseg.errors", "genseg.io", "genseg.config", "genseg.viz"]),
+    ("foundation", ["genseg", "genseg.errors", "genseg.io", "genseg.config", "genseg.viz", "genseg.distributed"]),
     ("data", ["genseg.data"]),
     ("models", ["genseg.models"]),
     ("runs", ["genseg.runs"]),

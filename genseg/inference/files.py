@@ -268,7 +268,7 @@ def _write_nifti(values: np.ndarray, dtype, volume: Volume | None, target: Path)
         image.set_sform(affine, code="scanner")
     image.header["scl_slope"], image.header["scl_inter"] = 1, 0
     with atomic_path(target) as tmp:
-        tmp.write_bytes(gzip.compress(image.to_bytes()))
+        tmp.write_bytes(gzip.compress(image.to_bytes(), mtime=0))  # no time stamp: same mask, same bytes
     return target
 
 
@@ -325,25 +325,42 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
     `failed` (with the reason); a file that fails does not stop the others.
+
+    Under `accelerate launch` / `torchrun` the main process plans and checks the outputs once for every
+    process, each process segments its share of the inputs, and every process returns the merged report, the
+    same as one process's (genseg.distributed).
     """
     from tqdm.auto import tqdm
 
+    from ..distributed import main_decides, merge_reports, process_state, share
+
     check_postprocess(tta, min_component)
     out_dir = Path(out_dir)
-    stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities)
-    existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
-    if existing and not force:
-        more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
-        raise GensegError(f"{existing[0]}: already exists{more}; pass --force to replace, or choose another --out")
-    segmenter = (load_segmenter(checkpoint, compile=compile, precision=precision)
+    state = process_state()
+
+    def plan():
+        stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities)
+        existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
+        if existing and not force:
+            more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""
+            raise GensegError(f"{existing[0]}: already exists{more}; pass --force to replace, or choose another "
+                              f"--out")
+        return stems, failed
+
+    stems, failed = main_decides(state, plan)
+    device = state.device if state.num_processes > 1 else None
+    segmenter = (load_segmenter(checkpoint, device=device, compile=compile, precision=precision)
                  if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
     segmenter = postprocessed(segmenter, tta, min_component, threshold)
-    report: dict[str, Any] = {"segmented": [], "written": [], "failed": failed}
-    for path, stem in tqdm(stems.items(), desc="segment", disable=not progress or len(stems) < 2):
+    report: dict[str, Any] = {"segmented": [], "written": [], "failed": []}
+    mine = share(state, list(stems.items()))
+    for path, stem in tqdm(mine, desc="segment", disable=not progress or len(stems) < 2 or not state.is_main_process):
         try:
             report["written"] += [str(p) for p in segment_file(segmenter, path, out_dir / stem.parent, threshold,
                                                                 stem.name, dicom_seg, probabilities)]
             report["segmented"].append(str(path))
         except DataError as exc:
             report["failed"].append({"path": str(path), "reason": exc.reason})
+    report = merge_reports(state, report)
+    report["failed"] = failed + report["failed"]
     return report

@@ -65,12 +65,15 @@ class SamplingSettings:
         return {"scheduler": self.scheduler, "steps": self.steps, "seed": self.seed, "class": self.class_label,
                 "guidance": self.guidance}
 
-    def sample(self, pipe: SliceDiffusionPipeline, num_images: int, train_scheduler_config=None, **call):
+    def sample(self, pipe: SliceDiffusionPipeline, num_images: int, train_scheduler_config=None, start: int = 0,
+               **call):
         """`pipe(num_images, ...)` with these settings (`call`: its other keyword arguments), its scheduler first
-        swapped for `self.scheduler` built on `train_scheduler_config` (default: the pipe's own)."""
+        swapped for `self.scheduler` built on `train_scheduler_config` (default: the pipe's own). `start`: the
+        index of the first image, so images start..start+num_images-1 of the seed come out (one process's share
+        of a run split over several, genseg.distributed)."""
         pipe.scheduler = make_sampling_scheduler(self.scheduler, train_scheduler_config or pipe.scheduler.config)
         return pipe(num_images, class_labels=self.class_label, guidance_scale=self.guidance,
-                    num_inference_steps=self.steps, generator=seed_generators(self.seed, num_images),
+                    num_inference_steps=self.steps, generator=seed_generators(self.seed, start + num_images)[start:],
                     batch_size=self.batch_size, **call)
 
 

@@ -23,17 +23,31 @@ from ..pipeline.diffusion import SamplingSettings, SliceDiffusionOutput, SliceDi
 
 def sample_to_file(run_dir: str | Path, num: int, out: str | Path, sampling: SamplingSettings = SamplingSettings(),
                    *, png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
-                   progress: bool = True) -> Path:
+                   progress: bool = True) -> Path | None:
     """Sample `num` slices with `sampling` into the prepared file `out` (plus PNGs / a reverse process strip
-    `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on the batch size."""
+    `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on the batch size (up to float
+    rounding). Under `accelerate launch` / `torchrun` the batches are split over the processes and the main
+    process writes the one file, equal to a single process's (genseg.distributed), and the others return None
+    without writing anything."""
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     if sampling.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {sampling.steps}")
-    out = Path(out)
-    pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe.set_progress_bar_config(disable=not progress)
-    result = sample_into(pipe, num, out, run_dir, sampling, save_intermediates=save_intermediates)
+    from ..distributed import process_state
+    from .distributed_sampling import sample_shared
+
+    out, state = Path(out), process_state()  # several processes under accelerate launch / torchrun
+    if state.num_processes > 1:
+        pipe = load_diffusion(run_dir, device=device or state.device)
+        pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
+        result = sample_shared(state, pipe, num, out, sampling, save_intermediates=save_intermediates)
+        if result is None:  # not the main process: its share is in the file the main process writes
+            return None
+        write_samples(result, out, run_dir, sampling.metadata(), split_seed=sampling.seed)
+    else:
+        pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.set_progress_bar_config(disable=not progress)
+        result = sample_into(pipe, num, out, run_dir, sampling, save_intermediates=save_intermediates)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
