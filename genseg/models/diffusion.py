@@ -1,7 +1,10 @@
 """The diffusion model factory: a diffusers `UNet2DModel` and its noise schedules, built from one config.
 
 Channels: `image` mode models the prepared image channels alone (masks come later from a segmenter); `joint`
-mode appends the tumour mask as one more channel, so every sample is a labelled image/mask pair. The UNet's
+mode appends the tumour mask as one more channel, so every sample is a labelled image/mask pair;
+`mask-conditioned` mode gets the clean mask as one more *input* channel and denoises the image channels only
+(in_channels = image channels + 1, out_channels = image channels), so a sample's mask is the one given, exact by
+construction. The mode is readable off a saved UNet's channels (pipeline.diffusion.model_layout). The UNet's
 sinusoidal timestep embedding is the paper's "positional embedding".
 
 Class conditioning (`num_classes` K > 0): the model gets K + 1 class embeddings; ids 0..K-1 are the prepared
@@ -26,7 +29,8 @@ class DiffusionModelConfig:
 
     sample_size: int = 64  # image side; must equal the prepared file's size
     image_channels: int = 1  # channels of the prepared images (1 grey, 3 colour)
-    mode: Literal["joint", "image"] = "joint"  # joint: image + mask channel; image: image only
+    mode: Literal["joint", "image", "mask-conditioned"] = "joint"  # joint: image + mask channel; image: image only;
+                                                                   # mask-conditioned: image given its clean mask
     block_out_channels: tuple[int, ...] = (32, 64, 96, 128)  # one resolution level each, halving the size
     layers_per_block: int = 1
     attention_resolutions: tuple[int, ...] = ()  # sides (px) whose levels get self-attention, e.g. (16,)
@@ -62,7 +66,12 @@ class DiffusionModelConfig:
 
     @property
     def channels(self) -> int:
-        """Channels the UNet sees: the image channels, plus the mask in joint mode."""
+        """Channels the UNet sees: the image channels, plus the mask in joint and mask-conditioned mode."""
+        return self.image_channels + (self.mode != "image")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the UNet denoises: the image channels, plus the mask in joint mode only."""
         return self.image_channels + (self.mode == "joint")
 
     @property
@@ -76,7 +85,7 @@ def build_unet(cfg: DiffusionModelConfig) -> UNet2DModel:
     return UNet2DModel(
         sample_size=cfg.sample_size,
         in_channels=cfg.channels,
-        out_channels=cfg.channels,
+        out_channels=cfg.out_channels,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),

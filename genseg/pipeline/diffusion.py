@@ -1,11 +1,14 @@
-"""`SliceDiffusionPipeline`: sample MRI slices (with tumour masks in joint mode) from a trained UNet2DModel.
+"""`SliceDiffusionPipeline`: sample MRI slices (with tumour masks in joint mode, for given masks in mask-conditioned
+mode) from a trained UNet2DModel.
 
 The stock `DDPMPipeline` passes no class labels, so this thin pipeline runs diffusers' own
 `scheduler.step` loop with optional class conditioning and classifier-free guidance.
 
 Conventions: the model works in [-1, 1]; outputs are back in the prepared-file range, images float32 in
 [0, 1] and masks uint8 {0, 1} (mask channel > 0), so a segmenter trained on prepared data reads them directly.
-The mode is read off the UNet: 1 or 3 channels = image only (grey / colour), 2 or 4 = image + mask (joint).
+The mode is read off the UNet's channels (`model_layout`): in = out = 1 or 3: image only (grey / colour);
+in = out = 2 or 4: image + mask (joint); in = 2 or 4 and out = in - 1: mask-conditioned (the clean mask, as
+mask * 2 - 1, is the last input channel and is never noised; only the image is denoised).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ OUTPUT_TYPES = ("np", "pt", "pil")
 @dataclass
 class SliceDiffusionOutput(BaseOutput):
     """images (N, H, W) float32 in [0, 1] ((N, C, H, W) for colour); masks (N, H, W) uint8 {0, 1} or None in
-    image mode; labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as (N, channels, H, W)
+    image mode (in mask-conditioned mode the given masks, unchanged); labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as (N, channels, H, W)
     float32 in [0, 1])] from noise to the last step, or None. NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
@@ -93,12 +96,29 @@ def convert_output(value, output_type: str, picture: bool = False):
     return DiffusionPipeline.numpy_to_pil(channels_last.astype(np.float32))
 
 
+MODES = ("image", "joint", "mask-conditioned")
+
+
+def model_layout(unet: UNet2DModel) -> tuple[int, str]:
+    """(image channels, mode) of a UNet trained by genseg, from its in/out channels: in = out = 1 or 3 image-only,
+    in = out = 2 or 4 joint (image + mask), in = 2 or 4 with out = in - 1 mask-conditioned. Anything else is
+    refused (CheckpointError): it is no genseg slice model."""
+    cin, cout = int(unet.config.in_channels), int(unet.config.out_channels)
+    if cin == cout and cin in (1, 3):
+        return cin, "image"
+    if cin == cout and cin in (2, 4):
+        return cin - 1, "joint"
+    if cin in (2, 4) and cout == cin - 1:
+        return cout, "mask-conditioned"
+    raise CheckpointError(f"UNet with {cin} input and {cout} output channels is not a genseg slice model (image "
+                          f"only: 1 or 3 in and out; joint: 2 or 4 in and out; mask-conditioned: 2 or 4 in, one "
+                          f"fewer out)")
+
+
 def model_channels(unet: UNet2DModel) -> tuple[int, bool]:
-    """(image channels, joint) of a UNet trained by genseg: 1/3 channels image-only, 2/4 image + mask."""
-    channels = int(unet.config.in_channels)
-    if channels not in (1, 2, 3, 4):
-        raise CheckpointError(f"UNet with {channels} input channels is not a genseg slice model (1-4 channels)")
-    return (channels if channels in (1, 3) else channels - 1), channels in (2, 4)
+    """(image channels, joint) of a UNet trained by genseg (`model_layout`; joint = it generates its own mask)."""
+    channels, mode = model_layout(unet)
+    return channels, mode == "joint"
 
 
 def num_classes(unet: UNet2DModel) -> int:
@@ -130,6 +150,30 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             raise ConfigError(f"class {bad} outside the trained range 0..{k - 1}")
         return labels.long()
 
+    def _masks(self, masks, mode: str, num_images: int) -> np.ndarray | None:
+        """The given masks as uint8 (N, H, W), checked against the model: a mask-conditioned model needs them
+        (size equal to the model's, values 0 and 1 only; an empty mask is a tumour-free slice), others refuse them."""
+        if mode != "mask-conditioned":
+            if masks is not None:
+                raise ConfigError(f"masks were given to a {mode} model; only a mask-conditioned model (train-diffusion "
+                                  f"with model.mode: mask-conditioned) generates images for given masks")
+            return None
+        if masks is None:
+            raise ConfigError("a mask-conditioned model needs masks: pass masks=(N, H, W) 0/1 arrays (`genseg "
+                              "sample --masks-from DATA.h5`)")
+        given = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+        size = int(self.unet.config.sample_size)
+        if given.ndim == 4 and given.shape[1] == 1:
+            given = given[:, 0]
+        if given.shape != (num_images, size, size):
+            raise ConfigError(f"masks: expected {num_images} masks of {size}x{size} (the model's size), got an "
+                              f"array of shape {tuple(given.shape)}")
+        values = np.unique(given)
+        bad = [v for v in values.tolist() if v not in (0, 1)]
+        if bad:
+            raise ConfigError(f"masks must hold 0 and 1 only, found value(s) {bad[:5]}")
+        return given.astype(np.uint8)
+
     @staticmethod
     def _generators(generator, num_images: int) -> list[torch.Generator]:
         """One generator per image: a list is used as given; one generator (or None: torch's global RNG) draws a
@@ -149,8 +193,11 @@ class SliceDiffusionPipeline(DiffusionPipeline):
                  guidance_scale: float = 1.0, num_inference_steps: int | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, batch_size: int | None = None,
                  save_intermediates: bool = False, callback_on_step_end: Callable | None = None,
-                 output_type: str = "np", return_dict: bool = True) -> SliceDiffusionOutput | tuple:
-        """Generate `num_images` slices. `num_inference_steps` defaults to the training timesteps (full DDPM);
+                 output_type: str = "np", return_dict: bool = True,
+                 masks: np.ndarray | torch.Tensor | Sequence | None = None) -> SliceDiffusionOutput | tuple:
+        """Generate `num_images` slices. `masks` (N, H, W) of 0/1, H = W = the model's size: the masks a
+        mask-conditioned model generates images for (required there, refused by joint and image models); they come
+        back unchanged as the output's masks. `num_inference_steps` defaults to the training timesteps (full DDPM);
         `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`. `callback_on_step_end(pipe,
         step, timestep, {})` runs after every denoising step, as in diffusers; raising from it stops sampling.
         `output_type` "np", "pt" or "pil" (`convert_output`); `return_dict=False` gives the output's fields as a
@@ -168,7 +215,8 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         labels = self._labels(class_labels, num_images)
         if guidance_scale != 1.0 and labels is None:
             raise ConfigError("classifier-free guidance (guidance != 1) needs a class to guide towards")
-        image_channels, joint = model_channels(self.unet)
+        image_channels, mode = model_layout(self.unet)
+        given = self._masks(masks, mode, num_images)
         generators = self._generators(generator, num_images)
         batch_size = batch_size or num_images
         if batch_size < 1:
@@ -178,13 +226,14 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             for start in range(0, num_images, batch_size):
                 stop = min(start + batch_size, num_images)
                 x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
-                                         guidance_scale, steps, save_intermediates, bar, callback_on_step_end)
+                                         guidance_scale, steps, save_intermediates, bar, callback_on_step_end,
+                                         None if given is None else given[start:stop])
                 chunks.append(x)
                 snapshots.append(snaps)
         x = torch.cat(chunks).float().cpu().numpy()
         images = np.clip((x[:, :image_channels] + 1) / 2, 0, 1).astype(np.float32)
         images = images[:, 0] if image_channels == 1 else images
-        masks = (x[:, image_channels] > 0).astype(np.uint8) if joint else None
+        masks = (x[:, image_channels] > 0).astype(np.uint8) if mode == "joint" else given
         intermediates = None
         if save_intermediates:
             intermediates = [(t, convert_output(np.concatenate([s[i][1] for s in snapshots]), output_type))
@@ -201,10 +250,10 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         do not move; BaseOutput.to_tuple drops them)."""
         return output if return_dict else tuple(getattr(output, f.name) for f in fields(output))
 
-    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback):
+    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback, masks=None):
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device
         size = unet.config.sample_size
-        shape = (len(generators), unet.config.in_channels, size, size)
+        shape = (len(generators), unet.config.out_channels, size, size)  # the denoised channels (= in but for masks)
         x = randn_tensor(shape, generator=generators, device=device, dtype=unet.dtype) * scheduler.init_noise_sigma
         scheduler.set_timesteps(steps, device=device)
         guided = labels is not None and guidance_scale != 1.0
@@ -214,6 +263,10 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             labels = labels.to(device)
             if guided:  # conditional and unconditional halves in one forward pass
                 labels = torch.cat([labels, torch.full_like(labels, num_classes(unet))])
+        condition = None
+        if masks is not None:  # the clean mask in [-1, 1], never noised, one more input channel
+            condition = torch.from_numpy(masks[:, None].astype(np.float32) * 2 - 1).to(device=device, dtype=unet.dtype)
+            condition = torch.cat([condition, condition]) if guided else condition
         timesteps = scheduler.timesteps
         keep = set(np.linspace(0, len(timesteps) - 1, min(INTERMEDIATE_SNAPSHOTS, len(timesteps))).round().astype(int))
         # stochastic samplers take the generators; deterministic ones (PNDM) have no such argument
@@ -221,6 +274,8 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         snaps = []
         for i, t in enumerate(timesteps):
             model_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            if condition is not None:
+                model_in = torch.cat([model_in, condition], dim=1)
             out = unet(model_in, t, class_labels=labels).sample
             if guided:
                 cond, uncond = out.chunk(2)
@@ -256,5 +311,8 @@ def load_diffusion(run_dir: str | Path, device: str | torch.device | None = None
     except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: cannot load the diffusion model ({type(exc).__name__}: {exc})") from None
     pipe = SliceDiffusionPipeline(unet=unet, scheduler=scheduler)
-    model_channels(pipe.unet)
+    try:
+        model_layout(pipe.unet)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     return pipe.to(device) if device is not None else pipe

@@ -2,7 +2,8 @@
 
 Each step noises a batch at random timesteps (the forward process) and regresses the UNet's output on the
 noise (`epsilon`) or the velocity (`v_prediction`), optionally with min-SNR weighting and an extra weight on
-the mask channel. An EMA copy of the weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
+the mask channel (joint mode). In mask-conditioned mode the clean mask (as mask * 2 - 1) is one more input
+channel and never noised, and the loss is on the image channels only. An EMA copy of the weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
 Every random draw of a step (flips, class dropout, noise, timesteps) comes from one generator saved in each
 checkpoint, so a resumed run continues exactly like an uninterrupted one, also from the middle of an epoch.
 
@@ -31,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from torch.utils.data import DataLoader
 
-from ..config import config_from_dict
+from ..config import config_from_dict, load_config
 from ..data.prepared import PreparedDataset, read_metadata
 from ..errors import ConfigError, DataError
 from ..io import replace_path
@@ -69,6 +70,7 @@ class DiffusionTrainConfig:
     ema_power: float = 0.75  # warm-up speed: decay = 1 - (1 + step)^-power
     snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); null = plain MSE
     mask_weight: float = 1.0  # joint mode: loss weight of the mask channel relative to the image channels
+                              # (mask-conditioned mode: unused, the mask is an input, not denoised)
     class_dropout: float = 0.1  # share of labels replaced by the null class (needed for guidance)
     hflip: bool = True
     seed: int = 0
@@ -115,6 +117,11 @@ def _check_data(cfg: DiffusionTrainConfig, data: str | Path) -> dict:
 
 
 def _check_resume(cfg: DiffusionTrainConfig, out: Path, data: str | Path) -> None:
+    if (out / "config.yaml").exists():  # modes never mix in one run folder: say so before the generic refusal
+        saved = load_config(DiffusionTrainConfig, out / "config.yaml").model.mode
+        if saved != cfg.model.mode:
+            raise ConfigError(f"{out}: holds a {saved} generator; cannot resume it as {cfg.model.mode} (model.mode); "
+                              f"start a new run with another --out instead")
     old = check_resume(cfg, out, RESUMABLE_KEYS, "train-diffusion")["data"]
     if old != str(Path(data).resolve()):
         raise ConfigError(f"{out}: was trained on {old}; resume with the same --data")
@@ -133,14 +140,16 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 
 def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionTrainConfig,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """One denoising-regression loss on a clean batch `x0` in [-1, 1] (module docstring)."""
+                   generator: torch.Generator | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """One denoising-regression loss on a clean batch `x0` in [-1, 1] (module docstring); `condition` (mask-
+    conditioned mode): the clean mask channel in [-1, 1], appended to the noised input and never noised itself."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
                       device=x0.device)
     noisy = noise_scheduler.add_noise(x0, noise, t)
     target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
-    pred = model(noisy, t, class_labels=labels).sample
+    model_in = noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
+    pred = model(model_in, t, class_labels=labels).sample
     per_channel = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(2, 3))  # (N, C)
     if cfg.model.mode == "joint":
         weights = torch.ones(per_channel.shape[1], device=x0.device)
@@ -175,15 +184,18 @@ def save_pipeline(unet: UNet2DModel, cfg: DiffusionTrainConfig, out: Path) -> No
             replace_path(Path(tmp) / name, out / name)
 
 
-def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int) -> Path:
-    """A grid of `count` samples (mask outlined in joint mode), DPM-Solver++ at `steps` steps."""
+def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int,
+                masks: np.ndarray | None = None) -> Path:
+    """A grid of `count` samples (mask outlined in joint mode, the given `masks` in mask-conditioned mode),
+    DPM-Solver++ at `steps` steps."""
     from ..viz import overlay, save_grid
 
     pipe.scheduler = make_sampling_scheduler("dpmsolver", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)  # the training bar is the one to watch
     k = pipe.unet.config.num_class_embeds
     labels = [i % (k - 1) for i in range(count)] if k else None
-    result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed_generators(seed, count))
+    result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed_generators(seed, count),
+                  masks=masks)
     tiles = [overlay(img, m) if m is not None else img
              for img, m in zip(result.images, result.masks if result.masks is not None else [None] * count)]
     titles = [f"class {c}" for c in labels] if labels else None
@@ -221,13 +233,20 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     ema.to(acc.device)
     train_batch = functools.partial(_train_batch, cfg=cfg, noise_scheduler=build_scheduler(cfg.model),
                                     generator=rng.generator)
-    hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc),
+    grid_masks = _grid_masks(dataset, cfg.sample_count) if cfg.model.mode == "mask-conditioned" else None
+    hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc, grid_masks),
                   log_row=lambda state: {"ema_decay": ema.cur_decay_value})
     start_tracking(acc, "train-diffusion", cfg)
     trainer.fit(train_batch, max_steps=cfg.max_steps, hooks=hooks, desc=f"train-diffusion {out.name}")
     result = _diffusion_result(trainer, ema, cfg, info["precision"])
     finish_tracking(acc)
     return result
+
+
+def _grid_masks(dataset: PreparedDataset, count: int) -> np.ndarray:
+    """The masks the sample grids of a mask-conditioned run are drawn for: the first training slices' (repeated
+    when there are fewer), the same at every step so the grids show progress on fixed masks."""
+    return np.stack([dataset[i % len(dataset)]["mask"][0].numpy() for i in range(count)]).astype(np.uint8)
 
 
 def _training_slices(cfg: DiffusionTrainConfig, data: str | Path) -> PreparedDataset:
@@ -270,11 +289,15 @@ def _run_info(cfg: DiffusionTrainConfig, data: str | Path, attrs: dict, dataset:
 def _train_batch(model: UNet2DModel, batch: dict, cfg: DiffusionTrainConfig, noise_scheduler,
                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """A batch's loss; its flips, class dropout, noise and timesteps all come from the run's saved generator."""
-    x0 = to_model_space(batch, cfg.model.mode == "joint")
+    mode = cfg.model.mode
+    x0 = to_model_space(batch, mode != "image")  # mask-conditioned: the mask too, so that a flip moves both
     if cfg.hflip:
         x0 = random_hflip(x0, generator)
+    condition = None
+    if mode == "mask-conditioned":
+        x0, condition = x0[:, :cfg.model.image_channels], x0[:, cfg.model.image_channels:]
     labels = _conditioning(batch["label"], cfg, generator)
-    return diffusion_loss(model, noise_scheduler, x0, labels, cfg, generator), {}
+    return diffusion_loss(model, noise_scheduler, x0, labels, cfg, generator, condition), {}
 
 
 def _diffusion_result(trainer: Trainer, ema: EMAModel, cfg: DiffusionTrainConfig, precision: str
@@ -300,7 +323,7 @@ def _ema_unet(ema: EMAModel, model_cfg: DiffusionModelConfig) -> UNet2DModel:
 
 
 def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: DiffusionTrainConfig, out: Path,
-                acc: Accelerator) -> None:
+                acc: Accelerator, grid_masks: np.ndarray | None = None) -> None:
     """Update the EMA weights; write them as the pipeline whenever a checkpoint is due, so the pipeline folder
     always holds the newest EMA weights a checkpoint also has, and sample a grid every `sample_every_steps`."""
     ema.step(acc.unwrap_model(model).parameters())
@@ -313,5 +336,5 @@ def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: D
         if due_grid:
             pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(cfg.model))
             grid = sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
-                               cfg.sample_steps, cfg.seed)
+                               cfg.sample_steps, cfg.seed, masks=grid_masks)
             log_image_files(acc, {"samples": grid}, state.step)

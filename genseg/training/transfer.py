@@ -159,13 +159,13 @@ def initial_unet(cfg, load: bool = True) -> InitResult:
     """The denoiser a diffusion run starts from: fresh, or (`cfg.init_from`) a trained generator's weights to
     continue on new data. The source is a train-diffusion run or a saved pipeline folder.
 
-    The channel layout (joint image + mask vs image only, image channels) and the class count must match the
+    The channel layout (joint image + mask, mask-conditioned or image only; image channels) and the class count must match the
     new run's: there is no weight surgery that turns one into the other with a defined meaning. A size change
     needs nothing (the UNet is convolutional and attention takes any number of positions); any other
     architecture difference is refused naming both sides. `load=False` (a resumed run) skips the source.
     """
     from ..models.diffusion import build_unet
-    from ..pipeline.diffusion import load_diffusion, model_channels
+    from ..pipeline.diffusion import load_diffusion, model_layout
 
     unet = build_unet(cfg.model)
     result = InitResult(unet)
@@ -181,9 +181,10 @@ def initial_unet(cfg, load: bool = True) -> InitResult:
         raise CheckpointError(f"--init-from: {exc}") from None
 
     def layout(model) -> str:
-        channels, joint = model_channels(model)
+        channels, mode = model_layout(model)
+        kind = {"joint": "joint (image + mask)", "image": "image-only", "mask-conditioned": "mask-conditioned"}[mode]
         classes = (model.config.num_class_embeds or 1) - 1
-        return (f"{'joint (image + mask)' if joint else 'image-only'} generator, {channels} image channel(s), "
+        return (f"{kind} generator, {channels} image channel(s), "
                 f"{classes} class(es)")
 
     if layout(source) != layout(unet):
