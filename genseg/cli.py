@@ -508,26 +508,50 @@ def _generation_options(command):
 
 @main.command()
 @click.option("--checkpoint", required=True, type=click.Path(), help="train-diffusion run directory.")
-@click.option("-n", "--num", required=True, type=int,
-              help="Number of slices to generate (-n under torchrun, whose own parser refuses --num as ambiguous).")
+@click.option("-n", "--num", type=int,
+              help="Number of slices to generate (-n under torchrun, whose own parser refuses --num as ambiguous); "
+                   "with --masks-from: number of masks drawn (seeded by --seed) from the file's training split "
+                   "(default: all of them), each giving --per-mask slices.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
 @_generation_options
+@click.option("--masks-from", type=click.Path(dir_okay=False),
+              help="Mask-conditioned models: prepared file (real, or a joint model's sample) whose training-split "
+                   "masks the images are generated for; its size must be the model's, its masks 0/1. The masks are "
+                   "written unchanged beside the images (mask_source: given).")
+@click.option("--mask-augment", metavar="LIST",
+              help="With --masks-from: transform each drawn mask (nearest, kept inside the image, seeded), a comma "
+                   "list of flip,shift,rotate,scale,elastic; without it the masks are used unchanged.")
+@click.option("--per-mask", default=1, show_default=True, type=int,
+              help="With --masks-from: images generated for each mask (K images share one mask, new noise each).")
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
-def sample(checkpoint, num, out, sampling, png_dir, save_intermediates):
+def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, png_dir, save_intermediates):
     """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run.
+
+    A mask-conditioned run (model.mode: mask-conditioned) generates images for given masks instead: `--masks-from
+    DATA.h5 [--num N] [--per-mask K] [--mask-augment flip,shift,rotate,scale,elastic]` writes N*K slices whose
+    masks are exactly the (transformed) given ones. Everything is checked before sampling; nothing is written
+    on an error.
 
     Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
     --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
     sample ...`: each process denoises whole batches of --batch-size, and the main process writes the one file,
     the same as a single process's (bit for bit on CPU). If any process fails, no file is written.
     """
-    from .workflows.sampling import sample_to_file
+    from .data.prepared import read_metadata
+    from .workflows.sampling import parse_mask_augment, sample_to_file
 
-    path = sample_to_file(checkpoint, num, out, sampling, png_dir=png_dir, save_intermediates=save_intermediates)
+    augment = parse_mask_augment(mask_augment)
+    if augment and masks_from is None:
+        raise click.UsageError("--mask-augment transforms the masks of --masks-from; give --masks-from too")
+    path = sample_to_file(checkpoint, num, out, sampling, masks_from=masks_from, mask_augment=augment,
+                          per_mask=per_mask, png_dir=png_dir, save_intermediates=save_intermediates)
     if path is not None:  # None: a process other than the main one of a distributed launch
-        click.echo(f"wrote {num} synthetic slices to {path}")
+        meta = read_metadata(path)
+        given = meta["attrs"]["metadata"].get("mask_rows")
+        about = f" ({len(given)} given masks x {per_mask})" if given is not None else ""
+        click.echo(f"wrote {meta['num_slices']} synthetic slices{about} to {path}")
 
 
 @main.command("forward-process")

@@ -8,16 +8,20 @@ Tiny models (16 px, channels 16/32, a few steps) on phantom slices; the contract
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from genseg.errors import CheckpointError, ConfigError
-from genseg.pipeline.diffusion import load_diffusion, model_channels, model_layout, seed_generators
+from genseg.data.prepared import read_metadata
+from genseg.errors import CheckpointError, ConfigError, DataError
+from genseg.pipeline.diffusion import SamplingSettings, load_diffusion, model_channels, model_layout, seed_generators
 from genseg.training.diffusion import train_diffusion
+from genseg.workflows.sampling import draw_masks, sample_to_file
 from diffusion_helpers import quiet, tiny_config, tiny_generator
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
@@ -129,8 +133,156 @@ def test_modes_do_not_mix_in_one_run_folder(run, joint_run, data, folder):
         train_diffusion(tiny_config(MASKCOND), data, joint_run, cpu=True)
 
 
-def test_real_fraction_and_seed_work_in_this_mode(tmp_path):
-    data = write_phantoms(tmp_path / "p.h5", n=20, size=16, patients=10)
-    cfg = tiny_config(MASKCOND, split="train", real_fraction=0.5, seed=3, max_steps=2, checkpoint_every_steps=2)
-    info = json.loads((train_diffusion(cfg, data, tmp_path / "r", cpu=True).run_dir / "run.json").read_text())
-    assert info["real_fraction"] == 0.5 and len(info["kept_patients"]) == info["patients"] == 3
+def test_shipped_config_trains_with_real_fraction_and_seed(tmp_path):
+    """configs/diffusion-maskcond-cpu-small.yaml is diffusion-cpu-small.yaml in this mode, and `train-diffusion
+    --config diffusion-maskcond-cpu-small --real-fraction F --seed S` learns from the patients `train-seg
+    --real-fraction F --seed S` keeps (one optimizer step at the config's 64 px)."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+    from genseg.runs import SegTrainConfig, resolve_config
+    from genseg.training.diffusion import DiffusionTrainConfig
+    from genseg.training.seg import build_seg_data
+
+    shipped = resolve_config(DiffusionTrainConfig, "diffusion-maskcond-cpu-small", {}, None, False)
+    joint = resolve_config(DiffusionTrainConfig, "diffusion-cpu-small", {}, None, False)
+    assert shipped.model.mode == "mask-conditioned"
+    assert dataclasses.replace(shipped, model=dataclasses.replace(shipped.model, mode="joint")) == joint
+    data = write_phantoms(tmp_path / "p64.h5", n=20, size=64, patients=10)
+    done = CliRunner().invoke(main, ["train-diffusion", "--data", str(data), "--config", "diffusion-maskcond-cpu-small",
+                                     "--real-fraction", "0.5", "--seed", "3", "--max-steps", "1", "--batch-size", "4",
+                                     "--out", str(tmp_path / "run"), "--cpu"])
+    assert done.exit_code == 0, done.output
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    seg = build_seg_data(SegTrainConfig(size=64, depth=2, real_fraction=0.5, seed=3), data).info
+    assert info["kept_patients"] == seg["kept_patients"] and info["slices"] == seg["real_train_slices"]
+    assert len(info["kept_patients"]) == 3  # half of the 6 training patients
+    assert model_layout(load_diffusion(tmp_path / "run").unet) == (1, "mask-conditioned")
+
+
+ALL_AUGMENTS = ("flip", "shift", "rotate", "scale", "elastic")
+FAST = SamplingSettings(steps=2, seed=1)
+
+
+def _file(path: Path) -> dict:
+    with h5py.File(path, "r") as h5:
+        return {"images": h5["images"][:], "masks": h5["masks"][:], "labels": h5["labels"][:]}
+
+
+def test_sample_masks_from_writes_k_images_per_exact_given_mask(run, data, tmp_path):
+    out = sample_to_file(run, 4, tmp_path / "aug.h5", FAST, masks_from=data, mask_augment=ALL_AUGMENTS, per_mask=2,
+                         progress=False)
+    meta, written = read_metadata(out), _file(out)
+    info = meta["attrs"]["metadata"]
+    assert meta["num_slices"] == 8 and meta["attrs"]["synthetic"]
+    assert (info["mode"], info["mask_source"], info["per_mask"]) == ("mask-conditioned", "given", 2)
+    assert info["masks_from"] == str(data.resolve()) and info["mask_augment"] == list(ALL_AUGMENTS)
+    train_rows = set(np.flatnonzero(read_metadata(data)["split"] == "train").tolist())
+    assert len(info["mask_rows"]) == 4 and set(info["mask_rows"]) <= train_rows
+    expected, _ = draw_masks(data, 16, 4, seed=1, augment=ALL_AUGMENTS)  # what the model was given, re-drawn
+    assert np.array_equal(written["masks"], np.repeat(expected, 2, axis=0))  # bit for bit, K copies per mask
+    assert set(np.unique(written["masks"]).tolist()) <= {0, 1}
+    with h5py.File(data, "r") as h5:
+        originals = h5["masks"][:][info["mask_rows"]]
+    assert not np.array_equal(expected, originals)  # the transforms moved some
+    plain = sample_to_file(run, 4, tmp_path / "plain.h5", FAST, masks_from=data, progress=False)
+    with h5py.File(data, "r") as h5:  # without --mask-augment the masks are the file's, unchanged
+        rows = read_metadata(plain)["attrs"]["metadata"]["mask_rows"]
+        assert rows == info["mask_rows"] and np.array_equal(_file(plain)["masks"], h5["masks"][:][rows])
+    again = sample_to_file(run, 4, tmp_path / "again.h5", FAST, masks_from=data, mask_augment=ALL_AUGMENTS,
+                           per_mask=2, progress=False)
+    assert np.array_equal(_file(again)["images"], written["images"])  # same seed, same slices
+    other = sample_to_file(run, 4, tmp_path / "other.h5", SamplingSettings(steps=2, seed=2), masks_from=data,
+                           mask_augment=ALL_AUGMENTS, per_mask=2, progress=False)
+    assert not np.array_equal(_file(other)["images"], written["images"])
+    assert not np.array_equal(written["images"][0], written["images"][1])  # K images of one mask differ
+
+
+def test_every_training_mask_by_default_and_empty_masks_give_tumour_free_slices(run, data, tmp_path):
+    out = sample_to_file(run, None, tmp_path / "all.h5", FAST, masks_from=data, progress=False)
+    meta, written = read_metadata(out), _file(out)
+    train = np.flatnonzero(read_metadata(data)["split"] == "train")
+    assert meta["attrs"]["metadata"]["mask_rows"] == train.tolist() and meta["num_slices"] == len(train)
+    empty = ~written["masks"].reshape(len(train), -1).any(1)
+    assert empty.any() and meta["attrs"]["metadata"]["empty_masks"] == int(empty.sum())  # accepted as conditions
+    assert (written["labels"][empty] == 0).all() and (written["labels"][~empty] == -1).all()
+    with h5py.File(data, "r") as h5:
+        assert np.array_equal(written["masks"], h5["masks"][:][train])
+    joint_sample = sample_to_file(run, 3, tmp_path / "again.h5", FAST, masks_from=out, per_mask=1, progress=False)
+    assert read_metadata(joint_sample)["num_slices"] == 3  # a synthetic file with masks is a mask source too
+
+
+def test_bad_mask_files_are_refused_before_sampling(run, joint_run, data, tmp_path):
+    out = tmp_path / "x.h5"
+    big = write_phantoms(tmp_path / "big.h5", n=6, size=32, patients=3)
+    with pytest.raises(DataError, match=r"big.h5.*masks are 32x32 but the model generates 16x16.*--size 16"):
+        sample_to_file(run, 2, out, FAST, masks_from=big, progress=False)
+    labelled = tmp_path / "labelmap.h5"
+    shutil.copy(data, labelled)
+    row = int(np.flatnonzero(read_metadata(data)["split"] == "train")[1])
+    with h5py.File(labelled, "a") as h5:
+        mask = h5["masks"][row]
+        mask[mask > 0] = 255
+        h5["masks"][row] = mask
+    with pytest.raises(DataError, match=rf"labelmap.h5.*mask of row {row} holds value 255.*0 and 1 only"):
+        sample_to_file(run, None, out, FAST, masks_from=labelled, progress=False)
+    image_only = write_phantoms(tmp_path / "imageonly.h5", n=6, size=16, patients=3, synthetic=True,
+                                metadata={"mode": "image", "mask_source": "none"})
+    with pytest.raises(DataError, match="imageonly.h5.*holds no masks"):
+        sample_to_file(run, 2, out, FAST, masks_from=image_only, progress=False)
+    maskless = tmp_path / "maskless.h5"
+    shutil.copy(data, maskless)
+    with h5py.File(maskless, "a") as h5:
+        del h5["masks"]
+    with pytest.raises(DataError, match="maskless.h5.*lacks dataset.*masks"):
+        sample_to_file(run, 2, out, FAST, masks_from=maskless, progress=False)
+    with pytest.raises(ConfigError, match="holds a mask-conditioned model.*--masks-from"):
+        sample_to_file(run, 2, out, FAST, progress=False)
+    with pytest.raises(ConfigError, match="need a mask-conditioned model.*holds a joint model"):
+        sample_to_file(joint_run, 2, out, FAST, masks_from=data, progress=False)
+    with pytest.raises(ConfigError, match="--num is required"):
+        sample_to_file(joint_run, None, out, FAST, progress=False)
+    with pytest.raises(ConfigError, match="--per-mask must be at least 1"):
+        sample_to_file(run, 2, out, FAST, masks_from=data, per_mask=0, progress=False)
+    with pytest.raises(ConfigError, match="unknown mask augmentation.*twist"):
+        sample_to_file(run, 2, out, FAST, masks_from=data, mask_augment=("twist",), progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_sample_and_pipeline(run, data, tmp_path):
+    from click.testing import CliRunner
+
+    from genseg.cli import main
+    from genseg.serve.testing import make_untrained_segmenter
+
+    runner = CliRunner()
+    done = runner.invoke(main, ["sample", "--checkpoint", str(run), "--masks-from", str(data), "--num", "2",
+                                "--per-mask", "3", "--mask-augment", "flip,rotate", "--steps", "2",
+                                "--out", str(tmp_path / "cli.h5"), "--png-dir", str(tmp_path / "png")])
+    assert done.exit_code == 0, done.output
+    assert "wrote 6 synthetic slices (2 given masks x 3)" in done.output and (tmp_path / "png" / "grid.png").is_file()
+    assert read_metadata(tmp_path / "cli.h5")["attrs"]["metadata"]["mask_augment"] == ["flip", "rotate"]
+    for args, message in [(["--num", "2"], "--masks-from"),
+                          (["--num", "2", "--mask-augment", "flip"], "give --masks-from too"),
+                          (["--masks-from", str(data), "--mask-augment", "flip,twist"], "unknown twist")]:
+        err = runner.invoke(main, ["sample", "--checkpoint", str(run), "--out", str(tmp_path / "e.h5"), *args])
+        assert err.exit_code == 2 and message in err.output, err.output
+    segmenter = make_untrained_segmenter(tmp_path / "seg", size=16, base_channels=8, depth=2)
+    err = runner.invoke(main, ["pipeline", "--diffusion", str(run), "--segmenter", str(segmenter), "--num", "2",
+                               "--out", str(tmp_path / "pipe-out")])
+    assert err.exit_code == 2 and "mask-conditioned: it needs masks" in err.output, err.output
+    assert not (tmp_path / "e.h5").exists() and not (tmp_path / "pipe-out").exists()
+
+
+def test_mask_faithfulness_is_reported_for_given_masks(run, data, tmp_path):
+    from genseg.evaluation.synthetic_quality import evaluate_synthetic, markdown_table
+    from genseg.serve.testing import make_untrained_segmenter
+
+    synth = sample_to_file(run, 4, tmp_path / "given.h5", FAST, masks_from=data, progress=False)
+    segmenter = make_untrained_segmenter(tmp_path / "seg", size=16, base_channels=8, depth=2)
+    result = evaluate_synthetic(synth, data, segmenter=segmenter, kid_subsets=5, progress=False)
+    assert result["mask_source"] == "given" and result["masks_generated"]
+    assert result["mask_faithfulness_dice_mean"] == result["agreement_dice_mean"] is not None
+    assert "mask faithfulness: segmenter Dice on the generated image vs the given mask" in markdown_table(result)

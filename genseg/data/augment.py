@@ -133,3 +133,78 @@ def _blur_kernel(sigma: float) -> int:
 
 
 AUGMENT_KEYS = tuple(inspect.signature(PairedAugment).parameters)  # SegTrainConfig keys of the same names
+
+
+# --- masks alone: `genseg sample --masks-from DATA.h5 --mask-augment ...` --------------------------------------
+
+MASK_AUGMENTS = ("flip", "shift", "rotate", "scale", "elastic")
+MASK_MAX_SHIFT = 0.1  # shift: up to this share of the side in each direction (a tumour stays near its place)
+MASK_MAX_ROTATION = 15.0  # rotate: U(-15, 15) degrees about the tumour's centre
+MASK_SCALE_RANGE = 0.2  # scale: zoom U(0.8, 1.2) about the tumour's centre
+MASK_ELASTIC_MOVE = 0.05  # elastic: largest displacement, a share of the side (3 px at 64 px) ...
+MASK_ELASTIC_SMOOTH = 1 / 12  # ... of a random field smoothed by a Gaussian of sigma = this share of the side
+MASK_TRIES = 10  # draws per mask before it is kept unchanged
+
+
+class MaskAugment:
+    """Random transforms of tumour masks alone (no image), each draw seeded by (seed, the mask's index), applied in
+    the order flip (left-right, p 0.5), scale, rotate, elastic, shift. Geometric moves are nearest-neighbour, so
+    values stay {0, 1}. A draw that pushes the tumour onto the image border (when the given mask did not touch it)
+    is redrawn, up to MASK_TRIES times, after which the mask is kept unchanged (`unchanged` counts those): the
+    mask stays inside the image. An empty mask stays empty (a tumour-free slice)."""
+
+    def __init__(self, parts: tuple[str, ...] | list[str] = (), seed: int = 0):
+        unknown = sorted(set(parts) - set(MASK_AUGMENTS))
+        if unknown:
+            raise ValueError(f"unknown mask augmentation(s) {', '.join(unknown)}; choose from {', '.join(MASK_AUGMENTS)}")
+        self.parts = tuple(p for p in MASK_AUGMENTS if p in parts)  # the documented order, whatever the given one
+        self.seed = seed
+        self.unchanged = 0
+
+    def __call__(self, mask: torch.Tensor | Any, index: int) -> torch.Tensor:
+        """Mask `index` of a set, (H, W) of 0/1 -> its transformed uint8 tensor."""
+        mask = (torch.as_tensor(mask) > 0).to(torch.uint8)
+        if not self.parts or not mask.any():
+            return mask
+        rng = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        on_border = _touches_border(mask)
+        for _ in range(MASK_TRIES):
+            moved = self._draw(mask, rng)
+            if moved.any() and (on_border or not _touches_border(moved)):
+                return moved
+        self.unchanged += 1
+        return mask
+
+    def _draw(self, mask: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        def uniform(low: float, high: float) -> float:
+            return float(torch.empty(()).uniform_(low, high, generator=rng))
+
+        side = mask.shape[-1]
+        x = tv_tensors.Mask(mask[None])
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        centre = [float(xs.float().mean()), float(ys.float().mean())]
+        if "flip" in self.parts and uniform(0, 1) < 0.5:
+            x = TF.horizontal_flip(x)
+            centre[0] = side - 1 - centre[0]
+        angle = uniform(-MASK_MAX_ROTATION, MASK_MAX_ROTATION) if "rotate" in self.parts else 0.0
+        scale = uniform(1 - MASK_SCALE_RANGE, 1 + MASK_SCALE_RANGE) if "scale" in self.parts else 1.0
+        if angle or scale != 1.0:
+            x = TF.affine(x, angle=angle, translate=[0, 0], scale=scale, shear=[0.0, 0.0],
+                          interpolation=InterpolationMode.NEAREST, center=centre)
+        if "elastic" in self.parts:
+            sigma = side * MASK_ELASTIC_SMOOTH
+            kernel = int(8 * sigma + 1) | 1  # half of it stays below the side (reflect padding)
+            field = torch.rand(1, 2, side, side, generator=rng) * 2 - 1
+            field = TF.gaussian_blur(field, [kernel, kernel], [sigma, sigma])
+            field = field / field.abs().amax().clamp_min(1e-6)  # at most 1: the largest move is MASK_ELASTIC_MOVE
+            displacement = (field * MASK_ELASTIC_MOVE * 2).permute(0, 2, 3, 1)  # grid units: the side spans 2
+            x = TF.elastic(x, displacement, interpolation=InterpolationMode.NEAREST)
+        if "shift" in self.parts:
+            limit = max(1, round(MASK_MAX_SHIFT * side))
+            x = TF.affine(x, angle=0.0, translate=[round(uniform(-limit, limit)), round(uniform(-limit, limit))],
+                          scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST)
+        return (x.as_subclass(torch.Tensor)[0] > 0).to(torch.uint8)
+
+
+def _touches_border(mask: torch.Tensor) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())

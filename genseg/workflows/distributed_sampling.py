@@ -14,9 +14,11 @@ from ..io import _create_temporary, _remove, atomic_path, remove_stale_temporari
 from ..pipeline.diffusion import SliceDiffusionOutput
 
 
-def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_intermediates: bool = False):
+def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_intermediates: bool = False,
+                  masks: np.ndarray | None = None):
     """Sample `num` images over the processes of `state`; the merged SliceDiffusionOutput on the main process
-    (the single-process output bit for bit), None on the others. Nothing is written under `out` itself."""
+    (the single-process output bit for bit), None on the others. Nothing is written under `out` itself. `masks`:
+    the (num, H, W) masks of a mask-conditioned model, each process passing its share's."""
     out = Path(out)
 
     def shard_folder() -> str:
@@ -28,6 +30,8 @@ def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_interme
     try:
         mine = batch_share(state, num, sampling.batch_size)
         call = {"save_intermediates": save_intermediates}
+        if masks is not None:
+            call["masks"] = masks[mine.start:mine.stop]
         if os.environ.get(TEST_EXIT_RANK) == str(state.process_index):
             call["callback_on_step_end"] = _exit_after_first_batch
         result = sampling.sample(pipe, len(mine), start=mine.start, **call) if len(mine) else None

@@ -16,7 +16,7 @@ from ..evaluation.metrics import dice_iou
 from ..inference.postprocess import postprocessed
 from ..inference.segmenter import load_segmenter
 from ..io import atomic_path
-from ..pipeline.diffusion import SamplingSettings
+from ..pipeline.diffusion import SamplingSettings, model_layout
 from ..pipeline.genseg_pipeline import GenSegOutput, GenSegPipeline
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
 
@@ -139,6 +139,10 @@ def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: S
                  force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. `tta` and
     `min_component` (genseg.inference.postprocess) become the pipeline's predictor from here on."""
+    if model_layout(pipe.unet)[1] == "mask-conditioned":  # before anything is written
+        raise ConfigError("the pipeline's generator is mask-conditioned: it needs masks, which `genseg pipeline` does "
+                          "not take; generate with `genseg sample --checkpoint DIR --masks-from DATA.h5`, then "
+                          "segment or score the file (`genseg evaluate-synthetic --segmenter RUN`)")
     pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")

@@ -4,7 +4,10 @@ HDF5 format (same schema as `genseg prepare`, marked synthetic) so every consume
 Each synthetic slice is its own "patient" (synth-00000, ...), so patient-wise folds are simply slice-wise. Labels:
 the requested class when the model is class-conditional, else 0 for a slice whose generated mask is empty and
 -1 (unknown) otherwise. In image mode no masks are generated: the file holds empty masks and its metadata says
-`mask_source: none`, so they must be segmented before training on them.
+`mask_source: none`, so they must be segmented before training on them. In mask-conditioned mode the masks are
+given (`--masks-from DATA.h5`: drawn from a prepared file's training split, optionally transformed, each used for
+`--per-mask` K images) and written exactly as the model received them: `mask_source: given`, with the source
+file, its rows, the augmentations and K in the metadata.
 """
 
 from __future__ import annotations
@@ -15,44 +18,136 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.prepared import PreparedDataset, PreparedWriter
+from ..data.augment import MASK_AUGMENTS, MaskAugment
+from ..data.prepared import PreparedDataset, PreparedWriter, open_prepared, read_metadata
 from ..errors import ConfigError, DataError
 from ..models.diffusion import build_scheduler
-from ..pipeline.diffusion import SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion
+from ..pipeline.diffusion import (SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion,
+                                  model_layout)
 
 
-def sample_to_file(run_dir: str | Path, num: int, out: str | Path, sampling: SamplingSettings = SamplingSettings(),
-                   *, png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
+def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 0,
+               augment: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, dict]:
+    """Masks for a mask-conditioned model from the prepared file `path`: `num` drawn from its training split with
+    `seed` (a seeded permutation, repeated when `num` exceeds the split; None: every training mask, in file
+    order), transformed by MaskAugment(`augment`, `seed`). Returns uint8 (num, size, size) {0, 1} and what goes
+    into the synthetic file's metadata. Checked before anything is sampled (DataError naming the file): the file
+    holds masks (not an image-mode synthetic file), of the model's `size`, with values 0 and 1 only. Empty masks
+    are valid: they ask for tumour-free slices."""
+    path = Path(path)
+    if num is not None and num < 1:
+        raise ConfigError(f"--num must be at least 1, got {num}")
+    meta = read_metadata(path)  # DataError when it is no prepared file or lacks its masks dataset
+    attrs = meta["attrs"]
+    if (attrs.get("metadata") or {}).get("mask_source") == "none":
+        raise DataError(path, "holds no masks: it was sampled from an image-only model and its masks are empty "
+                              "placeholders; give a real prepared file or a joint / mask-conditioned sample")
+    if int(attrs["size"]) != size:
+        raise DataError(path, f"masks are {attrs['size']}x{attrs['size']} but the model generates {size}x{size}; "
+                              f"prepare the data with --size {size}")
+    train = np.flatnonzero(meta["split"] == "train")
+    if not len(train):
+        raise DataError(path, "has no training slices (split 'train') to draw masks from")
+    if num is None:
+        rows = train
+    else:
+        rng = np.random.default_rng(seed)
+        rows = np.concatenate([rng.permutation(train) for _ in range(-(-num // len(train)))])[:num]
+    with open_prepared(path) as h5:
+        order = np.argsort(rows, kind="stable")  # h5py reads increasing rows; a row may come twice
+        unique, inverse = np.unique(rows[order], return_inverse=True)
+        read = h5["masks"][unique.tolist()]
+    masks = np.empty((len(rows), size, size), read.dtype)
+    masks[order] = read[inverse]
+    values = np.unique(masks)
+    bad = [v for v in values.tolist() if v not in (0, 1)]
+    if bad:
+        row = int(rows[np.flatnonzero((~np.isin(masks, (0, 1))).reshape(len(rows), -1).any(1))[0]])
+        raise DataError(path, f"mask of row {row} holds value {bad[0]}{' (and others)' if len(bad) > 1 else ''}; "
+                              f"masks must hold 0 and 1 only (a label map or an 8-bit 0/255 mask?)")
+    try:
+        augmenter = MaskAugment(tuple(augment), seed)
+    except ValueError as exc:
+        raise ConfigError(f"--mask-augment: {exc}") from None
+    masks = np.stack([augmenter(m, i).numpy() for i, m in enumerate(masks)]).astype(np.uint8)
+    info = {"masks_from": str(path.resolve()), "mask_rows": rows.astype(int).tolist(),
+            "mask_augment": list(augmenter.parts), "masks_kept_unchanged": augmenter.unchanged,
+            "empty_masks": int((~masks.reshape(len(masks), -1).any(1)).sum())}
+    return masks, info
+
+
+def parse_mask_augment(text: str | None) -> tuple[str, ...]:
+    """"flip,shift" -> ("flip", "shift"); ConfigError naming the choices for anything else."""
+    parts = tuple(p.strip() for p in (text or "").split(",") if p.strip())
+    unknown = [p for p in parts if p not in MASK_AUGMENTS]
+    if unknown:
+        raise ConfigError(f"--mask-augment: unknown {', '.join(unknown)}; choose from {','.join(MASK_AUGMENTS)}")
+    return parts
+
+
+def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
+                   sampling: SamplingSettings = SamplingSettings(), *, masks_from: str | Path | None = None,
+                   mask_augment: tuple[str, ...] | list[str] = (), per_mask: int = 1,
+                   png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
                    progress: bool = True) -> Path | None:
     """Sample `num` slices with `sampling` into the prepared file `out` (plus PNGs / a reverse process strip
     `OUT_reverse.png` when asked). Images depend on (seed, index) only, not on the batch size (up to float
     rounding). Under `accelerate launch` / `torchrun` the batches are split over the processes and the main
     process writes the one file, equal to a single process's (genseg.distributed), and the others return None
-    without writing anything."""
-    if num < 1:
+    without writing anything.
+
+    A mask-conditioned model needs `masks_from` (and only it takes one): `num` masks (None: every training mask)
+    are drawn from that prepared file's training split and transformed (`draw_masks`), and each gets `per_mask`
+    images, mask i giving images i*K..i*K+K-1; everything is checked before the first denoising step."""
+    if num is None and masks_from is None:
+        raise ConfigError("--num is required (it may be left out only with --masks-from: every training mask)")
+    if num is not None and num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
+    if per_mask < 1:
+        raise ConfigError(f"--per-mask must be at least 1, got {per_mask}")
     if sampling.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {sampling.steps}")
     from ..distributed import process_state
     from .distributed_sampling import sample_shared
 
     out, state = Path(out), process_state()  # several processes under accelerate launch / torchrun
+    pipe = load_diffusion(run_dir, device=device or (state.device if state.num_processes > 1 else
+                                                     ("cuda" if torch.cuda.is_available() else "cpu")))
+    masks, given = _given_masks(pipe, run_dir, num, masks_from, mask_augment, per_mask, sampling.seed)
+    total = len(masks) if masks is not None else num
+    settings = {**sampling.metadata(), **({"per_mask": per_mask, **given} if given is not None else {})}
     if state.num_processes > 1:
-        pipe = load_diffusion(run_dir, device=device or state.device)
         pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
-        result = sample_shared(state, pipe, num, out, sampling, save_intermediates=save_intermediates)
+        result = sample_shared(state, pipe, total, out, sampling, save_intermediates=save_intermediates, masks=masks)
         if result is None:  # not the main process: its share is in the file the main process writes
             return None
-        write_samples(result, out, run_dir, sampling.metadata(), split_seed=sampling.seed)
+        write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
     else:
-        pipe = load_diffusion(run_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pipe.set_progress_bar_config(disable=not progress)
-        result = sample_into(pipe, num, out, run_dir, sampling, save_intermediates=save_intermediates)
+        result = sampling.sample(pipe, total, save_intermediates=save_intermediates, masks=masks)
+        write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
         reverse_process_figure(result, out.with_name(out.stem + "_reverse.png"))
     return out
+
+
+def _given_masks(pipe: SliceDiffusionPipeline, run_dir, num: int | None, masks_from, mask_augment, per_mask: int,
+                 seed: int) -> tuple[np.ndarray | None, dict | None]:
+    """The masks each image is generated for (None for joint / image models) and their metadata; the model's mode
+    and the options must agree."""
+    _, mode = model_layout(pipe.unet)
+    if mode != "mask-conditioned":
+        if masks_from is not None or mask_augment or per_mask != 1:
+            raise ConfigError(f"--masks-from, --mask-augment and --per-mask need a mask-conditioned model; {run_dir} "
+                              f"holds a {mode} model")
+        return None, None
+    if masks_from is None:
+        raise ConfigError(f"{run_dir} holds a mask-conditioned model: it generates images for given masks; pass "
+                          f"--masks-from DATA.h5 (a prepared file of the model's size)")
+    masks, info = draw_masks(masks_from, int(pipe.unet.config.sample_size), num, seed, mask_augment)
+    return np.repeat(masks, per_mask, axis=0), info
 
 
 def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source: str | Path,
@@ -68,16 +163,19 @@ def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source:
 
 def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | Path, settings: dict,
                   split_seed: int = 0) -> Path:
-    """A pipeline's output as a synthetic prepared file; `settings` (sampler, steps, seed, ...) go into metadata."""
+    """A pipeline's output as a synthetic prepared file; `settings` (sampler, steps, seed, ...) go into metadata.
+    Settings with `masks_from` mark the masks as given to a mask-conditioned model (`mask_source: given`)."""
     run_dir, out = Path(run_dir), Path(out)
     info_path = run_dir / "run.json"
     run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    joint = result.masks is not None
+    joint = result.masks is not None  # masks known: generated (joint) or given (mask-conditioned)
+    given = "masks_from" in settings
     num, size = len(result.images), result.images.shape[-1]
     channels = 1 if result.images.ndim == 3 else result.images.shape[1]
-    metadata = {"model": str(run_dir.resolve()), **settings, "mode": "joint" if joint else "image",
-                "mask_source": "generated" if joint else "none", "trained_on": run_info.get("data"),
-                "class_names": run_info.get("class_names") or {}}
+    mode = "mask-conditioned" if given else "joint" if joint else "image"
+    metadata = {"model": str(run_dir.resolve()), **settings, "mode": mode,
+                "mask_source": "given" if given else "generated" if joint else "none",
+                "trained_on": run_info.get("data"), "class_names": run_info.get("class_names") or {}}
     masks = result.masks if joint else np.zeros((num, size, size), np.uint8)
     with PreparedWriter(out, size=size, channels=channels, source_format="synthetic", synthetic=True,
                         modality=run_info.get("modality", "unknown"), metadata=metadata) as writer:
