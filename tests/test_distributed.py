@@ -78,6 +78,24 @@ def test_two_processes_write_the_single_process_file_bit_for_bit(generator, tmp_
     assert [p.name for p in two.parent.iterdir()] == ["synth.h5"]  # the shard folder is gone
 
 
+def test_mask_conditioned_sampling_over_two_processes_equals_one_process(tmp_path):
+    """`sample --masks-from` over 2 processes: each denoises its share of the given masks, and the merged file
+    equals a single process's bit for bit (the masks too, exactly as given)."""
+    run = tiny_generator(tmp_path, {"mode": "mask-conditioned"})
+    data = tmp_path / "phantoms.h5"  # the generator's training data: 4 training slices of 16 px
+    one = sample_to_file(run, 3, tmp_path / "one" / "synth.h5", SamplingSettings(steps=3, seed=7, batch_size=1),
+                         masks_from=data, mask_augment=("flip", "rotate"), per_mask=2, progress=False)
+    two = tmp_path / "two" / "synth.h5"
+    done = torchrun("sample", "--checkpoint", run, "-n", 3, "--masks-from", data, "--mask-augment", "flip,rotate",
+                    "--per-mask", 2, "--out", two, *SAMPLING)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("wrote 6 synthetic slices (3 given masks x 2)") == 1
+    (data1, attrs1), (data2, attrs2) = h5_contents(one), h5_contents(two)
+    for name in data1:
+        assert data1[name].dtype == data2[name].dtype and np.array_equal(data1[name], data2[name]), name
+    assert {k: v for k, v in attrs1.items() if k != "created"} == {k: v for k, v in attrs2.items() if k != "created"}
+
+
 def test_a_process_that_dies_leaves_no_output(generator, tmp_path):
     out = tmp_path / "synth.h5"
     done = torchrun("sample", "--checkpoint", generator, "-n", NUM, "--out", out, *SAMPLING,
