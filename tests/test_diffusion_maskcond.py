@@ -210,8 +210,15 @@ def test_every_training_mask_by_default_and_empty_masks_give_tumour_free_slices(
     assert (written["labels"][empty] == 0).all() and (written["labels"][~empty] == -1).all()
     with h5py.File(data, "r") as h5:
         assert np.array_equal(written["masks"], h5["masks"][:][train])
-    joint_sample = sample_to_file(run, 3, tmp_path / "again.h5", FAST, masks_from=out, per_mask=1, progress=False)
-    assert read_metadata(joint_sample)["num_slices"] == 3  # a synthetic file with masks is a mask source too
+
+
+def test_a_joint_models_sample_is_a_mask_source(run, joint_run, tmp_path):
+    joint = sample_to_file(joint_run, 8, tmp_path / "joint.h5", FAST, progress=False)
+    out = sample_to_file(run, 3, tmp_path / "given.h5", FAST, masks_from=joint, per_mask=2, progress=False)
+    info = read_metadata(out)["attrs"]["metadata"]
+    with h5py.File(joint, "r") as h5:
+        assert np.array_equal(_file(out)["masks"], np.repeat(h5["masks"][:][info["mask_rows"]], 2, axis=0))
+    assert info["masks_from"] == str(joint.resolve()) and info["mask_source"] == "given"
 
 
 def test_bad_mask_files_are_refused_before_sampling(run, joint_run, data, tmp_path):
