@@ -600,13 +600,15 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
     it segments the real files named after it instead.
     """
     from .io import atomic_path
-    from .workflows.pipeline_run import load_pipeline, run_pipeline, segment_inputs
+    from .workflows.pipeline_run import check_generates_freely, load_pipeline, run_pipeline, segment_inputs
 
     if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
         raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
                                f"segment go after --input")
     inputs = (*inputs, *more_inputs)
     pipe = load_pipeline(pipeline_dir, diffusion, segmenter, precision)
+    if not inputs:
+        check_generates_freely(pipe)  # before --save-pipeline writes anything
     if save_pipeline:
         with atomic_path(save_pipeline, is_dir=True) as tmp:
             pipe.save_pretrained(tmp)

@@ -278,9 +278,9 @@ def test_cli_sample_and_pipeline(run, data, tmp_path):
         assert err.exit_code == 2 and message in err.output, err.output
     segmenter = make_untrained_segmenter(tmp_path / "seg", size=16, base_channels=8, depth=2)
     err = runner.invoke(main, ["pipeline", "--diffusion", str(run), "--segmenter", str(segmenter), "--num", "2",
-                               "--out", str(tmp_path / "pipe-out")])
+                               "--out", str(tmp_path / "pipe-out"), "--save-pipeline", str(tmp_path / "saved")])
     assert err.exit_code == 2 and "mask-conditioned: it needs masks" in err.output, err.output
-    assert not (tmp_path / "e.h5").exists() and not (tmp_path / "pipe-out").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("e.h5", "pipe-out", "saved") or p.name[0] == "."]
 
 
 def test_mask_faithfulness_is_reported_for_given_masks(run, data, tmp_path):

@@ -135,14 +135,19 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
     return "\n".join(lines)
 
 
+def check_generates_freely(pipe: GenSegPipeline) -> None:
+    """`genseg pipeline` generates without masks: a mask-conditioned generator is refused (ConfigError)."""
+    if model_layout(pipe.unet)[1] == "mask-conditioned":
+        raise ConfigError("the pipeline's generator is mask-conditioned: it needs masks, which `genseg pipeline` does "
+                          "not take; generate with `genseg sample --checkpoint DIR --masks-from DATA.h5`, then "
+                          "segment or score the file (`genseg evaluate-synthetic --segmenter RUN`)")
+
+
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
                  force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. `tta` and
     `min_component` (genseg.inference.postprocess) become the pipeline's predictor from here on."""
-    if model_layout(pipe.unet)[1] == "mask-conditioned":  # before anything is written
-        raise ConfigError("the pipeline's generator is mask-conditioned: it needs masks, which `genseg pipeline` does "
-                          "not take; generate with `genseg sample --checkpoint DIR --masks-from DATA.h5`, then "
-                          "segment or score the file (`genseg evaluate-synthetic --segmenter RUN`)")
+    check_generates_freely(pipe)  # before anything is written
     pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
