@@ -293,3 +293,9 @@ def test_mask_faithfulness_is_reported_for_given_masks(run, data, tmp_path):
     assert result["mask_source"] == "given" and result["masks_generated"]
     assert result["mask_faithfulness_dice_mean"] == result["agreement_dice_mean"] is not None
     assert "mask faithfulness: segmenter Dice on the generated image vs the given mask" in markdown_table(result)
+
+
+def test_step_timing_of_the_demo_plan_handles_the_mode():
+    from genseg.workflows.demo import measure_diffusion_step
+
+    assert measure_diffusion_step(tiny_config(MASKCOND)) > 0  # image channels denoised, the mask as input
