@@ -92,8 +92,18 @@ class PostProcessed:
         return getattr(self.segmenter, name)
 
     def predict(self, images) -> np.ndarray:
-        probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
+        if getattr(self.segmenter, "multiclass", False):  # TTA on the softmax, then the tumour score (multiclass.py)
+            from .multiclass import tumour_score
+
+            probabilities = tumour_score(self.predict_classes(images))
+        else:
+            probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
         return drop_small_components(probabilities, self.threshold, self.min_component)
+
+    def predict_classes(self, images) -> np.ndarray:
+        """A multi-class segmenter's softmax probabilities (N, K+1, H, W), averaged over the TTA flips (small
+        components are dropped from masks drawn from them: multiclass.predict_typed)."""
+        return predict_with_tta(self.segmenter.predict_classes, images, self.tta)
 
 
 def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
