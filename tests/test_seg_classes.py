@@ -4,6 +4,7 @@ export), and the binary default left as it was."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -138,6 +139,22 @@ def test_segment_writes_a_binary_and_a_typed_mask_that_agree(run, tmp_path):
     volume_mask = np.asanyarray(nib.load(out / "vol_mask.nii.gz").dataobj)
     volume_typed = np.asanyarray(nib.load(out / "vol_classes.nii.gz").dataobj)
     assert volume_typed.shape == volume_mask.shape and np.array_equal(volume_typed > 0, volume_mask > 0)
+
+
+def test_serve_answers_the_binary_mask_of_a_typed_model(run, tmp_path):
+    from genseg.serve.codec import rle_decode
+    from genseg.serve.testing import ServerProcess, post_json
+
+    image = phantom(np.random.default_rng(3), SIZE, True)[0]
+    png = tmp_path / "scan.png"
+    Image.fromarray((image * 255).astype(np.uint8)).save(png)
+    segment_files([png], run, tmp_path / "out", progress=False)
+    cli_mask = np.asarray(Image.open(tmp_path / "out" / "scan_mask.png")) > 0
+    body = {"instances": [{"b64": base64.b64encode(png.read_bytes()).decode()}], "parameters": {"mask_format": "rle"}}
+    with ServerProcess(run, max_batch=2) as server:
+        status, answer = post_json(server.port, "/predict", body)
+    assert status == 200, answer
+    assert np.array_equal(rle_decode(answer["predictions"][0]["mask"]) > 0, cli_mask)
 
 
 def test_onnx_export_refuses_a_typed_model(run, tmp_path):
