@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.records import CLASS_NAMES
 from .errors import DataError
 
 
@@ -51,15 +50,15 @@ def class_names(data: str | Path, rows: Sequence[np.ndarray] = ()) -> list[str]:
         bad = tumour_slices(data, chosen) & unknown
         if bad.any():
             value = int(labels[bad][0])
+            meaning = "unknown" if value < 0 else "no tumour" if value == 0 else "not a recorded class"
             raise DataError(data, f"--classes needs the tumour class of every slice with tumour, but "
-                                  f"{int(bad.sum())} slice(s) with a tumour mask have label {value} "
-                                  f"({recorded.get(str(value), CLASS_NAMES.get(value, 'not a recorded class'))}), "
-                                  f"the first {meta['sources'][chosen[bad][0]]}; train without --classes, or prepare "
-                                  f"labelled data (Figshare, BUSI class folders)")
+                                  f"{int(bad.sum())} slice(s) with a tumour mask have label {value} ({meaning}); "
+                                  f"train without --classes, or prepare labelled data (Figshare, BUSI class folders)",
+                            f"the first: {meta['sources'][chosen[bad][0]]}")
     if not names:
-        raise DataError(data, f"records no tumour class names (metadata class_names "
-                              f"{json.dumps(recorded) if recorded else 'missing'}), so --classes has no classes to "
-                              f"learn; prepare labelled data (Figshare, BUSI class folders) or train without --classes")
+        raise DataError(data, "records no tumour class names (metadata class_names with ids 1..K), so --classes has "
+                              "no classes to learn; prepare labelled data (Figshare, BUSI class folders) or train "
+                              "without --classes", f"class_names: {json.dumps(recorded) if recorded else 'missing'}")
     if sorted(names) != list(range(1, len(names) + 1)):
         raise DataError(data, f"tumour class ids {sorted(names)} are not 1..{len(names)}; --classes needs them so")
     return [names[k] for k in range(1, len(names) + 1)]

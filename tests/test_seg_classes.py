@@ -26,22 +26,26 @@ from genseg.training.seg import SegTrainConfig, batch_loss, seg_loss, train_segm
 
 SIZE = 32
 FIGSHARE = {"1": "meningioma", "2": "glioma", "3": "pituitary"}
-CONTRAST = {1: 0.15, 2: 0.4, 3: 0.7}  # the tumour's brightness tells its class, so a tiny model can learn it
+TUMOUR = {1: 0.1, 2: 0.6, 3: 0.85}  # the tumour's intensity tells its class, so a tiny model can learn it
 TINY = dict(size=SIZE, base_channels=8, depth=2, batch_size=4, epochs=20, patience=None, loss="bce+dice", lr=1e-2,
             hflip=False, max_rotation=0.0, plot_samples=1)
 
 
 def typed_phantoms(path: Path, patients: int = 15, seed: int = 0) -> Path:
-    """Four slices per patient, the first tumour-free: phantoms whose tumour brightness depends on the patient's
-    class (1 + patient % 3, which tumour-free slices keep, as in Figshare), written like `genseg prepare` would with
-    the Figshare class names; patient p in fold 1 + p % 5."""
+    """Four slices per patient, the first tumour-free: phantoms whose tumour intensity depends on the patient's
+    class (1 + patient % 3, which tumour-free slices keep, as in Figshare) inside a bright skull ring (so the
+    per-slice normalisation keeps intensities comparable), written like `genseg prepare` would with the Figshare
+    class names; patient p in fold 1 + p % 5."""
     rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    radius = ((yy - 0.5) / 0.42) ** 2 + ((xx - 0.5) / 0.36) ** 2  # the phantom's brain is radius < 1
     with PreparedWriter(path, size=SIZE, channels=1, source_format="test",
                         metadata={"class_names": FIGSHARE}) as writer:
         for i in range(4 * patients):
             tumour, label = i % 4 != 0, 1 + (i // 4) % 3
             image, mask = phantom(rng, SIZE, tumour)
-            image = np.clip(image + (CONTRAST[label] - 0.45) * mask, 0, 1)
+            image = np.where(mask > 0, TUMOUR[label] + rng.normal(0, 0.03, mask.shape), image)
+            image = np.clip(np.where((radius >= 1) & (radius < 1.2), 1.0, image), 0, 1)
             writer.append(*preprocess_pair(image, mask, SIZE), label=label, patient=f"p{i // 4}", source=f"{i}.png")
         return writer.close(folds=np.array([1 + (i // 4) % 5 for i in range(4 * patients)]))
 
