@@ -363,7 +363,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
                   precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Segment many inputs with a checkpoint (loaded with `compile` and `precision`, see `load_segmenter`) or a
     loaded Segmenter (or OnnxSegmenter) into `out_dir`, named by `plan_outputs`; `dicom_seg` and `probabilities`
-    as in `segment_file`; `tta` and `min_component` as genseg.postprocess's.
+    as in `segment_file`; `tta` and `min_component` as genseg.inference.postprocess's.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
