@@ -230,6 +230,11 @@ def _seg_training_options(command):
         click.option("--freeze", type=click.Choice(["none", "encoder", "encoder+bottleneck"]),
                      help="With --init-from: keep these parts at the source's weights (BatchNorm statistics too)."),
         click.option("--report-to", **REPORT_TO_OPTION),
+        click.option("--classes/--no-classes", default=None,
+                     help="Multi-class: a softmax head over background + the K tumour classes the data records "
+                          "(Figshare: meningioma, glioma, pituitary), so one model segments and types the tumour; "
+                          "evaluate adds per-class Dice and typing accuracy, segment a NAME_classes mask. Every "
+                          "slice with tumour needs a known class. Default: binary, as in the paper."),
         click.option("--cpu", is_flag=True, help="Run on CPU even when a GPU is present."),
     ]
     for option in reversed(options):
@@ -317,7 +322,9 @@ def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_compone
 def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision, tta,
             min_component):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
-    files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series).
+    files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series). A multi-class
+    model (train-seg --classes) also writes the typed mask: NAME_classes.png (pixel value = class id 0..K) per slice
+    and NAME_classes.nii.gz per volume.
 
     A DICOM folder or zip is grouped by SeriesInstanceUID and each series segmented on its own, named by its
     SeriesDescription (else series number or UID): OUT/exam_T1_AX_z000_mask.png, OUT/exam_T1_AX_mask.nii.gz.

@@ -73,6 +73,7 @@ class SegTrainConfig:
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"  # a tracker's copy of log.csv (tracking.py)
+    classes: bool = False  # K+1-channel softmax head: segment and type the tumour (training/multiclass.py)
 
     def __post_init__(self):
         checks = [

@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 
 from ..data.prepared import PreparedDataset, open_prepared, read_metadata
 from ..errors import DataError
-from ..inference.postprocess import postprocessed
+from ..inference.postprocess import postprocessed, predict_typed
 from ..inference.segmenter import Segmenter, load_segmenter
 from ..runs import CsvLog, SegTrainConfig, run_config, split_selection
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, plot_curves, save_grid
 from .metrics import score_slices, summarize
+from .multiclass import typed_summary
 
 
 def selection(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None) -> dict:
@@ -49,20 +50,49 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
 
     `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
     `fold=K` scores fold K of the file instead. `precision` as `load_segmenter`'s (int8: the run's int8 export).
-    `tta` and `min_component` as genseg.inference.postprocess's; the result records them.
+    `tta` and `min_component` as genseg.inference.postprocess's; the result records them. A multi-class model
+    (`train-seg --classes`) adds "typed": per-class Dice of its typed masks and the slice-typing accuracy
+    (evaluation/multiclass.py).
     """
     segmenter = postprocessed(segmenter or load_segmenter(run_dir, precision=precision), tta, min_component)
     chosen = selection(run_dir, data, split, fold)
     dataset = open_split(data, chosen, segmenter)
-    parts = []
+    parts, typed = [], []
     for batch in tqdm(DataLoader(dataset, batch_size=segmenter.batch_size), desc="evaluate", disable=not progress):
-        pred = segmenter.predict(batch["image"]) >= segmenter.threshold
+        pred = _predict(segmenter, batch, typed) >= segmenter.threshold
         parts.append(score_slices(pred, batch["mask"][:, 0].numpy() > 0.5))
     scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     result = summarize(scores, dataset.labels, dataset.patients)
+    if typed:
+        result["typed"] = typed_summary(np.concatenate([t[0] for t in typed]), np.concatenate([t[1] for t in typed]),
+                                        dataset.labels, segmenter.class_names)
     return {"data": str(data), "checkpoint": str(run_dir), "selection": chosen, "threshold": segmenter.threshold,
             "precision": segmenter.precision, "tta": tta, "min_component": min_component, "num_slices": len(dataset),
             **result}
+
+
+def _predict(segmenter, batch: dict, typed: list) -> np.ndarray:
+    """The batch's tumour probabilities; a multi-class segmenter also appends (typed masks, true masks) to `typed`."""
+    if not getattr(segmenter, "multiclass", False):
+        return segmenter.predict(batch["image"])
+    scores, classes = predict_typed(segmenter, batch["image"])
+    typed.append((classes, batch["mask"][:, 0].numpy() > 0.5))
+    return scores
+
+
+def typed_table(typed: dict[str, Any]) -> list[str]:
+    """Markdown lines for evaluate's "typed" block (multi-class models)."""
+
+    def fmt(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = ["", "Typed masks (Dice of the predicted against the true pixels of each class, over that class's "
+                 "slices with tumour):", "", "| class | n | typed Dice |", "|---|---|---|"]
+    lines += [f"| {name} | {row['n']} | {fmt(row['dice'])} |" for name, row in typed["per_class"].items()]
+    lines += [f"| mean over classes | | {fmt(typed['dice_mean'])} |", "",
+              f"Slice typing accuracy (majority class of the predicted tumour pixels) on {typed['typing_slices']} "
+              f"slices with tumour: {fmt(typed['typing_accuracy'])}"]
+    return lines
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -83,6 +113,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines += ["", f"Per-patient Dice (pooled over each patient's slices): mean {fmt(result['patient_dice_mean'])} "
                   f"over {len(result['per_patient_dice'])} patients",
               f"False-positive rate on {result['tumour_free_slices']} tumour-free slices: {fmt(result['fp_rate'])}"]
+    if result.get("typed"):
+        lines += typed_table(result["typed"])
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ decodes an upload exactly as `genseg segment` decodes the same file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from ..data.records import normalize_intensity, preprocess_image
 from ..errors import DataError, GensegError
 from ..io import atomic_path
 from ..viz import PREDICTION_COLOR, overlay, save_png
-from .postprocess import check_postprocess, postprocessed
-from .segmenter import Segmenter, load_segmenter
+from .postprocess import check_postprocess, postprocessed, predict_typed
+from .segmenter import Segmenter, load_segmenter, model_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -192,16 +193,21 @@ def _placed(s: InputSlice) -> bool:
 
 
 def output_names(slices: Sequence[InputSlice], stem: str, dicom_seg: bool = False,
-                 probabilities: bool = False) -> list[str]:
-    """The files `segment_file` writes for these slices of one input, in the order it writes them."""
+                 probabilities: bool = False, typed: bool = False) -> list[str]:
+    """The files `segment_file` writes for these slices of one input, in the order it writes them (`typed`: a
+    multi-class model's, with the _classes outputs)."""
     names = []
     for s in slices:
         names += [f"{stem}{s.part}_mask.png", f"{stem}{s.part}_overlay.png"]
+        if typed:
+            names.append(f"{stem}{s.part}_classes.png")
         if probabilities and not _placed(s):
             names.append(f"{stem}{s.part}_probabilities.nii.gz")
     for volume, _ in _volumes(slices):
         if volume.affine is not None:
             names.append(f"{stem}{volume.part}_mask.nii.gz")
+            if typed:
+                names.append(f"{stem}{volume.part}_classes.nii.gz")
             if probabilities:
                 names.append(f"{stem}{volume.part}_probabilities.nii.gz")
         if dicom_seg and volume.series is not None:
@@ -217,22 +223,29 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, th
     grid (a NIfTI source's affine and header; a DICOM series' affine from its geometry). `probabilities` adds
     float32 <stem>_probabilities.nii.gz (NIfTI has no float16 type; per slice for inputs without geometry),
     `dicom_seg` a DICOM Segmentation <stem>_seg.dcm for each DICOM series. `stem` defaults to the file's name
-    without its extension. Returns the paths, in `output_names` order."""
+    without its extension. A multi-class model (`train-seg --classes`) also writes the typed mask, the tumour class
+    (1..K, the run's class_names in order; 0 background) of every pixel of the binary mask: uint8
+    <stem>_classes.png per slice (pixel values 0..K) and <stem>_classes.nii.gz per volume with geometry.
+    Returns the paths, in `output_names` order."""
     path, out_dir = Path(path), Path(out_dir)
     threshold = segmenter.threshold if threshold is None else threshold
     slices = load_inputs(path)
     prepared = [prepare_input(s.image, segmenter.channels, segmenter.size, path) for s in slices]
     todo = [i for i, p in enumerate(prepared) if p is not None]
-    probs = dict(zip(todo, segmenter.predict(np.stack([prepared[i] for i in todo])))) if todo else {}
+    typed = getattr(segmenter, "multiclass", False)
+    probs, classes = _predict_slices(segmenter, [prepared[i] for i in todo], todo, threshold, typed)
     targets = iter(out_dir / name for name in output_names(slices, _stem(path) if stem is None else stem, dicom_seg,
-                                                           probabilities))
-    written, full_masks, full_probs = [], [], []
+                                                           probabilities, typed))
+    written, full_masks, full_probs, full_classes = [], [], [], []
     for i, s in enumerate(slices):
         shape = s.image.shape[-2:]
         mask = resize_mask((probs[i] >= threshold).astype(np.uint8), shape) if i in probs else np.zeros(shape, np.uint8)
         shown = normalize_intensity(s.image) if i in probs else np.zeros(shape, np.float32)
         written.append(save_png(Image.fromarray(mask * 255), next(targets)))
         written.append(save_png(overlay(shown, mask, PREDICTION_COLOR), next(targets)))
+        if typed:
+            full_classes.append(resize_mask(classes[i], shape) if i in classes else np.zeros(shape, np.uint8))
+            written.append(save_png(Image.fromarray(full_classes[-1]), next(targets)))
         full_masks.append(mask)
         full_probs.append(resize_probability(probs[i], shape) if i in probs else np.zeros(shape, np.float32))
         if probabilities and not _placed(s):
@@ -241,6 +254,9 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, th
         if volume.affine is not None:
             written.append(_write_nifti(np.stack([full_masks[i] for i in indices], -1), np.uint8, volume,
                                         next(targets)))
+            if typed:
+                written.append(_write_nifti(np.stack([full_classes[i] for i in indices], -1), np.uint8, volume,
+                                            next(targets)))
             if probabilities:
                 written.append(_write_nifti(np.stack([full_probs[i] for i in indices], -1), np.float32, volume,
                                             next(targets)))
@@ -248,6 +264,31 @@ def segment_file(segmenter: Segmenter, path: str | Path, out_dir: str | Path, th
             written.append(write_segmentation(volume.series, np.stack([full_masks[i] for i in indices]),
                                               next(targets)))
     return written
+
+
+def _predict_slices(segmenter, images: list[np.ndarray], todo: list[int], threshold: float,
+                    typed: bool) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """({slice index: tumour probabilities}, {slice index: typed mask} for a multi-class model, else {})."""
+    if not todo:
+        return {}, {}
+    if not typed:
+        return dict(zip(todo, segmenter.predict(np.stack(images)))), {}
+    scores, classes = predict_typed(segmenter, np.stack(images), threshold)
+    return dict(zip(todo, scores)), dict(zip(todo, classes))
+
+
+def checkpoint_is_multiclass(checkpoint) -> bool:
+    """Whether a checkpoint (path or loaded segmenter) is a multi-class model, read from its config.json without
+    loading weights; False for anything unreadable (loading it reports the problem)."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        return bool(getattr(checkpoint, "multiclass", False))
+    try:
+        if Path(checkpoint).is_file():
+            return False  # an .onnx export: binary only (export-onnx refuses multi-class models)
+        model_dir, _ = model_folder(checkpoint)
+        return int(json.loads((model_dir / "config.json").read_text()).get("out_channels", 1)) > 1
+    except (GensegError, OSError, ValueError, TypeError):
+        return False
 
 
 def _write_nifti(values: np.ndarray, dtype, volume: Volume | None, target: Path) -> Path:
@@ -273,7 +314,8 @@ def _write_nifti(values: np.ndarray, dtype, volume: Volume | None, target: Path)
 
 
 def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
-                 probabilities: bool = False) -> tuple[dict[Path, Path], dict[Path, list[Path]], list[dict]]:
+                 probabilities: bool = False,
+                 typed: bool = False) -> tuple[dict[Path, Path], dict[Path, list[Path]], list[dict]]:
     """Name every output before anything is written: (input -> output stem, input -> its output files, both
     relative to the output folder; failures, including the unusable files of DICOM folders and zips). Each input
     is decoded here once for its slice names.
@@ -298,7 +340,8 @@ def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
     whole_name: set[Path] = set()
     while True:
         stems = {p: folders[p].relative_to(root) / (p.name if p in whole_name else _stem(p)) for p in slices}
-        outputs = {p: [stem.parent / name for name in output_names(slices[p], stem.name, dicom_seg, probabilities)]
+        outputs = {p: [stem.parent / name for name in output_names(slices[p], stem.name, dicom_seg, probabilities,
+                                                                   typed)]
                    for p, stem in stems.items()}
         writers = defaultdict(list)
         for p, names in outputs.items():
@@ -320,7 +363,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
                   precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
     """Segment many inputs with a checkpoint (loaded with `compile` and `precision`, see `load_segmenter`) or a
     loaded Segmenter (or OnnxSegmenter) into `out_dir`, named by `plan_outputs`; `dicom_seg` and `probabilities`
-    as in `segment_file`; `tta` and `min_component` as genseg.postprocess's.
+    as in `segment_file`; `tta` and `min_component` as genseg.inference.postprocess's.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
@@ -339,7 +382,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     state = process_state()
 
     def plan():
-        stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities)
+        stems, outputs, failed = plan_outputs(paths, dicom_seg, probabilities, checkpoint_is_multiclass(checkpoint))
         existing = [out_dir / name for names in outputs.values() for name in names if (out_dir / name).exists()]
         if existing and not force:
             more = f" (and {len(existing) - 1} more of the outputs)" if len(existing) > 1 else ""

@@ -92,8 +92,18 @@ class PostProcessed:
         return getattr(self.segmenter, name)
 
     def predict(self, images) -> np.ndarray:
-        probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
+        if getattr(self.segmenter, "multiclass", False):  # TTA on the softmax, then the tumour score (inference/multiclass.py)
+            from .multiclass import tumour_score
+
+            probabilities = tumour_score(self.predict_classes(images))
+        else:
+            probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
         return drop_small_components(probabilities, self.threshold, self.min_component)
+
+    def predict_classes(self, images) -> np.ndarray:
+        """A multi-class segmenter's softmax probabilities (N, K+1, H, W), averaged over the TTA flips (small
+        components are dropped from masks drawn from them: predict_typed)."""
+        return predict_with_tta(self.segmenter.predict_classes, images, self.tta)
 
 
 def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
@@ -104,3 +114,15 @@ def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshol
     if tta == "none" and min_component <= 1:
         return segmenter
     return PostProcessed(segmenter, tta, min_component, threshold)
+
+
+def predict_typed(segmenter, images, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tumour scores (N, H, W) as `segmenter.predict` returns them, typed masks (N, H, W) uint8) from one
+    prediction of a multi-class Segmenter, or a PostProcessed one (TTA on the softmax, small components dropped
+    from both; inference/multiclass.py)."""
+    from .multiclass import tumour_score, typed_masks
+
+    threshold = segmenter.threshold if threshold is None else threshold
+    probabilities = segmenter.predict_classes(images)
+    scores = drop_small_components(tumour_score(probabilities), threshold, getattr(segmenter, "min_component", 0))
+    return scores, typed_masks(probabilities, scores >= threshold)

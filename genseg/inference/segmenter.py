@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from ..data.records import check_images
 from ..errors import CheckpointError, ConfigError
 from ..models.unet import SegmentationUNet
 from ..runs import run_config
+from .multiclass import run_class_names, tumour_score
 from .onnx import INT8_FILE, PRECISIONS, OnnxSegmenter, load_onnx_segmenter
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # diffusers' file name for a ModelMixin's weights
@@ -25,7 +27,8 @@ class Segmenter:
     precision = "fp32"  # genseg.inference.onnx.OnnxSegmenter, the same interface on ONNX Runtime, may be int8
 
     def __init__(self, model: SegmentationUNet, threshold: float = 0.5, device: str | torch.device | None = None,
-                 batch_size: int = 16, channels_last: bool = True, source: str = "", compile: bool = False):
+                 batch_size: int = 16, channels_last: bool = True, source: str = "", compile: bool = False,
+                 class_names: Sequence[str] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device)  # as trained and saved (what pipelines register)
@@ -35,6 +38,13 @@ class Segmenter:
         self.threshold = threshold
         self.batch_size = batch_size
         self.source = source
+        classes = int(model.config.out_channels) - 1  # a --classes model (inference/multiclass.py); 0 for binary
+        self.class_names = list(class_names) if class_names else [f"class {k}" for k in range(1, classes + 1)]
+
+    @property
+    def multiclass(self) -> bool:
+        """Whether the model types the tumour (K+1 softmax outputs): `predict_classes` and typed masks apply."""
+        return int(self.model.config.out_channels) > 1
 
     @property
     def size(self) -> int:
@@ -46,12 +56,24 @@ class Segmenter:
 
     @torch.no_grad()
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]."""
+        """Tumour probabilities (N, S, S) float32 for preprocessed images (N, C, S, S) in [0, 1]; for a multi-class
+        model the tumour score (multiclass.tumour_score: >= 0.5 where a tumour class is the most likely)."""
+        if self.multiclass:
+            return tumour_score(self.predict_classes(images))
         x = self._check(images)
         out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
                for batch in x.split(self.batch_size)]
         probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
         return probs.float().cpu().numpy()
+
+    @torch.no_grad()
+    def predict_classes(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Softmax probabilities (N, K+1, S, S) float32 of a multi-class model (channel 0 background)."""
+        x = self._check(images)
+        out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
+               for batch in x.split(self.batch_size)]
+        channels = int(self.model.config.out_channels)
+        return (torch.cat(out) if out else torch.zeros(0, channels, self.size, self.size)).float().cpu().numpy()
 
     @torch.no_grad()
     def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -83,8 +105,9 @@ def load_segmenter(path: str | Path, device: str | torch.device | None = None, b
         return load_onnx_segmenter(model_dir / INT8_FILE, precision, batch_size=batch_size, compile=compile,
                                    weights=model_dir / WEIGHTS)
     model = SegmentationUNet.from_pretrained(model_dir, use_safetensors=True)
+    classes = int(model.config.out_channels) - 1
     return Segmenter(model, threshold=threshold, device=device, batch_size=batch_size, source=str(path),
-                     compile=compile)
+                     compile=compile, class_names=run_class_names(path, classes) if classes > 0 else None)
 
 
 def model_folder(path: str | Path) -> tuple[Path, float]:

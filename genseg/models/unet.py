@@ -6,7 +6,9 @@ followed by BatchNorm and ReLU; 2x2 max-pooling down; a 2x2 transposed convoluti
 layers and 31.0 M parameters (the paper's 118 MB of fp32 weights).
 
 `forward` returns logits, because BCE on logits (`BCEWithLogitsLoss`) is numerically stable where BCE on
-sigmoid outputs is not; `predict_proba` applies the sigmoid for the probabilities users see.
+sigmoid outputs is not; `predict_proba` applies the sigmoid for the probabilities users see. A head of
+out_channels = K + 1 > 1 (`train-seg --classes`, genseg/training/multiclass.py) is a softmax over background and K
+tumour classes instead, and `predict_proba` applies the softmax.
 It is a diffusers `ModelMixin`/`ConfigMixin`, so `save_pretrained`/`from_pretrained` give a safetensors folder
 and a diffusers pipeline can register it as a module.
 """
@@ -81,7 +83,8 @@ def checkpoint_block(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationUNet(ModelMixin, ConfigMixin):
-    """U-Net for binary (or multi-label) segmentation; input sides must be divisible by 2**depth.
+    """U-Net for binary segmentation (out_channels 1) or background + K classes (out_channels K + 1, softmax);
+    input sides must be divisible by 2**depth.
 
     sample_size is the side the model was trained at; it is recorded so a saved model folder says which
     preprocessing its inputs need (the network itself accepts any size divisible by 2**depth).
@@ -142,7 +145,10 @@ class SegmentationUNet(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-pixel tumour probabilities in [0, 1] (sigmoid of the logits)."""
+        """Per-pixel tumour probabilities in [0, 1] (sigmoid of the logits); with K + 1 > 1 output channels the
+        softmax over background and the K classes."""
+        if self.config.out_channels > 1:
+            return torch.softmax(self(x), dim=1)
         return torch.sigmoid(self(x))
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -16,7 +16,6 @@ A run directory is a diffusers pipeline folder plus training files:
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path

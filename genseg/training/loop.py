@@ -7,7 +7,6 @@ mixed precision, gradient accumulation, clipping, logging and resuming lives her
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math

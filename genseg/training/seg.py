@@ -30,6 +30,7 @@ from ..models.unet import SegmentationUNet
 from ..runs import SegTrainConfig, check_resume, default_run_dir, refuse_to_overwrite, split_selection
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
+from .multiclass import class_loss, class_names, pixel_targets
 from .schedule import ProgressSchedule
 from .tracking import accelerator_tracking, finish_tracking, log_image_files, start_tracking
 from .transfer import InitResult, initial_model, keep_frozen_eval
@@ -102,7 +103,22 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
                      "synthetic_ratio": cfg.synthetic_ratio, "real_fraction": cfg.real_fraction}
     if cfg.foreground_fraction is not None:
         info["epoch"].update(foreground_fraction=cfg.foreground_fraction, real_with_tumour=sampler.tumour_per_epoch)
+    if cfg.classes:
+        info["class_names"] = _class_names(data, real, val, synthetic, parts)
     return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
+
+
+def _class_names(data: str | Path, real: PreparedDataset, val: PreparedDataset, synthetic: str | Path | None,
+                 parts: list[Tagged]) -> list[str]:
+    """--classes: the data's tumour class names, once every training and validation slice with tumour (synthetic
+    ones too) is known to have one of them (training/multiclass.py's class_names)."""
+    names = class_names(data, [real.rows, val.rows])
+    if synthetic is not None:
+        synth_names = class_names(synthetic, [parts[1].dataset.rows])
+        if synth_names != names:
+            raise DataError(synthetic, f"records tumour classes {synth_names}, the real data {data} {names}; "
+                                       f"--classes needs the same classes in both")
+    return names
 
 
 def _check_resume(cfg: SegTrainConfig, out: Path, info: dict) -> None:
@@ -184,7 +200,8 @@ def _memory_format(cfg: SegTrainConfig) -> torch.memory_format:
 
 def _initial_network(cfg: SegTrainConfig, seg_data: SegData, acc: Accelerator, resume: bool) -> InitResult:
     """The U-Net to train, fresh or from `init_from` (recorded in run.json, its adaptations printed)."""
-    init = initial_model(cfg, seg_data.channels, load=not resume)  # a bad --init-from / --freeze fails here
+    init = initial_model(cfg, seg_data.channels, load=not resume,  # a bad --init-from / --freeze fails here
+                         out_channels=1 + len(seg_data.info.get("class_names") or []))
     if cfg.gradient_checkpointing:
         init.model.enable_gradient_checkpointing()
     if init.info is not None:
@@ -211,7 +228,7 @@ def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
     keep_frozen_eval(frozen)  # the trainer's model.train() each epoch must not wake frozen BatchNorms
     images = batch["image"].contiguous(memory_format=_memory_format(cfg))
     synthetic = batch["synthetic"]
-    loss = seg_loss(model(images), batch["mask"], cfg.loss).mean()
+    loss = batch_loss(model(images), batch, cfg).mean()
     return loss, {"real_seen": (~synthetic).sum(), "synthetic_seen": synthetic.sum()}
 
 
@@ -219,6 +236,8 @@ def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
 def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator) -> dict:
     """Loss, Dice and IoU on the real validation slices, every process's share gathered."""
     model.eval()
+    if cfg.classes:
+        return _validate_classes(model, val_loader, cfg, acc)
     rows = []
     for batch in val_loader:
         logits = model(batch["image"].contiguous(memory_format=_memory_format(cfg)))
@@ -228,6 +247,33 @@ def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfi
     loss, inter, pred_sum, target_sum = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
     return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
             "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean())}
+
+
+def batch_loss(logits: torch.Tensor, batch: dict, cfg: SegTrainConfig) -> torch.Tensor:
+    """Per-slice loss: seg_loss on the binary masks, or with --classes class_loss (training/multiclass.py) on the
+    typed ones."""
+    if not cfg.classes:
+        return seg_loss(logits, batch["mask"], cfg.loss)
+    return class_loss(logits, batch["mask"], batch["label"], cfg.loss)
+
+
+@torch.no_grad()
+def _validate_classes(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator) -> dict:
+    """_validate for a --classes run: Dice and IoU of the binary tumour masks (argmax != 0), the score the best
+    model is picked by, plus val_typed_dice, the Dice of the predicted against the true class-per-pixel masks over
+    the foreground classes (pooled per slice)."""
+    rows = []
+    for batch in val_loader:
+        logits = model(batch["image"].contiguous(memory_format=_memory_format(cfg))).float()
+        classes, target = logits.argmax(1), pixel_targets(batch["mask"], batch["label"])
+        pred, truth = classes > 0, target > 0
+        typed = (classes == target) & truth
+        rows.append(torch.stack([batch_loss(logits, batch, cfg), (pred & truth).sum((1, 2)), pred.sum((1, 2)),
+                                 truth.sum((1, 2)), typed.sum((1, 2))], dim=1).float())
+    loss, inter, pred_sum, target_sum, typed_inter = acc.gather_for_metrics(torch.cat(rows)).cpu().numpy().T
+    return {"val_loss": float(loss.mean()), "val_dice": float(dice_from_counts(inter, pred_sum, target_sum).mean()),
+            "val_iou": float(iou_from_counts(inter, pred_sum, target_sum).mean()),
+            "val_typed_dice": float(dice_from_counts(typed_inter, pred_sum, target_sum).mean())}
 
 
 def _save_best(model: torch.nn.Module, acc: Accelerator, out: Path) -> None:

@@ -104,14 +104,14 @@ class InitResult:
     messages: list[str] = field(default_factory=list)  # what to print and log
 
 
-def initial_model(cfg, channels: int, load: bool = True) -> InitResult:
+def initial_model(cfg, channels: int, load: bool = True, out_channels: int = 1) -> InitResult:
     """The network a run starts from: fresh, or the `cfg.init_from` source's weights adapted to this run.
 
     `load=False` builds the same architecture and freezing without reading the source (a resumed run gets its
     weights from its checkpoint, so the source may since have moved).
     """
-    model = SegmentationUNet(in_channels=channels, base_channels=cfg.base_channels, depth=cfg.depth,
-                             sample_size=cfg.size)
+    model = SegmentationUNet(in_channels=channels, out_channels=out_channels, base_channels=cfg.base_channels,
+                             depth=cfg.depth, sample_size=cfg.size)
     result = InitResult(model)
     if cfg.init_from is None:
         return result

@@ -153,6 +153,15 @@ def _calibration_file(checkpoint: str | Path, calibration: str | Path | None) ->
                       "training split calibrates, its validation and test splits check the accuracy)")
 
 
+def refuse_multiclass(segmenter, checkpoint: str | Path) -> None:
+    """ConfigError for a multi-class model (`train-seg --classes`): the export and OnnxSegmenter carry one tumour
+    probability per pixel, and would silently drop the classes."""
+    if getattr(segmenter, "multiclass", False):
+        raise ConfigError(f"{checkpoint}: is a multi-class model ({len(segmenter.class_names)} tumour classes, "
+                          f"trained with --classes); export-onnx supports binary models only, nothing written. "
+                          f"Use the run directory itself with segment, evaluate or serve")
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: int = 18, int8: bool = False,
                 calibration: str | Path | None = None, calibration_slices: int = CALIBRATION_SLICES,
                 max_dice_change: float = MAX_DICE_CHANGE, weight_format: str = "auto") -> dict[str, Any]:
@@ -168,6 +177,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
         weight_format = int8_format(weight_format, cpu_features())
     model_dir, _ = model_folder(checkpoint)
     segmenter = load_segmenter(checkpoint, device="cpu")
+    refuse_multiclass(segmenter, checkpoint)
     out = Path(out) if out is not None else model_dir / f"segmenter-{'int8' if int8 else 'fp32'}.onnx"
     metadata = {"precision": "fp32", "size": segmenter.size, "channels": segmenter.channels,
                 "threshold": segmenter.threshold, "source": str(checkpoint),
