@@ -386,7 +386,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"({result['near_copy_percent']:g} %) | {result['real_near_copy_percent']:g} % |",
         f"| KID x 1000 (mean ± sd over {result['kid_subsets']} bootstrap resamples) | "
         f"{fmt(result['kid_mean'], 1e3)} ± {fmt(result['kid_std'], 1e3)} | {kid_ref} |",
-        (f"| mask faithfulness: segmenter Dice on the generated image vs the given mask, mean (median) | "
+        ("| mask faithfulness: segmenter Dice on the generated image vs the given mask, mean (median) | "
          if result.get("mask_source") == "given" else "| mask vs segmenter Dice, mean (median) | ")
         + f"{fmt(result['agreement_dice_mean'])} ({fmt(result['agreement_dice_median'])}) | "
           f"{fmt(result['agreement_real_reference'])} |",
