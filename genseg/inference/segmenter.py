@@ -60,20 +60,20 @@ class Segmenter:
         model the tumour score (multiclass.tumour_score: >= 0.5 where a tumour class is the most likely)."""
         if self.multiclass:
             return tumour_score(self.predict_classes(images))
-        x = self._check(images)
-        out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
-               for batch in x.split(self.batch_size)]
-        probs = torch.cat(out)[:, 0] if out else torch.zeros(0, self.size, self.size)
-        return probs.float().cpu().numpy()
+        return self._probabilities(images)[:, 0].numpy()
 
     @torch.no_grad()
     def predict_classes(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """Softmax probabilities (N, K+1, S, S) float32 of a multi-class model (channel 0 background)."""
+        return self._probabilities(images).numpy()
+
+    def _probabilities(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The network's output probabilities (N, out channels, S, S) float32 on the CPU, batch by batch."""
         x = self._check(images)
         out = [self.network.predict_proba(batch.to(self.device).contiguous(memory_format=self.memory_format))
                for batch in x.split(self.batch_size)]
         channels = int(self.model.config.out_channels)
-        return (torch.cat(out) if out else torch.zeros(0, channels, self.size, self.size)).float().cpu().numpy()
+        return (torch.cat(out) if out else torch.zeros(0, channels, self.size, self.size)).float().cpu()
 
     @torch.no_grad()
     def features(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
