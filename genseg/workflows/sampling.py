@@ -116,16 +116,14 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
     masks, given = _given_masks(pipe, run_dir, num, masks_from, mask_augment, per_mask, sampling.seed)
     total = len(masks) if masks is not None else num
     settings = {**sampling.metadata(), **({"per_mask": per_mask, **given} if given is not None else {})}
+    pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
     if state.num_processes > 1:
-        pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
         result = sample_shared(state, pipe, total, out, sampling, save_intermediates=save_intermediates, masks=masks)
         if result is None:  # not the main process: its share is in the file the main process writes
             return None
-        write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
     else:
-        pipe.set_progress_bar_config(disable=not progress)
         result = sampling.sample(pipe, total, save_intermediates=save_intermediates, masks=masks)
-        write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
+    write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
     if save_intermediates:
