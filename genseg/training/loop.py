@@ -361,9 +361,9 @@ class Trainer:
                 self._track_best(float(metrics[self.monitor]), hooks.on_best)
             self._log(metrics)
             bar.set_postfix(loss=f"{mean_loss:.4f}", epoch=state.epoch)
-            # --- checkpoint
-            if (self.checkpoint_every_steps is None or self._step_checkpoint_due() or state.epoch >= max_epochs
-                    or limit_reached()):
+            # --- checkpoint (the clock read after validation, so that a budget spent there is saved as spent)
+            stop = limit_reached()
+            if self.checkpoint_every_steps is None or self._step_checkpoint_due() or state.epoch >= max_epochs or stop:
                 self._save()
         bar.close()
         return state
