@@ -15,6 +15,10 @@ demo flow does. Recipes, each given --budget minutes of wall time per dataset:
   outputs, Adam 1e-3, batch 8, MONAI dictionary transforms (RandFlipd, RandRotated, RandScaleIntensityd,
   RandShiftIntensityd) and the same validation and best state.
 
+`--variant NAME:KEY=VALUE[,KEY=VALUE]` adds a recipe `genseg NAME`: the shipped config with those keys changed
+(for instance `--variant norot:max_rotation=0`), trained like `genseg`, so that one run measures what a part of the
+recipe pays. `--seed` seeds every recipe, genseg's config included.
+
 Every recipe's test masks are scored by genseg.evaluation.metrics (the best validation state, threshold 0.5), so the numbers
 compare. With --post-rows the genseg model is also evaluated with flip TTA, with small-component removal and with
 both (no extra training). Writes OUT/results.json (everything, with the validation curves), OUT/results.md (the
@@ -22,7 +26,8 @@ table, with each recipe's test Dice over the bare loop's on that dataset) and OU
 against wall time, one panel per dataset).
 
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 5 --out bench-recipe
-    PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 0.3 --datasets standard small --out /tmp/smoke
+    PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 0.3 --datasets standard small --out /tmp/smoke \
+        --variant norot:max_rotation=0
 """
 
 from __future__ import annotations
@@ -190,9 +195,26 @@ def train_monai(train: dict, val: dict, budget_s: float, seed: int) -> tuple[tor
 
 # --- the shipped recipe -------------------------------------------------------------------------------------
 
-def train_genseg(data: Path, run_dir: Path, budget_s: float, bare_epoch_s: float | None) -> tuple[Path, dict]:
-    """configs/seg-cpu-small.yaml through train_segmenter, budgeted by `time_budget` where the config has it."""
-    cfg = load_config(SegTrainConfig, ROOT / "configs" / "seg-cpu-small.yaml", {"size": prepared_size(data)})
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`NAME:KEY=VALUE,...` -> ("genseg NAME", {KEY: VALUE}), each value read as YAML (0 -> int, off -> False)."""
+    import yaml
+
+    name, sep, pairs = text.partition(":")
+    changes = dict(pair.split("=", 1) for pair in pairs.split(",") if "=" in pair)
+    if not (name and sep and changes):
+        raise argparse.ArgumentTypeError(f"--variant wants NAME:KEY=VALUE[,KEY=VALUE], got {text!r}")
+    unknown = set(changes) - {f.name for f in dataclasses.fields(SegTrainConfig)}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: no config key(s) {sorted(unknown)}")
+    return f"genseg {name}", {k: yaml.safe_load(v) for k, v in changes.items()}
+
+
+def train_genseg(data: Path, run_dir: Path, budget_s: float, bare_epoch_s: float | None, seed: int,
+                 changes: dict | None = None) -> tuple[Path, dict]:
+    """configs/seg-cpu-small.yaml (with `changes`) through train_segmenter, budgeted by `time_budget` where the
+    config has it."""
+    cfg = load_config(SegTrainConfig, ROOT / "configs" / "seg-cpu-small.yaml",
+                      {"size": prepared_size(data), "seed": seed, **(changes or {})})
     if "time_budget" in {f.name for f in dataclasses.fields(SegTrainConfig)}:
         cfg, budget_by = dataclasses.replace(cfg, time_budget=budget_s / 60), "time_budget"
     elif bare_epoch_s:
@@ -219,18 +241,19 @@ def genseg_post_rows(run_dir: Path, data: Path, min_component: int) -> dict[str,
 
 # --- one run ------------------------------------------------------------------------------------------------
 
-def run_dataset(name: str, data: Path, recipes: list[str], budget_s: float, out: Path, seed: int,
-                post_rows: bool, min_component: int) -> dict[str, dict]:
-    """Every recipe on one dataset: wall time, epochs, validation curve, test scores."""
+def run_dataset(name: str, data: Path, recipes: list[str], variants: dict[str, dict], budget_s: float, out: Path,
+                seed: int, post_rows: bool, min_component: int) -> dict[str, dict]:
+    """Every recipe (and genseg variant) on one dataset: wall time, epochs, validation curve, test scores."""
     splits = {split: load_split(data, split) for split in ("train", "val", "test")}
     rows: dict[str, dict] = {}
-    for recipe in sorted(recipes, key=RUN_ORDER.index):
+    for recipe in [*sorted(recipes, key=RUN_ORDER.index), *variants]:
         print(f"[{name}] {recipe}: {budget_s / 60:.2f} min budget", flush=True)
         start = time.perf_counter()
-        if recipe == "genseg":
+        if recipe.startswith("genseg"):
             bare = rows.get("bare")
             epoch_s = bare["wall_s"] / bare["epochs"] if bare and bare["epochs"] else None
-            run_dir, info = train_genseg(data, out / "runs" / f"{name}-genseg", budget_s, epoch_s)
+            run_dir, info = train_genseg(data, out / "runs" / f"{name}-{recipe.replace(' ', '-')}", budget_s,
+                                         epoch_s, seed, variants.get(recipe))
             test = info.pop("test")
         else:
             train = train_bare if recipe == "bare" else train_monai
@@ -272,9 +295,8 @@ def plot(results: dict, path: Path) -> Path:
     fig = Figure(figsize=(4.5 * cols, 3.4 * math.ceil(len(datasets) / cols)), dpi=110, layout="constrained")
     for k, dataset in enumerate(datasets):
         ax = fig.add_subplot(math.ceil(len(datasets) / cols), cols, k + 1)
-        for recipe in RECIPES:
-            row = results["datasets"][dataset].get(recipe)
-            if row and row["curve"]:
+        for recipe, row in results["datasets"][dataset].items():
+            if (recipe in RECIPES or recipe in results["variants"]) and row["curve"]:
                 seconds, dice = zip(*row["curve"])
                 ax.plot(seconds, dice, marker="o", markersize=2.5, label=recipe)
         ax.set(title=dataset, xlabel="wall time (s)", ylabel="validation Dice", ylim=(0, 1))
@@ -292,7 +314,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="prepared slice side")
     parser.add_argument("--patients", type=int, default=30,
                         help="patients per MRI dataset (8 slices each); ultrasound gets 8x as many images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bare and MONAI training runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every recipe's training run")
+    parser.add_argument("--variant", dest="variants", type=parse_variant, action="append", default=[],
+                        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="also train the shipped config with these keys changed, as recipe 'genseg NAME'")
     parser.add_argument("--post-rows", action="store_true",
                         help="also evaluate the genseg model with --tta, --min-component and both")
     parser.add_argument("--min-component", type=int, default=16, help="pixels, for --post-rows")
@@ -300,12 +325,13 @@ def main() -> None:
     if args.budget <= 0:
         parser.error(f"--budget must be positive minutes, got {args.budget}")
     args.out.mkdir(parents=True, exist_ok=True)
+    variants = dict(args.variants)
     results = {"budget_min": args.budget, "size": args.size, "patients": args.patients, "seed": args.seed,
-               "torch_threads": torch.get_num_threads(), "datasets": {}}
+               "torch_threads": torch.get_num_threads(), "variants": variants, "datasets": {}}
     for name in args.datasets:
         data = make_dataset(name, args.out / "data", args.size, args.patients)
-        results["datasets"][name] = run_dataset(name, data, args.recipes, args.budget * 60, args.out, args.seed,
-                                                args.post_rows, args.min_component)
+        results["datasets"][name] = run_dataset(name, data, args.recipes, variants, args.budget * 60, args.out,
+                                                args.seed, args.post_rows, args.min_component)
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results, args.budget)
     (args.out / "results.md").write_text(table)
