@@ -487,6 +487,36 @@ def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
         click.echo(f"{result.metrics}\nrun: {result.run_dir}")
 
 
+def _mask_options(command):
+    """--masks-from, --mask-augment (parsed into a tuple) and --per-mask: the masks a mask-conditioned generator is
+    given, shared by `sample` and `pipeline`."""
+    options = [
+        click.option("--masks-from", type=click.Path(dir_okay=False),
+                     help="Mask-conditioned models: prepared file (real, or a joint model's sample) whose "
+                          "training-split masks the images are generated for; its size must be the model's, its "
+                          "masks 0/1. The masks come back unchanged beside the images (mask_source: given)."),
+        click.option("--mask-augment", metavar="LIST",
+                     help="With --masks-from: transform each drawn mask (nearest, kept inside the image, seeded), a "
+                          "comma list of flip,shift,rotate,scale,elastic; without it the masks are used unchanged."),
+        click.option("--per-mask", default=1, show_default=True, type=int,
+                     help="With --masks-from: images generated for each mask (K images share one mask, new noise "
+                          "each)."),
+    ]
+
+    @functools.wraps(command)
+    def with_masks(masks_from, mask_augment, **rest):
+        from .workflows.sampling import parse_mask_augment
+
+        augment = parse_mask_augment(mask_augment)
+        if augment and masks_from is None:
+            raise click.UsageError("--mask-augment transforms the masks of --masks-from; give --masks-from too")
+        return command(masks_from=masks_from, mask_augment=augment, **rest)
+
+    for option in reversed(options):
+        with_masks = option(with_masks)
+    return with_masks
+
+
 def _generation_options(command):
     """Sampler options shared by the commands that generate slices, handed to the command as one
     `sampling: SamplingSettings` instead of six parameters."""
@@ -522,15 +552,7 @@ def _generation_options(command):
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
 @_generation_options
-@click.option("--masks-from", type=click.Path(dir_okay=False),
-              help="Mask-conditioned models: prepared file (real, or a joint model's sample) whose training-split "
-                   "masks the images are generated for; its size must be the model's, its masks 0/1. The masks are "
-                   "written unchanged beside the images (mask_source: given).")
-@click.option("--mask-augment", metavar="LIST",
-              help="With --masks-from: transform each drawn mask (nearest, kept inside the image, seeded), a comma "
-                   "list of flip,shift,rotate,scale,elastic; without it the masks are used unchanged.")
-@click.option("--per-mask", default=1, show_default=True, type=int,
-              help="With --masks-from: images generated for each mask (K images share one mask, new noise each).")
+@_mask_options
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
 def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, png_dir, save_intermediates):
@@ -547,12 +569,9 @@ def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, p
     the same as a single process's (bit for bit on CPU). If any process fails, no file is written.
     """
     from .data.prepared import read_metadata
-    from .workflows.sampling import parse_mask_augment, sample_to_file
+    from .workflows.sampling import sample_to_file
 
-    augment = parse_mask_augment(mask_augment)
-    if augment and masks_from is None:
-        raise click.UsageError("--mask-augment transforms the masks of --masks-from; give --masks-from too")
-    path = sample_to_file(checkpoint, num, out, sampling, masks_from=masks_from, mask_augment=augment,
+    path = sample_to_file(checkpoint, num, out, sampling, masks_from=masks_from, mask_augment=mask_augment,
                           per_mask=per_mask, png_dir=png_dir, save_intermediates=save_intermediates)
     if path is not None:  # None: a process other than the main one of a distributed launch
         meta = read_metadata(path)
@@ -584,9 +603,11 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
               help="Saved GenSegPipeline folder (unet/, scheduler/, segmenter/).")
 @click.option("--diffusion", type=click.Path(file_okay=False), help="train-diffusion run directory (with --segmenter).")
 @click.option("--segmenter", type=click.Path(file_okay=False), help="train-seg run directory (with --diffusion).")
-@click.option("--num", default=16, show_default=True, type=int, help="Slices to generate and segment.")
+@click.option("--num", default=16, show_default=True, type=int,
+              help="Slices to generate and segment; with --masks-from: masks drawn, each giving --per-mask slices.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
 @_generation_options
+@_mask_options
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="Segment real files (.mat, NIfTI, DICOM, PNG/JPG) with the pipeline's segmenter instead of "
                    "generating: --input a.mat b.nii.gz, or --input repeated.")
@@ -597,25 +618,30 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
 @_precision_option
 @_postprocess_options
-def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, save_pipeline, force, more_inputs,
-             precision, tta, min_component):
+def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from, mask_augment, per_mask, inputs,
+             save_pipeline, force, more_inputs, precision, tta, min_component):
     """Generate slices with the diffusion model and segment them, end to end.
 
-    Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; generated mask outlined red in joint
-    mode), OUT/contact_sheet.png, OUT/summary.json (per slice: tumour area, mean probability, generated-vs-
-    predicted Dice) and OUT/report.md. With no model options it uses the shipped demo pipeline. With --input
-    it segments the real files named after it instead.
+    Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; the generator's mask outlined red),
+    OUT/contact_sheet.png, OUT/summary.json (per slice: tumour area, mean probability, Dice of the generator's
+    mask vs the predicted one) and OUT/report.md. A mask-conditioned generator takes --masks-from DATA.h5 (as
+    `genseg sample`): the images are generated for those masks and the Dice measures mask faithfulness. With no
+    model options it uses the shipped demo pipeline. With --input it segments the real files named after it
+    instead.
     """
     from .io import atomic_path
-    from .workflows.pipeline_run import check_generates_freely, load_pipeline, run_pipeline, segment_inputs
+    from .workflows.pipeline_run import PIPELINE_SOURCE, load_pipeline, run_pipeline, segment_inputs
+    from .workflows.sampling import check_mask_options
 
     if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
         raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
                                f"segment go after --input")
     inputs = (*inputs, *more_inputs)
+    if inputs and (masks_from or per_mask != 1):
+        raise click.UsageError("--masks-from and --per-mask are for generating; --input segments real files")
     pipe = load_pipeline(pipeline_dir, diffusion, segmenter, precision)
-    if not inputs:
-        check_generates_freely(pipe)  # before --save-pipeline writes anything
+    if not inputs:  # before --save-pipeline writes anything
+        check_mask_options(pipe, PIPELINE_SOURCE, masks_from, mask_augment, per_mask)
     if save_pipeline:
         with atomic_path(save_pipeline, is_dir=True) as tmp:
             pipe.save_pretrained(tmp)
@@ -626,7 +652,8 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, inputs, sav
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
-    summary = run_pipeline(pipe, out, num=num, sampling=sampling, force=force, tta=tta, min_component=min_component)
+    summary = run_pipeline(pipe, out, num=num, sampling=sampling, masks_from=masks_from, mask_augment=mask_augment,
+                           per_mask=per_mask, force=force, tta=tta, min_component=min_component)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 

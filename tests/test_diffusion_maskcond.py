@@ -279,7 +279,8 @@ def test_cli_sample_and_pipeline(run, data, tmp_path):
     segmenter = make_untrained_segmenter(tmp_path / "seg", size=16, base_channels=8, depth=2)
     err = runner.invoke(main, ["pipeline", "--diffusion", str(run), "--segmenter", str(segmenter), "--num", "2",
                                "--out", str(tmp_path / "pipe-out"), "--save-pipeline", str(tmp_path / "saved")])
-    assert err.exit_code == 2 and "mask-conditioned: it needs masks" in err.output, err.output
+    assert err.exit_code == 2 and "mask-conditioned model: it generates images for given masks; pass --masks-from" \
+        in err.output, err.output  # before --save-pipeline wrote anything (tests/test_maskcond_pipeline.py: with them)
     assert not [p.name for p in tmp_path.iterdir() if p.name in ("e.h5", "pipe-out", "saved") or p.name[0] == "."]
 
 

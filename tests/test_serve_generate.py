@@ -45,7 +45,8 @@ def png(data: str) -> np.ndarray:
 
 
 def test_health_says_generate_is_available(server):
-    assert request(server.port, "GET", "/health") == (200, {"status": "ready", "generate": True})
+    assert request(server.port, "GET", "/health") == (200, {"status": "ready", "generate": True,
+                                                            "generate_masks": "generated"})
 
 
 def test_generated_slices_are_the_pipelines_own(server, pipeline_dir):

@@ -115,6 +115,12 @@ def model_layout(unet: UNet2DModel) -> tuple[int, str]:
                           f"fewer out)")
 
 
+def mask_source(unet: UNet2DModel) -> str | None:
+    """Where a sample's mask comes from: "generated" (joint: the model draws it), "given" (mask-conditioned: the
+    caller's mask, unchanged) or None (image mode: no mask)."""
+    return {"joint": "generated", "mask-conditioned": "given"}.get(model_layout(unet)[1])
+
+
 def model_channels(unet: UNet2DModel) -> tuple[int, bool]:
     """(image channels, joint) of a UNet trained by genseg (`model_layout`; joint = it generates its own mask)."""
     channels, mode = model_layout(unet)

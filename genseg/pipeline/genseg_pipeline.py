@@ -19,15 +19,16 @@ from diffusers.utils import BaseOutput
 from ..errors import CheckpointError, ConfigError
 from ..inference.segmenter import Segmenter, load_segmenter
 from ..models.unet import SegmentationUNet
-from .diffusion import SliceDiffusionPipeline, check_output_type, convert_output, load_diffusion, model_channels
+from .diffusion import (SliceDiffusionPipeline, check_output_type, convert_output, load_diffusion, mask_source,
+                        model_channels)
 
 PARTS = ("unet", "scheduler", "segmenter")
 
 
 @dataclass
 class GenSegOutput(BaseOutput):
-    """images (N, H, W) float32 in [0, 1]; generated_masks (N, H, W) uint8 from the joint model or None in image
-    mode; predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
+    """images (N, H, W) float32 in [0, 1]; generated_masks (N, H, W) uint8: drawn by a joint model, the caller's
+    masks unchanged for a mask-conditioned one (`mask_source` says which), None in image mode; predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
     labels (N,) int or None. NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
@@ -117,10 +118,16 @@ class GenSegPipeline(SliceDiffusionPipeline):
                                           align_corners=False)[:, 0]
         return probabilities.numpy()
 
+    @property
+    def mask_source(self) -> str | None:
+        """"generated" (joint), "given" (mask-conditioned: call with `masks=`) or None (image mode)."""
+        return mask_source(self.unet)
+
     def __call__(self, num_images: int = 1, *, output_type: str = "np", return_dict: bool = True,
                  **sampling) -> GenSegOutput | tuple:
-        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`) and segment them;
-        `output_type` and `return_dict` as there (probabilities stay NumPy with "pil")."""
+        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`, `masks=` for a
+        mask-conditioned generator) and segment them; `output_type` and `return_dict` as there (probabilities stay
+        NumPy with "pil")."""
         check_output_type(output_type)
         generated = super().__call__(num_images, **sampling)
         probabilities = self.segment(generated.images)

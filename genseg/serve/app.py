@@ -2,7 +2,8 @@
 
 Routes come from AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE (defaults /health, /predict); the model from the
 given path or AIP_STORAGE_URI: a segmentation run, or a saved GenSegPipeline folder, which also enables
-generate requests (`parameters.generate = N`). Health answers 503 while the model loads and 200 once it is
+generate requests (`parameters.generate = N`; a mask-conditioned pipeline takes its N masks as the instances).
+Health answers 503 while the model loads and 200 once it is
 ready. Every error is a JSON body {"error": {"message", "instance"?}}; nothing leaks a traceback, a path or a
 value from the request, and no request can name a file for the server to read or write. The event loop only
 routes: decoding, the model, resizing and encoding run on threads, so health answers while they work.
@@ -104,7 +105,9 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
     @app.get(os.environ.get("AIP_HEALTH_ROUTE", "/health"))
     async def health() -> JSONResponse:
         if state["segmenter"] is not None:
-            return JSONResponse({"status": "ready", "generate": state["pipeline"] is not None})
+            pipe = state["pipeline"]
+            return JSONResponse({"status": "ready", "generate": pipe is not None,
+                                 **({"generate_masks": pipe.mask_source} if pipe is not None else {})})
         if state["failed"]:
             return JSONResponse({"status": "failed", "message": "the model could not be loaded; see the server log"},
                                 status_code=503)
@@ -137,12 +140,16 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
         if pipe is None:
             raise RequestError("this server segments only: generate requests need a pipeline (genseg serve "
                                "--pipeline DIR)")
-        if any(not isinstance(instance, B64Instance) or instance.b64 is not None for instance in body.instances):
-            raise RequestError('a generate request takes no image instances: send "instances": [] or [{}]')
         if parameters.generate > settings.max_generate:
             raise RequestError(validation_message([{"loc": ("parameters", "generate")}], settings.max_generate)[0])
+        masks = None
+        if pipe.mask_source == "given":
+            masks = await asyncio.to_thread(_request_masks, body.instances, parameters.generate,
+                                            int(pipe.unet.config.sample_size))
+        elif any(not isinstance(instance, B64Instance) or instance.b64 is not None for instance in body.instances):
+            raise RequestError('a generate request takes no image instances: send "instances": [] or [{}]')
         return await generation.run(request, lambda check: _generate(pipe, state["train_scheduler_config"],
-                                                                     parameters, check))
+                                                                     parameters, check, masks))
 
     add_viewer(app, state, settings, budget, batcher, predict_route)  # after the Vertex AI routes: they match first
     return app
@@ -240,16 +247,37 @@ def _describe(inputs: list, probabilities: list, model_size: int, parameters: Pa
     return predictions
 
 
-def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancelled) -> list[dict[str, Any]]:
-    """Sample `generate` slices with the pipeline and describe each like a segmentation prediction, plus the
-    generated image (8-bit PNG) and, in joint mode, the generator's own mask and its Dice with the prediction."""
+def _request_masks(instances: list, count: int, size: int) -> np.ndarray:
+    """The masks a mask-conditioned pipeline generates for: one instance per image (a PNG, .npy or nested list of
+    the generator's size), holding 0 and 1, or 0 and 255 (an 8-bit mask PNG); the first bad one is reported."""
+    if len(instances) != count:
+        raise RequestError(f"this pipeline generates one image per given mask: send as many mask instances as "
+                           f"parameters.generate ({count}), got {len(instances)}")
+    masks = []
+    for index, instance in enumerate(instances):
+        mask = decode_instance(read_instance(instance, index), index, size * size)
+        if mask.shape != (size, size):
+            raise RequestError(f"a mask must be one {size}x{size} channel (the generator's size)", 422, index)
+        values = set(np.unique(mask).tolist())
+        if not (values <= {0, 1} or values <= {0, 255}):
+            raise RequestError("a mask must hold 0 and 1 only (0 and 255 in an 8-bit PNG)", 422, index)
+        masks.append((mask > 0).astype(np.uint8))
+    return np.stack(masks)
+
+
+def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancelled, masks: np.ndarray | None = None
+              ) -> list[dict[str, Any]]:
+    """Sample `generate` slices with the pipeline (for the given `masks` when it is mask-conditioned) and describe
+    each like a segmentation prediction, plus the image (8-bit PNG) and, with the generator's own mask (joint) or
+    the given one, that mask and its Dice with the prediction (`generated_mask` / `given_mask`, and
+    `dice_generated_vs_predicted` / `dice_given_vs_predicted`: mask faithfulness)."""
     from ..pipeline.diffusion import SamplingSettings
 
     sampling = SamplingSettings(scheduler=parameters.scheduler, steps=parameters.steps,
                                 class_label=parameters.class_label, guidance=parameters.guidance, seed=parameters.seed,
                                 batch_size=parameters.generate)
     try:
-        result = sampling.sample(pipe, parameters.generate, train_scheduler_config,
+        result = sampling.sample(pipe, parameters.generate, train_scheduler_config, masks=masks,
                                  callback_on_step_end=lambda *_: check_cancelled())
     except ConfigError as exc:  # class out of range, class of an unconditional model ...: our own messages
         raise RequestError(str(exc)) from None
@@ -265,9 +293,9 @@ def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancel
         if result.labels is not None:
             prediction["class"] = int(result.labels[i])
         if result.generated_masks is not None:
-            generated = result.generated_masks[i]
+            source, generated = pipe.mask_source, result.generated_masks[i]
             if mask_format != "none":
-                prediction["generated_mask"] = encode_mask(generated, mask_format)
-            prediction["dice_generated_vs_predicted"] = float(dice_iou(predicted[None], generated[None])[0][0])
+                prediction[f"{source}_mask"] = encode_mask(generated, mask_format)
+            prediction[f"dice_{source}_vs_predicted"] = float(dice_iou(predicted[None], generated[None])[0][0])
         predictions.append(prediction)
     return predictions

@@ -113,7 +113,7 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
     out, state = Path(out), process_state()  # several processes under accelerate launch / torchrun
     pipe = load_diffusion(run_dir, device=device or (state.device if state.num_processes > 1 else
                                                      ("cuda" if torch.cuda.is_available() else "cpu")))
-    masks, given = _given_masks(pipe, run_dir, num, masks_from, mask_augment, per_mask, sampling.seed)
+    masks, given = given_masks(pipe, run_dir, num, masks_from, mask_augment, per_mask, sampling.seed)
     total = len(masks) if masks is not None else num
     settings = {**sampling.metadata(), **({"per_mask": per_mask, **given} if given is not None else {})}
     pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
@@ -131,19 +131,27 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
     return out
 
 
-def _given_masks(pipe: SliceDiffusionPipeline, run_dir, num: int | None, masks_from, mask_augment, per_mask: int,
-                 seed: int) -> tuple[np.ndarray | None, dict | None]:
-    """The masks each image is generated for (None for joint / image models) and their metadata; the model's mode
-    and the options must agree."""
+def check_mask_options(pipe: SliceDiffusionPipeline, source, masks_from, mask_augment, per_mask: int) -> bool:
+    """True when `pipe` generates for given masks; the mask options must agree with its mode (ConfigError naming
+    `source`, the run or pipeline folder), checked before anything is drawn, sampled or written."""
     _, mode = model_layout(pipe.unet)
     if mode != "mask-conditioned":
         if masks_from is not None or mask_augment or per_mask != 1:
-            raise ConfigError(f"--masks-from, --mask-augment and --per-mask need a mask-conditioned model; {run_dir} "
+            raise ConfigError(f"--masks-from, --mask-augment and --per-mask need a mask-conditioned model; {source} "
                               f"holds a {mode} model")
-        return None, None
+        return False
     if masks_from is None:
-        raise ConfigError(f"{run_dir} holds a mask-conditioned model: it generates images for given masks; pass "
+        raise ConfigError(f"{source} holds a mask-conditioned model: it generates images for given masks; pass "
                           f"--masks-from DATA.h5 (a prepared file of the model's size)")
+    return True
+
+
+def given_masks(pipe: SliceDiffusionPipeline, source, num: int | None, masks_from, mask_augment, per_mask: int,
+                seed: int) -> tuple[np.ndarray | None, dict | None]:
+    """The masks each image is generated for, `per_mask` images each (None for joint / image models), and their
+    metadata (`draw_masks`); the model's mode and the options must agree (`check_mask_options`)."""
+    if not check_mask_options(pipe, source, masks_from, mask_augment, per_mask):
+        return None, None
     masks, info = draw_masks(masks_from, int(pipe.unet.config.sample_size), num, seed, mask_augment)
     return np.repeat(masks, per_mask, axis=0), info
 
