@@ -136,11 +136,16 @@ def _report(summary: dict[str, Any], joint: bool) -> str:
 
 
 def check_generates_freely(pipe: GenSegPipeline) -> None:
-    """`genseg pipeline` generates without masks: a mask-conditioned generator is refused (ConfigError)."""
-    if model_layout(pipe.unet)[1] == "mask-conditioned":
-        raise ConfigError("the pipeline's generator is mask-conditioned: it needs masks, which `genseg pipeline` does "
-                          "not take; generate with `genseg sample --checkpoint DIR --masks-from DATA.h5`, then "
-                          "segment or score the file (`genseg evaluate-synthetic --segmenter RUN`)")
+    """`genseg pipeline` generates without masks or slices: mask-conditioned and inpaint generators are refused
+    (ConfigError)."""
+    needs = {"mask-conditioned": ("is mask-conditioned: it needs masks", "--masks-from"),
+             "inpaint": ("is an inpaint model: it repaints given slices", "--inpaint-into")}
+    mode = model_layout(pipe.unet)[1]
+    if mode in needs:
+        what, option = needs[mode]
+        raise ConfigError(f"the pipeline's generator {what}, which `genseg pipeline` does not take; generate with "
+                          f"`genseg sample --checkpoint DIR {option} DATA.h5`, then segment or score the file "
+                          f"(`genseg evaluate-synthetic --segmenter RUN`)")
 
 
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
