@@ -531,15 +531,24 @@ def _generation_options(command):
                    "list of flip,shift,rotate,scale,elastic; without it the masks are used unchanged.")
 @click.option("--per-mask", default=1, show_default=True, type=int,
               help="With --masks-from: images generated for each mask (K images share one mask, new noise each).")
+@click.option("--inpaint-into", type=click.Path(dir_okay=False),
+              help="Inpaint models: real prepared file (the model's slice size) whose training slices each get a "
+                   "real lesion, turned, zoomed and moved to a random place inside the head, painted in; pixels "
+                   "outside the repainted region stay the real slice's. --num: slices drawn (default: each once).")
+@click.option("--erase", is_flag=True,
+              help="With --inpaint-into: paint each drawn slice's lesion over with tissue instead (empty masks).")
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
-def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, png_dir, save_intermediates):
+def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, inpaint_into, erase, png_dir,
+           save_intermediates):
     """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run.
 
     A mask-conditioned run (model.mode: mask-conditioned) generates images for given masks instead: `--masks-from
     DATA.h5 [--num N] [--per-mask K] [--mask-augment flip,shift,rotate,scale,elastic]` writes N*K slices whose
-    masks are exactly the (transformed) given ones. Everything is checked before sampling; nothing is written
-    on an error.
+    masks are exactly the (transformed) given ones. An inpaint run (model.mode: inpaint) repaints real slices:
+    `--inpaint-into DATA.h5 [--num N] [--erase]` places a real lesion inside the head of each drawn training slice
+    (or erases its lesion); slices where that cannot be done are skipped and counted. Everything is checked
+    before sampling; nothing is written on an error.
 
     Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
     --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
@@ -552,12 +561,20 @@ def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, p
     augment = parse_mask_augment(mask_augment)
     if augment and masks_from is None:
         raise click.UsageError("--mask-augment transforms the masks of --masks-from; give --masks-from too")
+    if erase and inpaint_into is None:
+        raise click.UsageError("--erase erases the lesions of --inpaint-into's slices; give --inpaint-into too")
     path = sample_to_file(checkpoint, num, out, sampling, masks_from=masks_from, mask_augment=augment,
-                          per_mask=per_mask, png_dir=png_dir, save_intermediates=save_intermediates)
+                          per_mask=per_mask, inpaint_into=inpaint_into, erase=erase, png_dir=png_dir,
+                          save_intermediates=save_intermediates)
     if path is not None:  # None: a process other than the main one of a distributed launch
         meta = read_metadata(path)
-        given = meta["attrs"]["metadata"].get("mask_rows")
-        about = f" ({len(given)} given masks x {per_mask})" if given is not None else ""
+        info = meta["attrs"]["metadata"]
+        about = ""
+        if info.get("mask_rows") is not None:
+            about = f" ({len(info['mask_rows'])} given masks x {per_mask})"
+        elif info.get("inpaint_into"):
+            skipped = f"; {info['skipped']} skipped: {info['skip_reason']}" if info["skipped"] else ""
+            about = f" (real slices, lesions {'erased' if erase else 'placed'}{skipped})"
         click.echo(f"wrote {meta['num_slices']} synthetic slices{about} to {path}")
 
 
