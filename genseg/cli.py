@@ -487,9 +487,9 @@ def train_diffusion_cmd(data, config_path, out, resume, cpu, **overrides):
         click.echo(f"{result.metrics}\nrun: {result.run_dir}")
 
 
-def _mask_options(command):
-    """--masks-from, --mask-augment (parsed into a tuple) and --per-mask: the masks a mask-conditioned generator is
-    given, shared by `sample` and `pipeline`."""
+def _given_options(command):
+    """What a conditioned generator is given, shared by `sample` and `pipeline`: --masks-from, --mask-augment
+    (parsed into a tuple) and --per-mask for mask-conditioned models, --inpaint-into and --erase for inpaint ones."""
     options = [
         click.option("--masks-from", type=click.Path(dir_okay=False),
                      help="Mask-conditioned models: prepared file (real, or a joint model's sample) whose "
@@ -501,20 +501,29 @@ def _mask_options(command):
         click.option("--per-mask", default=1, show_default=True, type=int,
                      help="With --masks-from: images generated for each mask (K images share one mask, new noise "
                           "each)."),
+        click.option("--inpaint-into", type=click.Path(dir_okay=False),
+                     help="Inpaint models: real prepared file (the model's slice size) whose training slices each get "
+                          "a real lesion, turned, zoomed and moved to a random place inside the head, painted in; "
+                          "pixels outside the repainted region stay the real slice's. --num: slices drawn."),
+        click.option("--erase", is_flag=True,
+                     help="With --inpaint-into: paint each drawn slice's lesion over with tissue instead (empty "
+                          "masks)."),
     ]
 
     @functools.wraps(command)
-    def with_masks(masks_from, mask_augment, **rest):
+    def with_given(masks_from, mask_augment, inpaint_into, erase, **rest):
         from .workflows.sampling import parse_mask_augment
 
         augment = parse_mask_augment(mask_augment)
         if augment and masks_from is None:
             raise click.UsageError("--mask-augment transforms the masks of --masks-from; give --masks-from too")
-        return command(masks_from=masks_from, mask_augment=augment, **rest)
+        if erase and inpaint_into is None:
+            raise click.UsageError("--erase erases the lesions of --inpaint-into's slices; give --inpaint-into too")
+        return command(masks_from=masks_from, mask_augment=augment, inpaint_into=inpaint_into, erase=erase, **rest)
 
     for option in reversed(options):
-        with_masks = option(with_masks)
-    return with_masks
+        with_given = option(with_given)
+    return with_given
 
 
 def _generation_options(command):
@@ -552,16 +561,19 @@ def _generation_options(command):
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Synthetic prepared HDF5 file to write (same format as `genseg prepare`).")
 @_generation_options
-@_mask_options
+@_given_options
 @click.option("--png-dir", type=click.Path(file_okay=False), help="Also write PNGs (image + _mask) and grid.png here.")
 @click.option("--save-intermediates", is_flag=True, help="Also write OUT_reverse.png: the reverse (denoising) process.")
-def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, png_dir, save_intermediates):
+def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, inpaint_into, erase, png_dir,
+           save_intermediates):
     """Generate synthetic slices (with tumour masks in joint mode) from a trained diffusion run.
 
     A mask-conditioned run (model.mode: mask-conditioned) generates images for given masks instead: `--masks-from
     DATA.h5 [--num N] [--per-mask K] [--mask-augment flip,shift,rotate,scale,elastic]` writes N*K slices whose
-    masks are exactly the (transformed) given ones. Everything is checked before sampling; nothing is written
-    on an error.
+    masks are exactly the (transformed) given ones. An inpaint run (model.mode: inpaint) repaints real slices:
+    `--inpaint-into DATA.h5 [--num N] [--erase]` places a real lesion inside the head of each drawn training slice
+    (or erases its lesion); slices where that cannot be done are skipped and counted. Everything is checked
+    before sampling; nothing is written on an error.
 
     Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
     --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
@@ -572,11 +584,17 @@ def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, p
     from .workflows.sampling import sample_to_file
 
     path = sample_to_file(checkpoint, num, out, sampling, masks_from=masks_from, mask_augment=mask_augment,
-                          per_mask=per_mask, png_dir=png_dir, save_intermediates=save_intermediates)
+                          per_mask=per_mask, inpaint_into=inpaint_into, erase=erase, png_dir=png_dir,
+                          save_intermediates=save_intermediates)
     if path is not None:  # None: a process other than the main one of a distributed launch
         meta = read_metadata(path)
-        given = meta["attrs"]["metadata"].get("mask_rows")
-        about = f" ({len(given)} given masks x {per_mask})" if given is not None else ""
+        info = meta["attrs"]["metadata"]
+        about = ""
+        if info.get("mask_rows") is not None:
+            about = f" ({len(info['mask_rows'])} given masks x {per_mask})"
+        elif info.get("inpaint_into"):
+            skipped = f"; {info['skipped']} skipped: {info['skip_reason']}" if info["skipped"] else ""
+            about = f" (real slices, lesions {'erased' if erase else 'placed'}{skipped})"
         click.echo(f"wrote {meta['num_slices']} synthetic slices{about} to {path}")
 
 
@@ -607,7 +625,7 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
               help="Slices to generate and segment; with --masks-from: masks drawn, each giving --per-mask slices.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist, or --force).")
 @_generation_options
-@_mask_options
+@_given_options
 @click.option("--input", "inputs", multiple=True, type=click.Path(dir_okay=False),
               help="Segment real files (.mat, NIfTI, DICOM, PNG/JPG) with the pipeline's segmenter instead of "
                    "generating: --input a.mat b.nii.gz, or --input repeated.")
@@ -618,30 +636,33 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @click.argument("more_inputs", nargs=-1, type=click.Path(dir_okay=False), metavar="[--input FILE [FILE]...]")
 @_precision_option
 @_postprocess_options
-def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from, mask_augment, per_mask, inputs,
-             save_pipeline, force, more_inputs, precision, tta, min_component):
+def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from, mask_augment, per_mask, inpaint_into,
+             erase, inputs, save_pipeline, force, more_inputs, precision, tta, min_component):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; the generator's mask outlined red),
     OUT/contact_sheet.png, OUT/summary.json (per slice: tumour area, mean probability, Dice of the generator's
-    mask vs the predicted one) and OUT/report.md. A mask-conditioned generator takes --masks-from DATA.h5 (as
-    `genseg sample`): the images are generated for those masks and the Dice measures mask faithfulness. With no
-    model options it uses the shipped demo pipeline. With --input it segments the real files named after it
+    mask vs the predicted one) and OUT/report.md. As with `genseg sample`, a mask-conditioned generator takes
+    --masks-from DATA.h5 (images generated for those masks) and an inpaint generator --inpaint-into DATA.h5 [--erase]
+    (real slices with a lesion painted in, or erased); the Dice then measures mask faithfulness. With no model
+    options it uses the shipped demo pipeline. With --input it segments the real files named after it
     instead.
     """
     from .io import atomic_path
     from .workflows.pipeline_run import PIPELINE_SOURCE, load_pipeline, run_pipeline, segment_inputs
-    from .workflows.sampling import check_mask_options
+    from .workflows.sampling import check_given_options
 
     if more_inputs and not inputs:  # click gives an option one value; the files after the first come as arguments
         raise click.UsageError(f"Got unexpected extra argument(s) ({' '.join(more_inputs)}); real files to "
                                f"segment go after --input")
     inputs = (*inputs, *more_inputs)
-    if inputs and (masks_from or per_mask != 1):
-        raise click.UsageError("--masks-from and --per-mask are for generating; --input segments real files")
+    if inputs and (masks_from or per_mask != 1 or inpaint_into):
+        raise click.UsageError("--masks-from, --per-mask and --inpaint-into are for generating; --input segments "
+                               "real files")
     pipe = load_pipeline(pipeline_dir, diffusion, segmenter, precision)
     if not inputs:  # before --save-pipeline writes anything
-        check_mask_options(pipe, PIPELINE_SOURCE, masks_from, mask_augment, per_mask)
+        check_given_options(pipe, PIPELINE_SOURCE, masks_from=masks_from, mask_augment=mask_augment,
+                            per_mask=per_mask, inpaint_into=inpaint_into, erase=erase)
     if save_pipeline:
         with atomic_path(save_pipeline, is_dir=True) as tmp:
             pipe.save_pretrained(tmp)
@@ -653,7 +674,8 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from,
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
     summary = run_pipeline(pipe, out, num=num, sampling=sampling, masks_from=masks_from, mask_augment=mask_augment,
-                           per_mask=per_mask, force=force, tta=tta, min_component=min_component)
+                           per_mask=per_mask, inpaint_into=inpaint_into, erase=erase, force=force, tta=tta,
+                           min_component=min_component)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 

@@ -29,7 +29,7 @@ from genseg.pipeline import SamplingSettings, SliceDiffusionPipeline, load_diffu
 from genseg.runs import resolve_config
 from genseg.training.diffusion import DiffusionTrainConfig, train_diffusion
 from genseg.workflows.sampling import forward_process_figure, sample_to_file
-from diffusion_helpers import quiet, tiny_config as shared_tiny_config
+from diffusion_helpers import quiet, tiny_config as shared_tiny_config, train_killed_then_resumed
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,10 +288,6 @@ def _log(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("checkpoint_every", [4, 3], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
     """8 slices in batches of 4: 2 steps per epoch, so the step-4 checkpoint ends an epoch and step 3 is mid-epoch.
@@ -299,23 +295,10 @@ def test_resume_is_exact(data, tmp_path, monkeypatch, checkpoint_every):
     log (bar the timings) as an uninterrupted one."""
     from safetensors.torch import load_file
 
-    from genseg.runs import CsvLog
-
     cfg = tiny_config(max_steps=8, checkpoint_every_steps=checkpoint_every, log_every_steps=1, sample_every_steps=0,
                       lr_warmup_steps=2, model={"num_classes": 4})
     whole = train_diffusion(cfg, data, tmp_path / "whole", cpu=True).run_dir
-    append = CsvLog.append
-
-    def append_then_die(log, row):
-        append(log, row)
-        if int(row["step"]) > checkpoint_every:
-            raise _Killed
-
-    monkeypatch.setattr(CsvLog, "append", append_then_die)
-    with pytest.raises(_Killed):
-        train_diffusion(cfg, data, tmp_path / "cut", cpu=True)
-    monkeypatch.undo()
-    cut = train_diffusion(cfg, data, tmp_path / "cut", resume=True, cpu=True).run_dir
+    cut = train_killed_then_resumed(cfg, data, tmp_path / "cut", monkeypatch, after_step=checkpoint_every)
 
     final = Path("checkpoints") / "step-00000008"
     unet = Path("unet", "diffusion_pytorch_model.safetensors")  # the EMA weights users load

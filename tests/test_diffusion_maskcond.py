@@ -22,7 +22,7 @@ from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.pipeline.diffusion import SamplingSettings, load_diffusion, model_channels, model_layout, seed_generators
 from genseg.training.diffusion import train_diffusion
 from genseg.workflows.sampling import draw_masks, sample_to_file
-from diffusion_helpers import quiet, tiny_config, tiny_generator
+from diffusion_helpers import quiet, tiny_config, tiny_generator, with_label_map_mask
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401  (one_torch_thread: autouse fixture)
 
 MASKCOND = {"mode": "mask-conditioned"}
@@ -226,13 +226,7 @@ def test_bad_mask_files_are_refused_before_sampling(run, joint_run, data, tmp_pa
     big = write_phantoms(tmp_path / "big.h5", n=6, size=32, patients=3)
     with pytest.raises(DataError, match=r"big.h5.*masks are 32x32 but the model generates 16x16.*--size 16"):
         sample_to_file(run, 2, out, FAST, masks_from=big, progress=False)
-    labelled = tmp_path / "labelmap.h5"
-    shutil.copy(data, labelled)
-    row = int(np.flatnonzero(read_metadata(data)["split"] == "train")[1])
-    with h5py.File(labelled, "a") as h5:
-        mask = h5["masks"][row]
-        mask[mask > 0] = 255
-        h5["masks"][row] = mask
+    labelled, row = with_label_map_mask(data, tmp_path / "labelmap.h5")
     with pytest.raises(DataError, match=rf"labelmap.h5.*mask of row {row} holds value 255.*0 and 1 only"):
         sample_to_file(run, None, out, FAST, masks_from=labelled, progress=False)
     image_only = write_phantoms(tmp_path / "imageonly.h5", n=6, size=16, patients=3, synthetic=True,

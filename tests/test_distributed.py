@@ -78,18 +78,29 @@ def test_two_processes_write_the_single_process_file_bit_for_bit(generator, tmp_
     assert [p.name for p in two.parent.iterdir()] == ["synth.h5"]  # the shard folder is gone
 
 
-def test_mask_conditioned_sampling_over_two_processes_equals_one_process(tmp_path):
-    """`sample --masks-from` over 2 processes: each denoises its share of the given masks, and the merged file
-    equals a single process's bit for bit (the masks too, exactly as given)."""
-    run = tiny_generator(tmp_path, {"mode": "mask-conditioned"})
+CONDITIONED = {  # mode: (model keys, sample_to_file options, the same as CLI arguments, the line it prints)
+    "mask-conditioned": ({"mode": "mask-conditioned"}, {"mask_augment": ("flip", "rotate"), "per_mask": 2},
+                         ["--mask-augment", "flip,rotate", "--per-mask", 2], "wrote 6 synthetic slices (3 given masks x 2)"),
+    "inpaint": ({"mode": "inpaint", "crop_size": 8, "region_margin": 1}, {}, [], "lesions placed"),
+}
+
+
+@pytest.mark.parametrize("mode", CONDITIONED)
+def test_conditioned_sampling_over_two_processes_equals_one_process(tmp_path, mode):
+    """`sample --masks-from` (`--inpaint-into`) over 2 processes: each denoises its share of the given masks
+    (slices, masks and regions), and the merged file equals a single process's bit for bit (the masks too,
+    exactly as given)."""
+    model, options, arguments, wrote = CONDITIONED[mode]
+    run = tiny_generator(tmp_path, model)
     data = tmp_path / "phantoms.h5"  # the generator's training data: 4 training slices of 16 px
+    source = {"inpaint_into" if mode == "inpaint" else "masks_from": data}
     one = sample_to_file(run, 3, tmp_path / "one" / "synth.h5", SamplingSettings(steps=3, seed=7, batch_size=1),
-                         masks_from=data, mask_augment=("flip", "rotate"), per_mask=2, progress=False)
+                         progress=False, **source, **options)
     two = tmp_path / "two" / "synth.h5"
-    done = torchrun("sample", "--checkpoint", run, "-n", 3, "--masks-from", data, "--mask-augment", "flip,rotate",
-                    "--per-mask", 2, "--out", two, *SAMPLING)
+    done = torchrun("sample", "--checkpoint", run, "-n", 3, f"--{next(iter(source)).replace('_', '-')}", data,
+                    *arguments, "--out", two, *SAMPLING)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count("wrote 6 synthetic slices (3 given masks x 2)") == 1
+    assert done.stdout.count(wrote) == 1
     (data1, attrs1), (data2, attrs2) = h5_contents(one), h5_contents(two)
     for name in data1:
         assert data1[name].dtype == data2[name].dtype and np.array_equal(data1[name], data2[name]), name

@@ -1,5 +1,5 @@
 """`SliceDiffusionPipeline`: sample MRI slices (with tumour masks in joint mode, for given masks in mask-conditioned
-mode) from a trained UNet2DModel.
+mode, regions of given slices repainted in inpaint mode) from a trained UNet2DModel.
 
 The stock `DDPMPipeline` passes no class labels, so this thin pipeline runs diffusers' own
 `scheduler.step` loop with optional class conditioning and classifier-free guidance.
@@ -8,7 +8,14 @@ Conventions: the model works in [-1, 1]; outputs are back in the prepared-file r
 [0, 1] and masks uint8 {0, 1} (mask channel > 0), so a segmenter trained on prepared data reads them directly.
 The mode is read off the UNet's channels (`model_layout`): in = out = 1 or 3: image only (grey / colour);
 in = out = 2 or 4: image + mask (joint); in = 2 or 4 and out = in - 1: mask-conditioned (the clean mask, as
-mask * 2 - 1, is the last input channel and is never noised; only the image is denoised).
+mask * 2 - 1, is the last input channel and is never noised; only the image is denoised); out = 1 or 3 and
+in = 2 * out + 2 (4 or 8): inpaint (models.diffusion.inpaint_condition). No two layouts share their channels, so
+the mode needs no other record, and folders saved before inpaint existed load as before.
+
+Inpainting runs on crops: the UNet was trained on crops of its `sample_size`, so each slice is denoised in the
+crop-sized window that centres its region (GroupNorm statistics and receptive field as in training; a whole
+slice would be another input distribution), and only the region's pixels are pasted back into the real slice:
+every pixel outside the region is the given slice's, exactly.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..data.regions import bounding_box, window_start
 from ..errors import CheckpointError, ConfigError
-from ..models.diffusion import make_sampling_scheduler
+from ..models.diffusion import INPAINT_KEY, inpaint_condition, make_sampling_scheduler
 
 INTERMEDIATE_SNAPSHOTS = 10  # x_t kept per call with save_intermediates (evenly spaced over the steps)
 OUTPUT_TYPES = ("np", "pt", "pil")
@@ -35,9 +43,11 @@ OUTPUT_TYPES = ("np", "pt", "pil")
 
 @dataclass
 class SliceDiffusionOutput(BaseOutput):
-    """images (N, H, W) float32 in [0, 1] ((N, C, H, W) for colour); masks (N, H, W) uint8 {0, 1} or None in
-    image mode (in mask-conditioned mode the given masks, unchanged); labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as (N, channels, H, W)
-    float32 in [0, 1])] from noise to the last step, or None. NumPy with output_type "np"; see `convert_output`."""
+    """images (N, H, W) float32 in [0, 1] ((N, C, H, W) for colour; in inpaint mode the given slices with their
+    regions repainted); masks (N, H, W) uint8 {0, 1} or None in image mode (in mask-conditioned and inpaint mode
+    the given masks, unchanged); labels (N,) int or None when unconditional; intermediates: [(timestep, x_t as
+    (N, channels, H, W) float32 in [0, 1], the crops in inpaint mode)] from noise to the last step, or None.
+    NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
     masks: np.ndarray | None
@@ -96,13 +106,13 @@ def convert_output(value, output_type: str, picture: bool = False):
     return DiffusionPipeline.numpy_to_pil(channels_last.astype(np.float32))
 
 
-MODES = ("image", "joint", "mask-conditioned")
+MODES = ("image", "joint", "mask-conditioned", "inpaint")
 
 
 def model_layout(unet: UNet2DModel) -> tuple[int, str]:
     """(image channels, mode) of a UNet trained by genseg, from its in/out channels: in = out = 1 or 3 image-only,
-    in = out = 2 or 4 joint (image + mask), in = 2 or 4 with out = in - 1 mask-conditioned. Anything else is
-    refused (CheckpointError): it is no genseg slice model."""
+    in = out = 2 or 4 joint (image + mask), in = 2 or 4 with out = in - 1 mask-conditioned, out = 1 or 3 with
+    in = 2 * out + 2 inpaint. Anything else is refused (CheckpointError): it is no genseg slice model."""
     cin, cout = int(unet.config.in_channels), int(unet.config.out_channels)
     if cin == cout and cin in (1, 3):
         return cin, "image"
@@ -110,21 +120,59 @@ def model_layout(unet: UNet2DModel) -> tuple[int, str]:
         return cin - 1, "joint"
     if cin in (2, 4) and cout == cin - 1:
         return cout, "mask-conditioned"
+    if cout in (1, 3) and cin == 2 * cout + 2:
+        return cout, "inpaint"
     raise CheckpointError(f"UNet with {cin} input and {cout} output channels is not a genseg slice model (image "
                           f"only: 1 or 3 in and out; joint: 2 or 4 in and out; mask-conditioned: 2 or 4 in, one "
-                          f"fewer out)")
+                          f"fewer out; inpaint: 1 or 3 out, twice that plus 2 in)")
+
+
+def inpaint_settings(unet: UNet2DModel) -> dict:
+    """{"slice_size", "region_margin"} an inpaint UNet was trained with (models.diffusion.INPAINT_KEY)."""
+    settings = unet.config.get(INPAINT_KEY)
+    if not isinstance(settings, dict) or not {"slice_size", "region_margin"} <= settings.keys():
+        raise CheckpointError(f"inpaint UNet without its {INPAINT_KEY} config entry (slice size and region margin); "
+                              f"it was not saved by `genseg train-diffusion`")
+    return {"slice_size": int(settings["slice_size"]), "region_margin": int(settings["region_margin"])}
 
 
 def mask_source(unet: UNet2DModel) -> str | None:
-    """Where a sample's mask comes from: "generated" (joint: the model draws it), "given" (mask-conditioned: the
-    caller's mask, unchanged) or None (image mode: no mask)."""
-    return {"joint": "generated", "mask-conditioned": "given"}.get(model_layout(unet)[1])
+    """Where a sample's mask comes from: "generated" (joint: the model draws it), "given" (mask-conditioned and
+    inpaint: the caller's mask, unchanged) or None (image mode: no mask)."""
+    return {"joint": "generated", "mask-conditioned": "given", "inpaint": "given"}.get(model_layout(unet)[1])
+
+
+def slice_size(unet: UNet2DModel) -> int:
+    """Side of the slices a UNet generates: its own, but for inpaint models (trained on crops) the slices'."""
+    return inpaint_settings(unet)["slice_size"] if model_layout(unet)[1] == "inpaint" else int(unet.config.sample_size)
 
 
 def model_channels(unet: UNet2DModel) -> tuple[int, bool]:
     """(image channels, joint) of a UNet trained by genseg (`model_layout`; joint = it generates its own mask)."""
     channels, mode = model_layout(unet)
     return channels, mode == "joint"
+
+
+def _binary_maps(values, name: str, num_images: int, size: int, whose: str) -> np.ndarray:
+    """Given masks or regions as uint8 (N, H, W), or ConfigError: N of size x size (`whose` says why that size),
+    values 0 and 1 only; (N, 1, H, W) is accepted."""
+    given = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    if given.ndim == 4 and given.shape[1] == 1:
+        given = given[:, 0]
+    if given.shape != (num_images, size, size):
+        raise ConfigError(f"{name}: expected {num_images} {name} of {size}x{size} ({whose}), got an array of shape "
+                          f"{tuple(given.shape)}")
+    bad = [v for v in np.unique(given).tolist() if v not in (0, 1)]
+    if bad:
+        raise ConfigError(f"{name} must hold 0 and 1 only, found value(s) {bad[:5]}")
+    return given.astype(np.uint8)
+
+
+HOW_TO_CALL = {
+    "mask-conditioned": "pass masks=(N, H, W) 0/1 arrays (`genseg sample --masks-from DATA.h5`)",
+    "inpaint": "pass images=(N, H, W) slices in [0, 1], regions=(N, H, W) 0/1 (the pixels to repaint) and masks=(N, "
+               "H, W) 0/1 (the lesions; empty to erase) (`genseg sample --inpaint-into DATA.h5`)",
+}
 
 
 def num_classes(unet: UNet2DModel) -> int:
@@ -157,28 +205,51 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         return labels.long()
 
     def _masks(self, masks, mode: str, num_images: int) -> np.ndarray | None:
-        """The given masks as uint8 (N, H, W), checked against the model: a mask-conditioned model needs them
-        (size equal to the model's, values 0 and 1 only; an empty mask is a tumour-free slice), others refuse them."""
-        if mode != "mask-conditioned":
+        """The given masks as uint8 (N, H, W), checked against the model: mask-conditioned and inpaint models need
+        them (size equal to the model's slices, values 0 and 1 only; an empty mask is a tumour-free slice, or in
+        inpaint mode a lesion erased), others refuse them."""
+        if mode not in ("mask-conditioned", "inpaint"):
             if masks is not None:
                 raise ConfigError(f"masks were given to a {mode} model; only a mask-conditioned model (train-diffusion "
                                   f"with model.mode: mask-conditioned) generates images for given masks")
             return None
         if masks is None:
-            raise ConfigError("a mask-conditioned model needs masks: pass masks=(N, H, W) 0/1 arrays (`genseg "
-                              "sample --masks-from DATA.h5`)")
-        given = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-        size = int(self.unet.config.sample_size)
-        if given.ndim == 4 and given.shape[1] == 1:
-            given = given[:, 0]
-        if given.shape != (num_images, size, size):
-            raise ConfigError(f"masks: expected {num_images} masks of {size}x{size} (the model's size), got an "
-                              f"array of shape {tuple(given.shape)}")
-        values = np.unique(given)
-        bad = [v for v in values.tolist() if v not in (0, 1)]
-        if bad:
-            raise ConfigError(f"masks must hold 0 and 1 only, found value(s) {bad[:5]}")
-        return given.astype(np.uint8)
+            raise ConfigError(f"{'an' if mode == 'inpaint' else 'a'} {mode} model needs masks: {HOW_TO_CALL[mode]}")
+        return _binary_maps(masks, "masks", num_images, slice_size(self.unet), "the model's size")
+
+    def _inpaint_inputs(self, images, regions, mode: str, num_images: int
+                        ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]] | None:
+        """The slices to repaint as float32 (N, C, H, W), their regions as bool (N, H, W) and each region's crop
+        window (top, left), checked: only inpaint models take slices and regions, and they need both (slices in
+        [0, 1] of the model's size and channels, regions of 0/1 that are not empty and fit in the model's crop)."""
+        if mode != "inpaint":
+            if images is not None or regions is not None:
+                raise ConfigError(f"images / regions were given to a {mode} model; only an inpaint model (train-"
+                                  f"diffusion with model.mode: inpaint) repaints regions of given slices")
+            return None
+        if images is None or regions is None:
+            raise ConfigError(f"an inpaint model repaints regions of given slices and does not sample freely: "
+                              f"{HOW_TO_CALL[mode]}")
+        size, channels = slice_size(self.unet), int(self.unet.config.out_channels)
+        real = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, np.float32)
+        real = real[:, None] if real.ndim == 3 else real
+        if real.shape != (num_images, channels, size, size):
+            raise ConfigError(f"images: expected {num_images} slices of {channels} channel(s) at {size}x{size} (the "
+                              f"slices the model was trained on), got an array of shape {tuple(np.shape(images))}")
+        if not np.isfinite(real).all() or real.min() < 0 or real.max() > 1:
+            raise ConfigError(f"images must be prepared slices in [0, 1], got values in [{np.nanmin(real):.3g}, "
+                              f"{np.nanmax(real):.3g}]{' and NaN or infinite ones' if not np.isfinite(real).all() else ''}")
+        regions = _binary_maps(regions, "regions", num_images, size, "the images' size").astype(bool)
+        crop, windows = int(self.unet.config.sample_size), []
+        for i, region in enumerate(regions):
+            if not region.any():
+                raise ConfigError(f"region of slice {i} is empty: nothing to repaint")
+            top, bottom, left, right = bounding_box(torch.from_numpy(region))
+            if bottom - top >= crop or right - left >= crop:
+                raise ConfigError(f"region of slice {i} spans {bottom - top + 1}x{right - left + 1} px, more than the "
+                                  f"model's {crop} px crop: give a smaller region or train with a larger crop_size")
+            windows.append((window_start(top, bottom, crop, size, 0.5), window_start(left, right, crop, size, 0.5)))
+        return real, regions, windows
 
     @staticmethod
     def _generators(generator, num_images: int) -> list[torch.Generator]:
@@ -200,11 +271,16 @@ class SliceDiffusionPipeline(DiffusionPipeline):
                  generator: torch.Generator | list[torch.Generator] | None = None, batch_size: int | None = None,
                  save_intermediates: bool = False, callback_on_step_end: Callable | None = None,
                  output_type: str = "np", return_dict: bool = True,
-                 masks: np.ndarray | torch.Tensor | Sequence | None = None) -> SliceDiffusionOutput | tuple:
+                 masks: np.ndarray | torch.Tensor | Sequence | None = None,
+                 images: np.ndarray | torch.Tensor | None = None,
+                 regions: np.ndarray | torch.Tensor | Sequence | None = None) -> SliceDiffusionOutput | tuple:
         """Generate `num_images` slices. `masks` (N, H, W) of 0/1, H = W = the model's size: the masks a
         mask-conditioned model generates images for (required there, refused by joint and image models); they come
-        back unchanged as the output's masks. `num_inference_steps` defaults to the training timesteps (full DDPM);
-        `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`. `callback_on_step_end(pipe,
+        back unchanged as the output's masks. An inpaint model needs `images` (N, H, W) (colour: (N, C, H, W)) in
+        [0, 1], `regions` (N, H, W) of 0/1 and `masks` (the slices' lesion masks: a placed lesion, the slice's own
+        tumour, or empty where a lesion is erased): it repaints each region and returns the slices with every
+        pixel outside the region unchanged (as float32), and the masks. `num_inference_steps` defaults to the
+        training timesteps (full DDPM); `guidance_scale` > 1 applies classifier-free guidance towards `class_labels`. `callback_on_step_end(pipe,
         step, timestep, {})` runs after every denoising step, as in diffusers; raising from it stops sampling.
         `output_type` "np", "pt" or "pil" (`convert_output`); `return_dict=False` gives the output's fields as a
         tuple in their order, None included. The progress bar follows `set_progress_bar_config`."""
@@ -222,7 +298,13 @@ class SliceDiffusionPipeline(DiffusionPipeline):
         if guidance_scale != 1.0 and labels is None:
             raise ConfigError("classifier-free guidance (guidance != 1) needs a class to guide towards")
         image_channels, mode = model_layout(self.unet)
+        inpaint = self._inpaint_inputs(images, regions, mode, num_images)
         given = self._masks(masks, mode, num_images)
+        condition = None
+        if mode == "mask-conditioned":  # the clean mask in [-1, 1], never noised, one more input channel
+            condition = given[:, None].astype(np.float32) * 2 - 1
+        elif inpaint is not None:
+            condition = self._inpaint_condition(*inpaint, given)
         generators = self._generators(generator, num_images)
         batch_size = batch_size or num_images
         if batch_size < 1:
@@ -233,11 +315,13 @@ class SliceDiffusionPipeline(DiffusionPipeline):
                 stop = min(start + batch_size, num_images)
                 x, snaps = self._denoise(generators[start:stop], None if labels is None else labels[start:stop],
                                          guidance_scale, steps, save_intermediates, bar, callback_on_step_end,
-                                         None if given is None else given[start:stop])
+                                         None if condition is None else condition[start:stop])
                 chunks.append(x)
                 snapshots.append(snaps)
         x = torch.cat(chunks).float().cpu().numpy()
         images = np.clip((x[:, :image_channels] + 1) / 2, 0, 1).astype(np.float32)
+        if inpaint is not None:
+            images = self._paste(images, *inpaint)
         images = images[:, 0] if image_channels == 1 else images
         masks = (x[:, image_channels] > 0).astype(np.uint8) if mode == "joint" else given
         intermediates = None
@@ -250,16 +334,36 @@ class SliceDiffusionPipeline(DiffusionPipeline):
                                       labels=convert_output(labels, output_type), intermediates=intermediates)
         return self._returned(output, return_dict)
 
+    def _inpaint_condition(self, real: np.ndarray, regions: np.ndarray, windows: list[tuple[int, int]],
+                           masks: np.ndarray) -> np.ndarray:
+        """Each slice's crop window as the inpaint UNet's condition channels (models.diffusion.inpaint_condition)."""
+        crop = int(self.unet.config.sample_size)
+
+        def crops(values: np.ndarray) -> torch.Tensor:
+            values = values if values.ndim == 4 else values[:, None]
+            return torch.from_numpy(np.stack([v[:, r:r + crop, c:c + crop] for v, (r, c) in zip(values, windows)]))
+
+        return inpaint_condition(crops(real) * 2 - 1, crops(regions), crops(masks)).numpy()
+
+    def _paste(self, generated: np.ndarray, real: np.ndarray, regions: np.ndarray,
+               windows: list[tuple[int, int]]) -> np.ndarray:
+        """The real slices with each region's pixels taken from its denoised crop; all others stay the real ones."""
+        crop, out = int(self.unet.config.sample_size), real.copy()
+        for i, (r, c) in enumerate(windows):
+            window = out[i, :, r:r + crop, c:c + crop]
+            window[:] = np.where(regions[i, None, r:r + crop, c:c + crop], generated[i], window)
+        return out
+
     @staticmethod
     def _returned(output: BaseOutput, return_dict: bool) -> BaseOutput | tuple:
         """The output dataclass, or with `return_dict=False` its fields as a tuple (None kept, so that positions
         do not move; BaseOutput.to_tuple drops them)."""
         return output if return_dict else tuple(getattr(output, f.name) for f in fields(output))
 
-    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback, masks=None):
+    def _denoise(self, generators, labels, guidance_scale, steps, save_intermediates, bar, callback, condition=None):
         unet, scheduler, device = self.unet, self.scheduler, self._execution_device
         size = unet.config.sample_size
-        shape = (len(generators), unet.config.out_channels, size, size)  # the denoised channels (= in but for masks)
+        shape = (len(generators), unet.config.out_channels, size, size)  # the denoised channels (in: + condition)
         x = randn_tensor(shape, generator=generators, device=device, dtype=unet.dtype) * scheduler.init_noise_sigma
         scheduler.set_timesteps(steps, device=device)
         guided = labels is not None and guidance_scale != 1.0
@@ -269,9 +373,8 @@ class SliceDiffusionPipeline(DiffusionPipeline):
             labels = labels.to(device)
             if guided:  # conditional and unconditional halves in one forward pass
                 labels = torch.cat([labels, torch.full_like(labels, num_classes(unet))])
-        condition = None
-        if masks is not None:  # the clean mask in [-1, 1], never noised, one more input channel
-            condition = torch.from_numpy(masks[:, None].astype(np.float32) * 2 - 1).to(device=device, dtype=unet.dtype)
+        if condition is not None:  # clean input channels in [-1, 1], never noised (mask-conditioned, inpaint)
+            condition = torch.from_numpy(condition).to(device=device, dtype=unet.dtype)
             condition = torch.cat([condition, condition]) if guided else condition
         timesteps = scheduler.timesteps
         keep = set(np.linspace(0, len(timesteps) - 1, min(INTERMEDIATE_SNAPSHOTS, len(timesteps))).round().astype(int))

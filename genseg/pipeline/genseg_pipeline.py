@@ -20,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..inference.segmenter import Segmenter, load_segmenter
 from ..models.unet import SegmentationUNet
 from .diffusion import (SliceDiffusionPipeline, check_output_type, convert_output, load_diffusion, mask_source,
-                        model_channels)
+                        model_channels, model_layout, slice_size)
 
 PARTS = ("unet", "scheduler", "segmenter")
 
@@ -83,7 +83,7 @@ class GenSegPipeline(SliceDiffusionPipeline):
 
     @property
     def size_note(self) -> str:
-        gen, seg = int(self.unet.config.sample_size), int(self.segmenter.config.sample_size)
+        gen, seg = self.slice_size, int(self.segmenter.config.sample_size)
         return "" if gen == seg else f"generated {gen}x{gen} slices resized to the segmenter's {seg}x{seg} and back"
 
     def predictor(self, **options) -> Segmenter:
@@ -119,8 +119,19 @@ class GenSegPipeline(SliceDiffusionPipeline):
         return probabilities.numpy()
 
     @property
+    def mode(self) -> str:
+        """The generator's mode (pipeline.diffusion.MODES), read off its channels: a saved folder carries it."""
+        return model_layout(self.unet)[1]
+
+    @property
+    def slice_size(self) -> int:
+        """Side of the slices the generator returns (an inpaint model's crops are smaller)."""
+        return slice_size(self.unet)
+
+    @property
     def mask_source(self) -> str | None:
-        """"generated" (joint), "given" (mask-conditioned: call with `masks=`) or None (image mode)."""
+        """"generated" (joint), "given" (mask-conditioned: call with `masks=`; inpaint: with `images=`, `masks=`
+        and `regions=`) or None (image mode)."""
         return mask_source(self.unet)
 
     def __call__(self, num_images: int = 1, *, output_type: str = "np", return_dict: bool = True,

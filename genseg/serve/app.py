@@ -143,9 +143,12 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
         if parameters.generate > settings.max_generate:
             raise RequestError(validation_message([{"loc": ("parameters", "generate")}], settings.max_generate)[0])
         masks = None
+        if pipe.mode == "inpaint":
+            raise RequestError("this pipeline's generator is an inpaint model: it repaints lesions into real slices, "
+                               "which generate requests do not carry; use `genseg pipeline --inpaint-into DATA.h5` "
+                               "or `genseg sample --inpaint-into DATA.h5`")
         if pipe.mask_source == "given":
-            masks = await asyncio.to_thread(_request_masks, body.instances, parameters.generate,
-                                            int(pipe.unet.config.sample_size))
+            masks = await asyncio.to_thread(_request_masks, body.instances, parameters.generate, pipe.slice_size)
         elif any(not isinstance(instance, B64Instance) or instance.b64 is not None for instance in body.instances):
             raise RequestError('a generate request takes no image instances: send "instances": [] or [{}]')
         return await generation.run(request, lambda check: _generate(pipe, state["train_scheduler_config"],
@@ -281,7 +284,7 @@ def _generate(pipe, train_scheduler_config, parameters: Parameters, check_cancel
                                  callback_on_step_end=lambda *_: check_cancelled())
     except ConfigError as exc:  # class out of range, class of an unconditional model ...: our own messages
         raise RequestError(str(exc)) from None
-    size = int(pipe.unet.config.sample_size)
+    size = pipe.slice_size
     threshold, mask_format = parameters.threshold, parameters.mask_format
     predictions = []
     for i, (image, probabilities) in enumerate(zip(result.images, result.probabilities)):

@@ -3,9 +3,14 @@
 Each step noises a batch at random timesteps (the forward process) and regresses the UNet's output on the
 noise (`epsilon`) or the velocity (`v_prediction`), optionally with min-SNR weighting and an extra weight on
 the mask channel (joint mode). In mask-conditioned mode the clean mask (as mask * 2 - 1) is one more input
-channel and never noised, and the loss is on the image channels only. An EMA copy of the weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
-Every random draw of a step (flips, class dropout, noise, timesteps) comes from one generator saved in each
-checkpoint, so a resumed run continues exactly like an uninterrupted one, also from the middle of an epoch.
+channel and never noised, and the loss is on the image channels only. In inpaint mode each slice gives one crop
+of `crop_size` px holding a region to repaint (`inpaint_crops`): its lesion grown by `region_margin`, or a random
+ellipse on tumour-free tissue, so the model learns normal tissue as well as lesions and a generator stays cheap;
+the loss is on the image channels only, `region_weight` times heavier inside the region. An EMA copy of the
+weights (diffusers' EMAModel, with warm-up) is what gets saved and sampled.
+Every random draw of a step (flips, crops and regions, class dropout, noise, timesteps) comes from one generator
+saved in each checkpoint, so a resumed run continues exactly like an uninterrupted one, also from the middle of an
+epoch.
 
 A run directory is a diffusers pipeline folder plus training files:
   model_index.json, unet/ (EMA weights, safetensors), scheduler/   -> `load_diffusion`, plain diffusers
@@ -33,9 +38,11 @@ from torch.utils.data import DataLoader
 
 from ..config import config_from_dict, load_config
 from ..data.prepared import PreparedDataset, read_metadata
+from ..data.regions import bounding_box, brain_mask, dilate, ellipse, window_start
 from ..errors import ConfigError, DataError
 from ..io import replace_path
-from ..models.diffusion import DiffusionModelConfig, build_scheduler, build_unet, make_sampling_scheduler
+from ..models.diffusion import (DiffusionModelConfig, build_scheduler, build_unet, inpaint_condition,
+                                make_sampling_scheduler)
 from ..pipeline.diffusion import SliceDiffusionPipeline, seed_generators
 from ..runs import check_resume, default_run_dir, refuse_to_overwrite
 from .loop import Hooks, SavedGenerator, Trainer, TrainState, effective_precision, make_accelerator, start_run
@@ -44,6 +51,8 @@ from .tracking import accelerator_tracking, finish_tracking, log_image_files, st
 from .transfer import InitResult, initial_unet
 
 # Settings that may differ when a run is resumed (they do not change what the saved state means).
+REGION_AXES = (0.1, 0.3)  # inpaint: semi-axes of a healthy region's ellipse, U(low, high) times the crop side
+
 RESUMABLE_KEYS = {"max_steps", "checkpoint_every_steps", "keep_last", "sample_every_steps", "sample_count",
                   "sample_steps", "log_every_steps", "num_workers", "report_to"}
 
@@ -71,6 +80,9 @@ class DiffusionTrainConfig:
     mask_weight: float = 1.0  # joint mode: loss weight of the mask channel relative to the image channels
                               # (mask-conditioned mode: unused, the mask is an input, not denoised)
     class_dropout: float = 0.1  # share of labels replaced by the null class (needed for guidance)
+    healthy_fraction: float = 0.5  # inpaint: share of slices with a lesion whose crop repaints healthy tissue
+                                   # instead (tumour-free slices always do), so the model also learns normal tissue
+    region_weight: float = 1.0  # inpaint: loss weight of the region's pixels relative to the rest of the crop
     hflip: bool = True
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -95,6 +107,8 @@ class DiffusionTrainConfig:
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),
             (self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma must be positive (or null)"),
             (0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}"),
+            (0.0 <= self.healthy_fraction <= 1.0, f"healthy_fraction must be in [0, 1], got {self.healthy_fraction}"),
+            (self.region_weight > 0, f"region_weight must be positive, got {self.region_weight}"),
             (self.sample_every_steps >= 0 and self.sample_count >= 1 and self.sample_steps >= 1,
              "sample_every_steps >= 0, sample_count >= 1 and sample_steps >= 1"),
         ]
@@ -139,9 +153,11 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 
 def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tensor | None, cfg: DiffusionTrainConfig,
-                   generator: torch.Generator | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, condition: torch.Tensor | None = None,
+                   pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One denoising-regression loss on a clean batch `x0` in [-1, 1] (module docstring); `condition` (mask-
-    conditioned mode): the clean mask channel in [-1, 1], appended to the noised input and never noised itself."""
+    conditioned and inpaint mode): clean input channels in [-1, 1], appended to the noised input and never noised
+    themselves; `pixel_weight` (N, 1, H, W): each pixel's weight in its slice's mean error (None: equal)."""
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator,
                       device=x0.device)
@@ -149,7 +165,12 @@ def diffusion_loss(model, noise_scheduler, x0: torch.Tensor, labels: torch.Tenso
     target = noise if cfg.model.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, t)
     model_in = noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=1)
     pred = model(model_in, t, class_labels=labels).sample
-    per_channel = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(2, 3))  # (N, C)
+    error = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if pixel_weight is None:
+        per_channel = error.mean(dim=(2, 3))  # (N, C)
+    else:
+        weight = pixel_weight.float()
+        per_channel = (error * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3))
     if cfg.model.mode == "joint":
         weights = torch.ones(per_channel.shape[1], device=x0.device)
         weights[-1] = cfg.mask_weight
@@ -183,10 +204,9 @@ def save_pipeline(unet: UNet2DModel, cfg: DiffusionTrainConfig, out: Path) -> No
             replace_path(Path(tmp) / name, out / name)
 
 
-def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int,
-                masks: np.ndarray | None = None) -> Path:
-    """A grid of `count` samples (mask outlined in joint mode, the given `masks` in mask-conditioned mode),
-    DPM-Solver++ at `steps` steps."""
+def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int, seed: int, **given) -> Path:
+    """A grid of `count` samples (mask outlined in joint mode, the `given` masks in mask-conditioned mode, the
+    given slices with their regions repainted in inpaint mode: `_grid_inputs`), DPM-Solver++ at `steps` steps."""
     from ..viz import overlay, save_grid
 
     pipe.scheduler = make_sampling_scheduler("dpmsolver", pipe.scheduler.config)
@@ -194,7 +214,7 @@ def sample_grid(pipe: SliceDiffusionPipeline, path: Path, count: int, steps: int
     k = pipe.unet.config.num_class_embeds
     labels = [i % (k - 1) for i in range(count)] if k else None
     result = pipe(count, class_labels=labels, num_inference_steps=steps, generator=seed_generators(seed, count),
-                  masks=masks)
+                  **given)
     tiles = [overlay(img, m) if m is not None else img
              for img, m in zip(result.images, result.masks if result.masks is not None else [None] * count)]
     titles = [f"class {c}" for c in labels] if labels else None
@@ -232,8 +252,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     ema.to(acc.device)
     train_batch = functools.partial(_train_batch, cfg=cfg, noise_scheduler=build_scheduler(cfg.model),
                                     generator=rng.generator)
-    grid_masks = _grid_masks(dataset, cfg.sample_count) if cfg.model.mode == "mask-conditioned" else None
-    hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc, grid_masks),
+    grid_inputs = _grid_inputs(dataset, cfg.sample_count, cfg.model)
+    hooks = Hooks(after_step=lambda state: _after_step(state, trainer.model, ema, cfg, out, acc, grid_inputs),
                   log_row=lambda state: {"ema_decay": ema.cur_decay_value})
     start_tracking(acc, "train-diffusion", cfg)
     trainer.fit(train_batch, max_steps=cfg.max_steps, hooks=hooks, desc=f"train-diffusion {out.name}")
@@ -242,10 +262,63 @@ def train_diffusion(cfg: DiffusionTrainConfig, data: str | Path, out: str | Path
     return result
 
 
-def _grid_masks(dataset: PreparedDataset, count: int) -> np.ndarray:
-    """The masks the sample grids of a mask-conditioned run are drawn for: the first training slices' (repeated
-    when there are fewer), the same at every step so the grids show progress on fixed masks."""
-    return np.stack([dataset[i % len(dataset)]["mask"][0].numpy() for i in range(count)]).astype(np.uint8)
+def _grid_inputs(dataset: PreparedDataset, count: int, m: DiffusionModelConfig) -> dict[str, np.ndarray]:
+    """What the sample grids are drawn for, the same at every step so they show progress on fixed inputs, from
+    the first training slices (repeated when there are fewer): their masks (mask-conditioned), or the slices
+    themselves with a region each (inpaint): the lesion grown by region_margin where that fits the crop, else a
+    disc of a sixth of the crop at the brain's centre. Nothing for joint and image models."""
+    if m.mode not in ("mask-conditioned", "inpaint"):
+        return {}
+    rows = [dataset[i % len(dataset)] for i in range(count)]
+    masks = np.stack([row["mask"][0].numpy() for row in rows]).astype(np.uint8)
+    if m.mode == "mask-conditioned":
+        return {"masks": masks}
+    images = np.stack([row["image"].numpy() for row in rows])
+    regions = dilate(torch.from_numpy(masks), m.region_margin)
+    for i, region in enumerate(regions):
+        if region.any():
+            top, bottom, left, right = bounding_box(region)
+            if bottom - top < m.unet_size and right - left < m.unet_size:
+                continue
+        brain = brain_mask(images[i])
+        centre = np.argwhere(brain).mean(0) if brain.any() else np.full(2, m.sample_size / 2)
+        regions[i] = ellipse(m.sample_size, tuple(centre), (m.unet_size / 6,) * 2, 0.0)
+    return {"images": images, "masks": masks, "regions": regions.numpy().astype(np.uint8)}
+
+
+def inpaint_crops(x: torch.Tensor, m: DiffusionModelConfig, healthy_fraction: float, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One crop of m.unet_size px per slice for an inpaint step, from `x` (N, image channels + mask, H, W) in
+    [-1, 1]: (clean image crops, their condition channels, regions (N, 1, S, S) bool). The region is the slice's
+    lesion grown by region_margin or, for tumour-free slices and a `healthy_fraction` share of the others, a
+    random ellipse (semi-axes REGION_AXES of the crop, any angle) on the brain (data.regions.brain_mask), kept
+    clear of the lesion where the brain has room: the lesion mask is empty there, which teaches the normal tissue
+    that erasing a lesion asks for. The crop holds the region at a random offset. The draws come from `generator`
+    as one (N, 7) table, so how many are drawn never depends on the data and a resumed run draws the same."""
+    c, size, crop = m.image_channels, x.shape[-1], m.unet_size
+    draws = torch.rand(len(x), 7, generator=generator, device=generator.device).cpu().tolist()
+    slices = x.detach().float().cpu()
+    lesions = slices[:, c] > 0
+    crops, regions = [], []
+    for i, (healthy, pick, axis_a, axis_b, turn, down, across) in enumerate(draws):
+        if healthy < healthy_fraction or not lesions[i].any():
+            low, high = REGION_AXES
+            axes = (crop * (low + (high - low) * axis_a), crop * (low + (high - low) * axis_b))
+            brain = torch.from_numpy(brain_mask((slices[i, :c].numpy() + 1) / 2))
+            near_lesion = dilate(lesions[i], int(np.ceil(max(axes))))  # a centre here would reach the lesion
+            clear = next(pixels for pixels in (brain & ~near_lesion, brain, torch.ones_like(brain)) if pixels.any())
+            centres = torch.nonzero(clear)
+            region = ellipse(size, centres[min(int(pick * len(centres)), len(centres) - 1)].tolist(), axes,
+                             turn * np.pi)
+        else:
+            region = dilate(lesions[i], m.region_margin)
+        top, bottom, left, right = bounding_box(region)
+        row, col = window_start(top, bottom, crop, size, down), window_start(left, right, crop, size, across)
+        crops.append(x[i, :, row:row + crop, col:col + crop])
+        regions.append(region[row:row + crop, col:col + crop])
+    crops, regions = torch.stack(crops), torch.stack(regions)[:, None].to(x.device)
+    images = crops[:, :c]
+    return images, inpaint_condition(images, regions, crops[:, c:] > 0), regions
 
 
 def _training_slices(cfg: DiffusionTrainConfig, data: str | Path) -> PreparedDataset:
@@ -289,14 +362,17 @@ def _train_batch(model: UNet2DModel, batch: dict, cfg: DiffusionTrainConfig, noi
                  generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """A batch's loss; its flips, class dropout, noise and timesteps all come from the run's saved generator."""
     mode = cfg.model.mode
-    x0 = to_model_space(batch, mode != "image")  # mask-conditioned: the mask too, so that a flip moves both
+    x0 = to_model_space(batch, mode != "image")  # conditioned modes: the mask too, so that a flip moves both
     if cfg.hflip:
         x0 = random_hflip(x0, generator)
-    condition = None
+    condition = weight = None
     if mode == "mask-conditioned":
         x0, condition = x0[:, :cfg.model.image_channels], x0[:, cfg.model.image_channels:]
+    elif mode == "inpaint":
+        x0, condition, regions = inpaint_crops(x0, cfg.model, cfg.healthy_fraction, generator)
+        weight = 1 + (cfg.region_weight - 1) * regions.to(x0.dtype)
     labels = _conditioning(batch["label"], cfg, generator)
-    return diffusion_loss(model, noise_scheduler, x0, labels, cfg, generator, condition), {}
+    return diffusion_loss(model, noise_scheduler, x0, labels, cfg, generator, condition, weight), {}
 
 
 def _diffusion_result(trainer: Trainer, ema: EMAModel, cfg: DiffusionTrainConfig, precision: str
@@ -322,7 +398,7 @@ def _ema_unet(ema: EMAModel, model_cfg: DiffusionModelConfig) -> UNet2DModel:
 
 
 def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: DiffusionTrainConfig, out: Path,
-                acc: Accelerator, grid_masks: np.ndarray | None = None) -> None:
+                acc: Accelerator, grid_inputs: dict[str, np.ndarray] | None = None) -> None:
     """Update the EMA weights; write them as the pipeline whenever a checkpoint is due, so the pipeline folder
     always holds the newest EMA weights a checkpoint also has, and sample a grid every `sample_every_steps`."""
     ema.step(acc.unwrap_model(model).parameters())
@@ -335,5 +411,5 @@ def _after_step(state: TrainState, model: torch.nn.Module, ema: EMAModel, cfg: D
         if due_grid:
             pipe = SliceDiffusionPipeline(unet=unet.to(acc.device), scheduler=build_scheduler(cfg.model))
             grid = sample_grid(pipe, out / "samples" / f"step-{state.step:08d}.png", cfg.sample_count,
-                               cfg.sample_steps, cfg.seed, masks=grid_masks)
+                               cfg.sample_steps, cfg.seed, **(grid_inputs or {}))
             log_image_files(acc, {"samples": grid}, state.step)

@@ -159,9 +159,9 @@ def initial_unet(cfg, load: bool = True) -> InitResult:
     """The denoiser a diffusion run starts from: fresh, or (`cfg.init_from`) a trained generator's weights to
     continue on new data. The source is a train-diffusion run or a saved pipeline folder.
 
-    The channel layout (joint image + mask, mask-conditioned or image only; image channels) and the class count must match the
-    new run's: there is no weight surgery that turns one into the other with a defined meaning. A size change
-    needs nothing (the UNet is convolutional and attention takes any number of positions); any other
+    The channel layout (joint image + mask, mask-conditioned, inpaint or image only; image channels) and the class
+    count must match the new run's: there is no weight surgery that turns one into the other with a defined
+    meaning. A size change needs nothing (the UNet is convolutional and attention takes any number of positions); any other
     architecture difference is refused naming both sides. `load=False` (a resumed run) skips the source.
     """
     from ..models.diffusion import build_unet
@@ -182,7 +182,8 @@ def initial_unet(cfg, load: bool = True) -> InitResult:
 
     def layout(model) -> str:
         channels, mode = model_layout(model)
-        kind = {"joint": "joint (image + mask)", "image": "image-only", "mask-conditioned": "mask-conditioned"}[mode]
+        kind = {"joint": "joint (image + mask)", "image": "image-only", "mask-conditioned": "mask-conditioned",
+                "inpaint": "inpaint"}[mode]
         classes = (model.config.num_class_embeds or 1) - 1
         return (f"{kind} generator, {channels} image channel(s), "
                 f"{classes} class(es)")

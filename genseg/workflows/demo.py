@@ -233,11 +233,11 @@ def measure_diffusion_step(cfg) -> float:
     from ..training.diffusion import diffusion_loss
 
     unet, scheduler, m = build_unet(cfg.model).to(DEVICE), build_scheduler(cfg.model), cfg.model
-    shape = (cfg.batch_size, int(unet.config.out_channels), m.sample_size, m.sample_size)  # the denoised channels
-    x0 = torch.rand(shape, device=DEVICE) * 2 - 1
-    condition = None  # mask-conditioned: the clean mask is one more input channel
-    if m.mode == "mask-conditioned":
-        condition = (torch.rand(cfg.batch_size, 1, m.sample_size, m.sample_size, device=DEVICE) > 0.9).float() * 2 - 1
+    size, extra = m.unet_size, int(unet.config.in_channels) - int(unet.config.out_channels)
+    x0 = torch.rand(cfg.batch_size, int(unet.config.out_channels), size, size, device=DEVICE) * 2 - 1  # denoised
+    condition = None  # mask-conditioned and inpaint: clean input channels (mask; blanked image, region, mask)
+    if extra:
+        condition = (torch.rand(cfg.batch_size, extra, size, size, device=DEVICE) > 0.9).float() * 2 - 1
     labels = torch.zeros(cfg.batch_size, dtype=torch.long, device=DEVICE) if m.num_classes else None
     return _timed(lambda: diffusion_loss(unet, scheduler, x0, labels, cfg, condition=condition).backward())
 

@@ -15,10 +15,11 @@ from ..pipeline.diffusion import SliceDiffusionOutput
 
 
 def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_intermediates: bool = False,
-                  masks: np.ndarray | None = None):
+                  given: dict[str, np.ndarray] | None = None):
     """Sample `num` images over the processes of `state`; the merged SliceDiffusionOutput on the main process
-    (the single-process output bit for bit), None on the others. Nothing is written under `out` itself. `masks`:
-    the (num, H, W) masks of a mask-conditioned model, each process passing its share's."""
+    (the single-process output bit for bit), None on the others. Nothing is written under `out` itself. `given`:
+    the pipeline's per-image inputs, num of each (masks of a mask-conditioned model; slices, masks and regions of
+    an inpaint model), each process passing its share's."""
     out = Path(out)
 
     def shard_folder() -> str:
@@ -29,9 +30,8 @@ def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_interme
     folder = Path(main_decides(state, shard_folder))  # an error creating it stops every process alike
     try:
         mine = batch_share(state, num, sampling.batch_size)
-        call = {"save_intermediates": save_intermediates}
-        if masks is not None:
-            call["masks"] = masks[mine.start:mine.stop]
+        call = {"save_intermediates": save_intermediates,
+                **{key: values[mine.start:mine.stop] for key, values in (given or {}).items()}}
         if os.environ.get(TEST_EXIT_RANK) == str(state.process_index):
             call["callback_on_step_end"] = _exit_after_first_batch
         result = sampling.sample(pipe, len(mine), start=mine.start, **call) if len(mine) else None

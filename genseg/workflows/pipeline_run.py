@@ -19,7 +19,7 @@ from ..io import atomic_path
 from ..pipeline.diffusion import SamplingSettings
 from ..pipeline.genseg_pipeline import GenSegOutput, GenSegPipeline
 from ..viz import MASK_COLOR, PREDICTION_COLOR, overlay, save_grid, save_png
-from .sampling import given_masks
+from .sampling import given_inputs
 
 DEMO_PIPELINE = Path(str(importlib.resources.files("genseg") / "demo_models" / "pipeline"))  # package data
 CONTACT_SHEET_MAX = 64  # slices on the contact sheet; every slice still gets its own PNGs
@@ -126,12 +126,23 @@ MASK_SENTENCES = {
     "given": "(mask faithfulness: how well the segmenter finds the given mask in the image generated for it)"}
 
 
+def _given_phrase(settings: dict[str, Any]) -> str:
+    """What the generator was given, for the report's first sentence ("" when it sampled freely)."""
+    if "mask_rows" in settings:
+        return (f" for {len(settings['mask_rows'])} given mask(s) from {settings['masks_from']}, "
+                f"{settings['per_mask']} each,")
+    if "inpaint_into" in settings:
+        done = "lesions erased from" if settings["inpaint"] == "erase" else "a lesion painted into"
+        skipped = f" ({settings['skipped']} drawn slice(s) skipped: {settings['skip_reason']})" if settings["skipped"] else ""
+        return f" ({done} real slices of {settings['inpaint_into']}{skipped})"
+    return ""
+
+
 def _report(summary: dict[str, Any]) -> str:
     s, source = summary["settings"], summary["mask_source"]
-    given = f" for {s['mask_count']} given mask(s) from {s['masks_from']}, {s['per_mask']} each," if source == "given" else ""
     lines = [
         "# genseg pipeline report", "",
-        f"Generated {summary['num_slices']} slices{given} with the {s['scheduler']} scheduler in {s['steps']} steps "
+        f"Generated {summary['num_slices']} slices{_given_phrase(s)} with the {s['scheduler']} scheduler in {s['steps']} steps "
         f"(seed {s['seed']}, class {s['class']}, guidance {s['guidance']}) and segmented them "
         f"(threshold {s['threshold']}). Wall time {s['seconds']:.1f} s.",
     ]
@@ -153,25 +164,25 @@ PIPELINE_SOURCE = "the pipeline's generator"
 
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
                  masks_from: str | Path | None = None, mask_augment: tuple[str, ...] | list[str] = (),
-                 per_mask: int = 1, force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
-    """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. A
-    mask-conditioned generator needs `masks_from` (as `genseg sample`: `num` masks drawn from that prepared file's
-    training split, transformed by `mask_augment`, `per_mask` images each), and the report gives each image's mask
-    faithfulness. `tta` and `min_component` (genseg.inference.postprocess) become the pipeline's predictor."""
+                 per_mask: int = 1, inpaint_into: str | Path | None = None, erase: bool = False, force: bool = False,
+                 tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+    """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. As in `genseg
+    sample`, a mask-conditioned generator needs `masks_from` (`num` masks drawn from that prepared file's training
+    split, transformed by `mask_augment`, `per_mask` images each) and an inpaint generator `inpaint_into` (`num`
+    real training slices that get a lesion placed, or with `erase` lose theirs); the report then gives each image's
+    mask faithfulness. `tta` and `min_component` (genseg.inference.postprocess) become the pipeline's predictor."""
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     # every check before anything is sampled or written
-    masks, given = given_masks(pipe, PIPELINE_SOURCE, num, masks_from, mask_augment, per_mask, sampling.seed)
+    given, info = given_inputs(pipe, PIPELINE_SOURCE, num, sampling.seed, masks_from=masks_from,
+                               mask_augment=mask_augment, per_mask=per_mask, inpaint_into=inpaint_into, erase=erase)
     pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
     if Path(out).exists() and not force:  # before spending minutes on sampling
         raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
     started = time.perf_counter()
-    result = sampling.sample(pipe, num if masks is None else len(masks), masks=masks)
+    result = sampling.sample(pipe, len(given["masks"]) if given else num, **given)
     settings = {**sampling.metadata(), "threshold": pipe.config.threshold, "tta": tta, "min_component": min_component,
-                "size_note": pipe.size_note, "seconds": time.perf_counter() - started}
-    if given is not None:
-        settings.update({"masks_from": given["masks_from"], "mask_count": len(given["mask_rows"]),
-                         "mask_rows": given["mask_rows"], "mask_augment": given["mask_augment"], "per_mask": per_mask})
+                "size_note": pipe.size_note, "seconds": time.perf_counter() - started, **info}
     return write_pipeline_outputs(result, out, settings, force=force, mask_source=pipe.mask_source)
 
 

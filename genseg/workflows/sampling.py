@@ -7,7 +7,10 @@ the requested class when the model is class-conditional, else 0 for a slice whos
 `mask_source: none`, so they must be segmented before training on them. In mask-conditioned mode the masks are
 given (`--masks-from DATA.h5`: drawn from a prepared file's training split, optionally transformed, each used for
 `--per-mask` K images) and written exactly as the model received them: `mask_source: given`, with the source
-file, its rows, the augmentations and K in the metadata.
+file, its rows, the augmentations and K in the metadata. In inpaint mode (`--inpaint-into DATA.h5`) the slices are
+real training slices with a region repainted: a real lesion placed elsewhere inside the head (`inpaint_inputs`),
+or with `--erase` the slice's lesion painted over with tissue (empty mask, label 0); every pixel outside the
+region is the real slice's, and the metadata records the hosts, lesion sources, regions' margin and skips.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import torch
 
 from ..data.augment import MASK_AUGMENTS, MaskAugment
 from ..data.prepared import PreparedDataset, PreparedWriter, open_prepared, read_metadata
+from ..data.regions import (BRAIN_INSET, HEAD_THRESHOLD, PLACEMENT_SCALE, PLACEMENT_TRIES, PLACEMENT_TURN,
+                            bounding_box, brain_mask, dilate, place_lesion)
 from ..errors import ConfigError, DataError
 from ..models.diffusion import build_scheduler
-from ..pipeline.diffusion import (SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, load_diffusion,
-                                  model_layout)
+from ..pipeline.diffusion import (SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, inpaint_settings,
+                                  load_diffusion, model_layout)
 
 
 def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 0,
@@ -35,8 +40,24 @@ def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 
     holds masks (not an image-mode synthetic file), of the model's `size`, with values 0 and 1 only. Empty masks
     are valid: they ask for tumour-free slices."""
     path = Path(path)
-    if num is not None and num < 1:
-        raise ConfigError(f"--num must be at least 1, got {num}")
+    _, train = _training_rows(path, size)
+    rows = _draw_rows(train, num, seed)
+    masks = _read_masks(path, rows)
+    try:
+        augmenter = MaskAugment(tuple(augment), seed)
+    except ValueError as exc:
+        raise ConfigError(f"--mask-augment: {exc}") from None
+    masks = np.stack([augmenter(m, i).numpy() for i, m in enumerate(masks)]).astype(np.uint8)
+    info = {"masks_from": str(path.resolve()), "mask_rows": rows.astype(int).tolist(),
+            "mask_augment": list(augmenter.parts), "masks_kept_unchanged": augmenter.unchanged,
+            "empty_masks": int((~masks.reshape(len(masks), -1).any(1)).sum())}
+    return masks, info
+
+
+def _training_rows(path: Path, size: int) -> tuple[dict, np.ndarray]:
+    """(metadata, training-split rows) of the prepared file `path` that masks or slices are drawn from, checked
+    (DataError naming the file): it holds masks (not an image-mode sample) of the model's `size`, and training
+    slices."""
     meta = read_metadata(path)  # DataError when it is no prepared file or lacks its masks dataset
     attrs = meta["attrs"]
     if (attrs.get("metadata") or {}).get("mask_source") == "none":
@@ -48,32 +69,102 @@ def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 
     train = np.flatnonzero(meta["split"] == "train")
     if not len(train):
         raise DataError(path, "has no training slices (split 'train') to draw masks from")
+    return meta, train
+
+
+def _draw_rows(rows: np.ndarray, num: int | None, seed: int) -> np.ndarray:
+    """`num` of `rows` by a seeded permutation (repeated when `num` exceeds them); None: all, in file order."""
     if num is None:
-        rows = train
-    else:
-        rng = np.random.default_rng(seed)
-        rows = np.concatenate([rng.permutation(train) for _ in range(-(-num // len(train)))])[:num]
+        return rows
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1, got {num}")
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.permutation(rows) for _ in range(-(-num // len(rows)))])[:num]
+
+
+def _read_rows(path: Path, key: str, rows: np.ndarray) -> np.ndarray:
+    """Dataset `key` of a prepared file at `rows` (in their order; a row may come twice)."""
     with open_prepared(path) as h5:
-        order = np.argsort(rows, kind="stable")  # h5py reads increasing rows; a row may come twice
+        order = np.argsort(rows, kind="stable")  # h5py reads increasing rows
         unique, inverse = np.unique(rows[order], return_inverse=True)
-        read = h5["masks"][unique.tolist()]
-    masks = np.empty((len(rows), size, size), read.dtype)
-    masks[order] = read[inverse]
-    values = np.unique(masks)
-    bad = [v for v in values.tolist() if v not in (0, 1)]
+        read = h5[key][unique.tolist()]
+    values = np.empty((len(rows), *read.shape[1:]), read.dtype)
+    values[order] = read[inverse]
+    return values
+
+
+def _read_masks(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The masks of `rows`, refused (DataError naming the first bad row) unless they hold 0 and 1 only."""
+    masks = _read_rows(path, "masks", rows)
+    bad = [v for v in np.unique(masks).tolist() if v not in (0, 1)]
     if bad:
         row = int(rows[np.flatnonzero((~np.isin(masks, (0, 1))).reshape(len(rows), -1).any(1))[0]])
         raise DataError(path, f"mask of row {row} holds value {bad[0]}{' (and others)' if len(bad) > 1 else ''}; "
                               f"masks must hold 0 and 1 only (a label map or an 8-bit 0/255 mask?)")
-    try:
-        augmenter = MaskAugment(tuple(augment), seed)
-    except ValueError as exc:
-        raise ConfigError(f"--mask-augment: {exc}") from None
-    masks = np.stack([augmenter(m, i).numpy() for i, m in enumerate(masks)]).astype(np.uint8)
-    info = {"masks_from": str(path.resolve()), "mask_rows": rows.astype(int).tolist(),
-            "mask_augment": list(augmenter.parts), "masks_kept_unchanged": augmenter.unchanged,
-            "empty_masks": int((~masks.reshape(len(masks), -1).any(1)).sum())}
-    return masks, info
+    return masks
+
+
+def inpaint_inputs(path: str | Path, unet, num: int | None = None, seed: int = 0, erase: bool = False
+                   ) -> tuple[dict[str, np.ndarray], dict]:
+    """What an inpaint model (`unet`) repaints in the real prepared file `path`: {"images", "masks", "regions"}
+    for the pipeline, and what goes into the synthetic file's metadata. Hosts are `num` training slices drawn with
+    `seed` (None: each once, in file order). Placing (default): each host gets a lesion from a random training
+    mask, turned, zoomed and moved into its brain (data.regions.place_lesion: the region, lesion grown by the
+    model's margin, inside `brain_mask`, inside the model's crop and clear of the host's own tumour);
+    its mask becomes the host's plus the lesion. `erase`: hosts are slices with a lesion, the region is their
+    lesion grown by the margin, the mask empty. A host whose placement fails within PLACEMENT_TRIES draws, or
+    whose lesion is too large to erase within the crop, is skipped and counted (seeded per host, so a slice's
+    result does not depend on the others). Checked first (DataError naming the file): a real file of the
+    model's slice size and channels, masks of 0 and 1, lesions to place or erase."""
+    path, settings = Path(path), inpaint_settings(unet)
+    size, margin, crop = settings["slice_size"], settings["region_margin"], int(unet.config.sample_size)
+    meta, train = _training_rows(path, size)
+    if meta["attrs"].get("synthetic"):
+        raise DataError(path, "is a synthetic file; --inpaint-into repaints real prepared slices")
+    channels = int(unet.config.out_channels)
+    if int(meta["attrs"]["channels"]) != channels:
+        raise DataError(path, f"has {meta['attrs']['channels']}-channel images but the model paints {channels}")
+    masks = _read_masks(path, train)
+    lesioned = train[masks.reshape(len(train), -1).any(1)]
+    if not len(lesioned):
+        raise DataError(path, f"has no lesions in its training split to {'erase' if erase else 'place'} (every "
+                              f"training mask is empty)")
+    hosts = _draw_rows(lesioned if erase else train, num, seed)
+    sources = hosts if erase else np.random.default_rng([seed, 1]).choice(lesioned, len(hosts))
+    images, host_masks = _read_rows(path, "images", hosts).astype(np.float32), _read_rows(path, "masks", hosts)
+    lesions = host_masks if erase else _read_rows(path, "masks", sources)
+    kept, out_masks, regions = [], [], []
+    for i, (image, host_mask, lesion) in enumerate(zip(images, host_masks, lesions)):
+        if erase:
+            region = dilate(torch.from_numpy(host_mask), margin)
+            top, bottom, left, right = bounding_box(region)
+            if bottom - top >= crop or right - left >= crop:
+                continue
+            mask = np.zeros_like(host_mask)
+        else:
+            placed = place_lesion(torch.from_numpy(lesion), torch.from_numpy(brain_mask(image)),
+                                  torch.from_numpy(host_mask), margin, crop,
+                                  torch.Generator().manual_seed(seed * 100_003 + i))
+            if placed is None:
+                continue
+            mask, region = host_mask | placed[0].numpy(), placed[1]
+        kept.append(i)
+        out_masks.append(mask)
+        regions.append(region.numpy().astype(np.uint8))
+    why = (f"its lesion grown by {margin} px spans more than the model's {crop} px crop" if erase else
+           f"no placement inside the brain, clear of its own tumour and within the {crop} px crop in "
+           f"{PLACEMENT_TRIES} tries")
+    if not kept:
+        raise DataError(path, f"none of the {len(hosts)} drawn slices could be repainted: {why}")
+    info = {"inpaint_into": str(path.resolve()), "inpaint": "erase" if erase else "place",
+            "host_rows": hosts[kept].astype(int).tolist(), "skipped": len(hosts) - len(kept), "skip_reason": why,
+            "region_margin": margin, "crop_size": crop}
+    if not erase:
+        info.update(lesion_rows=sources[kept].astype(int).tolist(), head_threshold=HEAD_THRESHOLD,
+                    brain_inset=BRAIN_INSET, placement_tries=PLACEMENT_TRIES, placement_scale=list(PLACEMENT_SCALE),
+                    placement_turn_degrees=PLACEMENT_TURN)
+    given = {"images": images[kept], "masks": np.stack(out_masks).astype(np.uint8), "regions": np.stack(regions)}
+    return given, info
 
 
 def parse_mask_augment(text: str | None) -> tuple[str, ...]:
@@ -88,6 +179,7 @@ def parse_mask_augment(text: str | None) -> tuple[str, ...]:
 def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
                    sampling: SamplingSettings = SamplingSettings(), *, masks_from: str | Path | None = None,
                    mask_augment: tuple[str, ...] | list[str] = (), per_mask: int = 1,
+                   inpaint_into: str | Path | None = None, erase: bool = False,
                    png_dir: str | Path | None = None, save_intermediates: bool = False, device: str | None = None,
                    progress: bool = True) -> Path | None:
     """Sample `num` slices with `sampling` into the prepared file `out` (plus PNGs / a reverse process strip
@@ -98,9 +190,13 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
 
     A mask-conditioned model needs `masks_from` (and only it takes one): `num` masks (None: every training mask)
     are drawn from that prepared file's training split and transformed (`draw_masks`), and each gets `per_mask`
-    images, mask i giving images i*K..i*K+K-1; everything is checked before the first denoising step."""
-    if num is None and masks_from is None:
-        raise ConfigError("--num is required (it may be left out only with --masks-from: every training mask)")
+    images, mask i giving images i*K..i*K+K-1. An inpaint model needs `inpaint_into` (and only it takes one):
+    `num` of that real file's training slices (None: each once) get a lesion placed, or with `erase` lose theirs
+    (`inpaint_inputs`; slices that cannot be repainted are skipped and counted in the metadata). Everything is
+    checked before the first denoising step."""
+    if num is None and masks_from is None and inpaint_into is None:
+        raise ConfigError("--num is required (it may be left out only with --masks-from: every training mask, or "
+                          "--inpaint-into: every training slice)")
     if num is not None and num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     if per_mask < 1:
@@ -113,16 +209,17 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
     out, state = Path(out), process_state()  # several processes under accelerate launch / torchrun
     pipe = load_diffusion(run_dir, device=device or (state.device if state.num_processes > 1 else
                                                      ("cuda" if torch.cuda.is_available() else "cpu")))
-    masks, given = given_masks(pipe, run_dir, num, masks_from, mask_augment, per_mask, sampling.seed)
-    total = len(masks) if masks is not None else num
-    settings = {**sampling.metadata(), **({"per_mask": per_mask, **given} if given is not None else {})}
+    given, info = given_inputs(pipe, run_dir, num, sampling.seed, masks_from=masks_from, mask_augment=mask_augment,
+                               per_mask=per_mask, inpaint_into=inpaint_into, erase=erase)
+    total = len(given["masks"]) if given else num
+    settings = {**sampling.metadata(), **info}
     pipe.set_progress_bar_config(disable=not progress or not state.is_main_process)
     if state.num_processes > 1:
-        result = sample_shared(state, pipe, total, out, sampling, save_intermediates=save_intermediates, masks=masks)
+        result = sample_shared(state, pipe, total, out, sampling, save_intermediates=save_intermediates, given=given)
         if result is None:  # not the main process: its share is in the file the main process writes
             return None
     else:
-        result = sampling.sample(pipe, total, save_intermediates=save_intermediates, masks=masks)
+        result = sampling.sample(pipe, total, save_intermediates=save_intermediates, **given)
     write_samples(result, out, run_dir, settings, split_seed=sampling.seed)
     if png_dir is not None:
         write_pngs(result, Path(png_dir))
@@ -131,29 +228,41 @@ def sample_to_file(run_dir: str | Path, num: int | None, out: str | Path,
     return out
 
 
-def check_mask_options(pipe: SliceDiffusionPipeline, source, masks_from, mask_augment, per_mask: int) -> bool:
-    """True when `pipe` generates for given masks; the mask options must agree with its mode (ConfigError naming
-    `source`, the run or pipeline folder), checked before anything is drawn, sampled or written."""
+def check_given_options(pipe: SliceDiffusionPipeline, source, *, masks_from=None, mask_augment=(), per_mask: int = 1,
+                        inpaint_into=None, erase: bool = False) -> str:
+    """The model's mode, once the options for what it is given agree with it: masks for a mask-conditioned model,
+    real slices for an inpaint model, nothing for joint / image models (ConfigError naming `source`, the run or
+    pipeline folder), checked before anything is drawn, sampled or written."""
     _, mode = model_layout(pipe.unet)
-    if mode != "mask-conditioned":
-        if masks_from is not None or mask_augment or per_mask != 1:
-            raise ConfigError(f"--masks-from, --mask-augment and --per-mask need a mask-conditioned model; {source} "
-                              f"holds a {mode} model")
-        return False
-    if masks_from is None:
+    if mode != "mask-conditioned" and (masks_from is not None or mask_augment or per_mask != 1):
+        raise ConfigError(f"--masks-from, --mask-augment and --per-mask need a mask-conditioned model; {source} "
+                          f"holds a{'n' if mode == 'inpaint' else ''} {mode} model")
+    if mode != "inpaint" and (inpaint_into is not None or erase):
+        raise ConfigError(f"--inpaint-into and --erase need an inpaint model; {source} holds a {mode} model")
+    if mode == "inpaint" and inpaint_into is None:
+        raise ConfigError(f"{source} holds an inpaint model: it repaints regions of real slices and does not "
+                          f"sample freely; pass --inpaint-into DATA.h5 (a real prepared file of the model's slice "
+                          f"size), with --erase to erase lesions instead of placing them")
+    if mode == "mask-conditioned" and masks_from is None:
         raise ConfigError(f"{source} holds a mask-conditioned model: it generates images for given masks; pass "
                           f"--masks-from DATA.h5 (a prepared file of the model's size)")
-    return True
+    return mode
 
 
-def given_masks(pipe: SliceDiffusionPipeline, source, num: int | None, masks_from, mask_augment, per_mask: int,
-                seed: int) -> tuple[np.ndarray | None, dict | None]:
-    """The masks each image is generated for, `per_mask` images each (None for joint / image models), and their
-    metadata (`draw_masks`); the model's mode and the options must agree (`check_mask_options`)."""
-    if not check_mask_options(pipe, source, masks_from, mask_augment, per_mask):
-        return None, None
+def given_inputs(pipe: SliceDiffusionPipeline, source, num: int | None, seed: int, *, masks_from=None,
+                 mask_augment=(), per_mask: int = 1, inpaint_into=None, erase: bool = False
+                 ) -> tuple[dict[str, np.ndarray], dict]:
+    """The pipeline's inputs besides the noise (masks for a mask-conditioned model, `per_mask` images each; slices,
+    masks and regions for an inpaint model; none for joint / image models) and their metadata, once
+    `check_given_options` agrees."""
+    mode = check_given_options(pipe, source, masks_from=masks_from, mask_augment=mask_augment, per_mask=per_mask,
+                               inpaint_into=inpaint_into, erase=erase)
+    if mode == "inpaint":
+        return inpaint_inputs(inpaint_into, pipe.unet, num, seed, erase)
+    if mode != "mask-conditioned":
+        return {}, {}
     masks, info = draw_masks(masks_from, int(pipe.unet.config.sample_size), num, seed, mask_augment)
-    return np.repeat(masks, per_mask, axis=0), info
+    return {"masks": np.repeat(masks, per_mask, axis=0)}, {"per_mask": per_mask, **info}
 
 
 def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source: str | Path,
@@ -170,15 +279,16 @@ def sample_into(pipe: SliceDiffusionPipeline, num: int, out: str | Path, source:
 def write_samples(result: SliceDiffusionOutput, out: str | Path, run_dir: str | Path, settings: dict,
                   split_seed: int = 0) -> Path:
     """A pipeline's output as a synthetic prepared file; `settings` (sampler, steps, seed, ...) go into metadata.
-    Settings with `masks_from` mark the masks as given to a mask-conditioned model (`mask_source: given`)."""
+    Settings with `masks_from` (`inpaint_into`) mark the masks as given to a mask-conditioned (inpaint) model
+    (`mask_source: given`)."""
     run_dir, out = Path(run_dir), Path(out)
     info_path = run_dir / "run.json"
     run_info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    joint = result.masks is not None  # masks known: generated (joint) or given (mask-conditioned)
-    given = "masks_from" in settings
+    joint = result.masks is not None  # masks known: generated (joint) or given (mask-conditioned, inpaint)
+    given = "masks_from" in settings or "inpaint_into" in settings
     num, size = len(result.images), result.images.shape[-1]
     channels = 1 if result.images.ndim == 3 else result.images.shape[1]
-    mode = "mask-conditioned" if given else "joint" if joint else "image"
+    mode = "inpaint" if "inpaint_into" in settings else "mask-conditioned" if given else "joint" if joint else "image"
     metadata = {"model": str(run_dir.resolve()), **settings, "mode": mode,
                 "mask_source": "given" if given else "generated" if joint else "none",
                 "trained_on": run_info.get("data"), "class_names": run_info.get("class_names") or {}}
