@@ -19,9 +19,9 @@ demo flow does. Recipes, each given --budget minutes of wall time per dataset:
 (for instance `--variant norot:max_rotation=0`), trained like `genseg`, so that one run measures what a part of the
 recipe pays. `--seed` seeds every recipe, genseg's config included.
 
-Every recipe's test masks are scored by genseg.evaluation.metrics (the best validation state, threshold 0.5), so the numbers
-compare. With --post-rows the genseg model is also evaluated with flip TTA, with small-component removal and with
-both (no extra training). Writes OUT/results.json (everything, with the validation curves), OUT/results.md (the
+Every recipe's test masks are scored by genseg.evaluation.metrics (the best validation state, threshold 0.5), so the
+numbers compare. With --post-rows every genseg model (variants too) is also evaluated with flip TTA, with
+small-component removal and with both (no extra training). Writes OUT/results.json (everything, with the validation curves), OUT/results.md (the
 table, with each recipe's test Dice over the bare loop's on that dataset) and OUT/val_dice.png (validation Dice
 against wall time, one panel per dataset).
 
@@ -230,12 +230,12 @@ def train_genseg(data: Path, run_dir: Path, budget_s: float, bare_epoch_s: float
                      "test": result.metrics["test"]}
 
 
-def genseg_post_rows(run_dir: Path, data: Path, min_component: int) -> dict[str, dict]:
-    """The genseg model evaluated with flip TTA, small-component removal and both (no extra training)."""
+def genseg_post_rows(recipe: str, run_dir: Path, data: Path, min_component: int) -> dict[str, dict]:
+    """A genseg recipe's model evaluated with flip TTA, small-component removal and both (no extra training)."""
     from genseg.evaluation.evaluate import evaluate
 
-    variants = {"genseg +tta": {"tta": "hflip"}, f"genseg +min-component {min_component}": {"min_component": min_component},
-                f"genseg +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component}}
+    variants = {f"{recipe} +tta": {"tta": "hflip"}, f"{recipe} +min-component {min_component}": {"min_component": min_component},
+                f"{recipe} +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component}}
     return {name: evaluate(run_dir, data, progress=False, **kwargs) for name, kwargs in variants.items()}
 
 
@@ -260,9 +260,9 @@ def run_dataset(name: str, data: Path, recipes: list[str], variants: dict[str, d
             model, info = train(splits["train"], splits["val"], budget_s, seed)
             test = test_scores(predict(model, splits["test"]["images"]), splits["test"])
         rows[recipe] = {"wall_s": time.perf_counter() - start, **info, "test": own_class_names(test, data)}
-        if recipe == "genseg" and post_rows:
-            for variant, scores in genseg_post_rows(run_dir, data, min_component).items():
-                rows[variant] = {**{k: v for k, v in rows["genseg"].items() if k != "test"},
+        if recipe.startswith("genseg") and post_rows:
+            for variant, scores in genseg_post_rows(recipe, run_dir, data, min_component).items():
+                rows[variant] = {**{k: v for k, v in rows[recipe].items() if k != "test"},
                                  "test": own_class_names(scores, data)}
     return rows
 
@@ -308,7 +308,8 @@ def plot(results: dict, path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", choices=RECIPES, default=list(RECIPES),
+                        help="recipes to train (none: only the --variant ones, e.g. beside an earlier run's)")
     parser.add_argument("--budget", type=float, default=5.0, help="minutes of wall time per recipe and dataset")
     parser.add_argument("--out", type=Path, default=Path("bench-recipe"))
     parser.add_argument("--size", type=int, default=128, help="prepared slice side")
@@ -322,6 +323,8 @@ def main() -> None:
                         help="also evaluate the genseg model with --tta, --min-component and both")
     parser.add_argument("--min-component", type=int, default=16, help="pixels, for --post-rows")
     args = parser.parse_args()
+    if not args.recipes and not args.variants:
+        parser.error("nothing to train: give --recipes or --variant")
     if args.budget <= 0:
         parser.error(f"--budget must be positive minutes, got {args.budget}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ the training minutes are not inflated by evaluation. Then, for each checkpoint: 
 diffusers folder, --samples slices are drawn with DPM-Solver++ at --sample-steps steps (fixed seed, the code path
 of `genseg sample`), and `evaluate-synthetic` measures them against DATA: KID (next to the real-vs-real
 reference), median nearest-neighbour ratio, near-copies, and with --segmenter the mask/segmenter Dice.
+Every mode: a mask-conditioned generator is sampled for DATA's training masks (`--masks-from DATA`), an inpaint
+generator paints lesions into DATA's training slices (`--inpaint-into DATA`), so their agreement column is the
+mask faithfulness (segmenter Dice on the image vs the given mask).
 Prints a markdown table (step, minutes, loss, KID, ...) and writes OUT/convergence/: table.md, curve.json,
 kid.png (KID vs training minutes), quality.png (NN ratio and agreement), and per step the synthetic file,
 its quality histogram and a sample grid.
@@ -67,9 +70,10 @@ def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, samp
         folder = out / "convergence" / checkpoint.name
         save_pipeline(ema_weights(checkpoint, cfg), cfg, folder)
         started = time.perf_counter()
+        given = {"mask-conditioned": {"masks_from": data}, "inpaint": {"inpaint_into": data}}.get(cfg.model.mode, {})
         synthetic = sample_to_file(folder, samples, folder / "synthetic.h5",
                                    SamplingSettings(scheduler="dpmsolver", steps=sample_steps, seed=seed),
-                                   png_dir=folder / "png", progress=False)
+                                   png_dir=folder / "png", progress=False, **given)
         sample_s = (time.perf_counter() - started) / samples
         quality = evaluate_synthetic(synthetic, data, segmenter, out_dir=folder, seed=seed, progress=False)
         curve.append({"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 2),
