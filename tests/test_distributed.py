@@ -22,7 +22,7 @@ from genseg.io import _HOST
 from genseg.pipeline.diffusion import SamplingSettings
 from genseg.workflows.sampling import sample_to_file
 from genseg.serve.testing import make_untrained_segmenter
-from seg_helpers import one_torch_thread, phantom  # noqa: F401  (one_torch_thread: autouse fixture)
+from seg_helpers import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 NUM = 5  # odd: the processes get 3 and 2 batches of one image
