@@ -56,7 +56,7 @@ def test_pipeline_generates_for_the_given_masks_and_reports_faithfulness(maskcon
     summary = run_pipeline(pipe, tmp_path / "out", num=3, per_mask=2, masks_from=data, mask_augment=("flip",))
     drawn, _ = draw_masks(data, SIZE, 3, seed=0, augment=("flip",))
     assert summary["mask_source"] == "given" and summary["num_slices"] == 6
-    assert summary["settings"]["mask_count"] == 3 and summary["settings"]["per_mask"] == 2
+    assert len(summary["settings"]["mask_rows"]) == 3 and summary["settings"]["per_mask"] == 2
     assert summary["settings"]["mask_augment"] == ["flip"]
     assert len(list((tmp_path / "out" / "slices").glob("*_overlay.png"))) == 6
     for i, row in enumerate(summary["slices"]):
