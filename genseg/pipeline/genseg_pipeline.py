@@ -28,7 +28,8 @@ PARTS = ("unet", "scheduler", "segmenter")
 @dataclass
 class GenSegOutput(BaseOutput):
     """images (N, H, W) float32 in [0, 1]; generated_masks (N, H, W) uint8: drawn by a joint model, the caller's
-    masks unchanged for a mask-conditioned one (`mask_source` says which), None in image mode; predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
+    masks unchanged for a mask-conditioned or inpaint one (`mask_source` says which), None in image mode;
+    predicted_masks (N, H, W) uint8 from the segmenter at `threshold`; probabilities (N, H, W) float32;
     labels (N,) int or None. NumPy with output_type "np"; see `convert_output`."""
 
     images: np.ndarray
@@ -136,8 +137,8 @@ class GenSegPipeline(SliceDiffusionPipeline):
 
     def __call__(self, num_images: int = 1, *, output_type: str = "np", return_dict: bool = True,
                  **sampling) -> GenSegOutput | tuple:
-        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`, `masks=` for a
-        mask-conditioned generator) and segment them; `output_type` and `return_dict` as there (probabilities stay
+        """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`: `masks=` for a
+        mask-conditioned generator, `images=`, `masks=` and `regions=` for an inpaint one) and segment them; `output_type` and `return_dict` as there (probabilities stay
         NumPy with "pil")."""
         check_output_type(output_type)
         generated = super().__call__(num_images, **sampling)

@@ -142,11 +142,11 @@ def create_app(model_path: str | os.PathLike | None = None, *, pipeline_path: st
                                "--pipeline DIR)")
         if parameters.generate > settings.max_generate:
             raise RequestError(validation_message([{"loc": ("parameters", "generate")}], settings.max_generate)[0])
-        masks = None
         if pipe.mode == "inpaint":
             raise RequestError("this pipeline's generator is an inpaint model: it repaints lesions into real slices, "
                                "which generate requests do not carry; use `genseg pipeline --inpaint-into DATA.h5` "
                                "or `genseg sample --inpaint-into DATA.h5`")
+        masks = None
         if pipe.mask_source == "given":
             masks = await asyncio.to_thread(_request_masks, body.instances, parameters.generate, pipe.slice_size)
         elif any(not isinstance(instance, B64Instance) or instance.b64 is not None for instance in body.instances):
