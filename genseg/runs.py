@@ -69,6 +69,9 @@ class SegTrainConfig:
     real_fraction: float = 1.0  # share of real training patients kept (seeded)
     min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
     min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
+    # BatchNorm statistics recomputed before each validation from this many unaugmented real training slices (the
+    # running averages lag behind fast-moving weights; training/batchnorm.py); 0 = keep the running averages
+    bn_stat_slices: int = 64
     plot_samples: int = 4  # slices per split in the sample grids
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
@@ -89,6 +92,7 @@ class SegTrainConfig:
             (any(v is not None for v in (self.epochs, self.max_steps, self.time_budget)),
              "set at least one of epochs, max_steps and time_budget: nothing would end the run"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.bn_stat_slices >= 0, f"bn_stat_slices must be >= 0, got {self.bn_stat_slices}"),
             (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
             (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),

@@ -28,6 +28,7 @@ from ..evaluation.metrics import dice_from_counts, iou_from_counts
 from ..io import atomic_path
 from ..models.unet import SegmentationUNet
 from ..runs import SegTrainConfig, check_resume, default_run_dir, refuse_to_overwrite, split_selection
+from .batchnorm import recompute_batchnorm_stats
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
 from .multiclass import class_loss, class_names, pixel_targets
@@ -64,6 +65,7 @@ class SegData:
     sampler: MixSampler
     val: PreparedDataset
     channels: int
+    bn_stats: PreparedDataset | None = None  # unaugmented real training slices for batchnorm.py; None = off
     info: dict = field(default_factory=dict)
 
 
@@ -105,7 +107,16 @@ def build_seg_data(cfg: SegTrainConfig, data: str | Path, synthetic: str | Path 
         info["epoch"].update(foreground_fraction=cfg.foreground_fraction, real_with_tumour=sampler.tumour_per_epoch)
     if cfg.classes:
         info["class_names"] = _class_names(data, real, val, synthetic, parts)
-    return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), info)
+    return SegData(ConcatDataset(parts), sampler, val, int(attrs["channels"]), _bn_stat_slices(cfg, data, real), info)
+
+
+def _bn_stat_slices(cfg: SegTrainConfig, data: str | Path, real: PreparedDataset) -> PreparedDataset | None:
+    """A fixed, seeded sample of `bn_stat_slices` real training slices, unaugmented (what evaluation sees)."""
+    if cfg.bn_stat_slices == 0:
+        return None
+    count = min(cfg.bn_stat_slices, len(real))
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(real.rows, size=count, replace=False))
+    return PreparedDataset(data, indices=rows)
 
 
 def _class_names(data: str | Path, real: PreparedDataset, val: PreparedDataset, synthetic: str | Path | None,
@@ -156,8 +167,9 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
     start_run(trainer, cfg, seg_data.info, resume)
     schedule = _lr_schedule(cfg, len(trainer.train_loader))
     schedule.apply(trainer.optimizer, trainer.state)  # a resumed run recomputes it from the checkpoint's state
+    bn_batches = _bn_batches(seg_data, cfg, acc)
     hooks = Hooks(after_step=lambda state: schedule.apply(trainer.optimizer, state),
-                  after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc),
+                  after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc, bn_batches, init.frozen),
                   on_best=lambda state: _save_best(trainer.model, acc, out))
     start_tracking(acc, "train-seg", cfg)
     trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs,
@@ -232,9 +244,22 @@ def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
     return loss, {"real_seen": (~synthetic).sum(), "synthetic_seen": synthetic.sum()}
 
 
+def _bn_batches(seg_data: SegData, cfg: SegTrainConfig, acc: Accelerator) -> list[torch.Tensor]:
+    """The images batchnorm.py recomputes BatchNorm statistics from, on the device (every process the same). Read
+    by index, not through a DataLoader, whose iterator would draw from the global RNG that a resume restores."""
+    if seg_data.bn_stats is None:
+        return []
+    images = torch.stack([seg_data.bn_stats[i]["image"] for i in range(len(seg_data.bn_stats))])
+    return [batch.to(acc.device).contiguous(memory_format=_memory_format(cfg))
+            for batch in images.split(cfg.eval_batch_size)]
+
+
 @torch.no_grad()
-def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator) -> dict:
-    """Loss, Dice and IoU on the real validation slices, every process's share gathered."""
+def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator,
+              bn_batches: list[torch.Tensor], frozen: list[torch.nn.Module]) -> dict:
+    """Loss, Dice and IoU on the real validation slices, every process's share gathered, after BatchNorm's
+    statistics are recomputed from `bn_batches` for the weights as they are now (batchnorm.py)."""
+    recompute_batchnorm_stats(acc.unwrap_model(model), bn_batches, frozen)
     model.eval()
     if cfg.classes:
         return _validate_classes(model, val_loader, cfg, acc)
