@@ -1,5 +1,6 @@
 """`genseg sample` and `genseg segment` over 2 real CPU processes (torchrun, accelerate launch; gloo): the merged
-outputs equal a single process's bit for bit, and a process that dies leaves no output file behind."""
+outputs equal a single process's (bit for bit but for the last bits of generated images), and a process that dies
+leaves no output file behind."""
 
 from __future__ import annotations
 
@@ -30,8 +31,16 @@ SAMPLING = ["--steps", "3", "--seed", "7", "--batch-size", "1"]
 
 
 def _env(**extra) -> dict:
-    # CUDA hidden: these are the CPU (gloo) runs whatever the machine has
-    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **extra}
+    """CUDA hidden: these are the CPU (gloo) runs whatever the machine has. One thread per process, set before
+    start as torchrun sets it for its children: a CPU matrix product started with OMP_NUM_THREADS=1 can round
+    differently from one in a 2-thread process (torch.set_num_threads later does not undo it), so the
+    single-process reference runs as its own process under the same setting, never inside pytest."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **extra}
+
+
+def single_process(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genseg", *map(str, args)], env=_env(), capture_output=True,
+                          text=True, timeout=240)
 
 
 def torchrun(*args, env=None) -> subprocess.CompletedProcess:
@@ -60,51 +69,59 @@ def h5_contents(path: Path) -> tuple[dict, dict]:
         return {name: h5[name][()] for name in h5}, dict(h5.attrs)
 
 
-def test_two_processes_write_the_single_process_file_bit_for_bit(generator, tmp_path):
+def assert_same_samples(one: Path, two: Path) -> None:
+    """Two sample files hold the same slices: every dataset and attribute equal (but the time written), images
+    to within float rounding. The images of a mask-conditioned run differed in the last bits of float32 (one
+    float16 step in one pixel) between a plain process and a torchrun child with identical inputs, on an AMD
+    EPYC CPU with AVX-512; any sharding or merging error moves them by far more."""
+    (data1, attrs1), (data2, attrs2) = h5_contents(one), h5_contents(two)
+    assert sorted(data1) == sorted(data2)
+    for name in data1:
+        assert data1[name].dtype == data2[name].dtype and data1[name].shape == data2[name].shape, name
+        if name == "images":
+            assert np.abs(data1[name].astype(np.float32) - data2[name].astype(np.float32)).max() <= 2e-3
+        else:
+            assert np.array_equal(data1[name], data2[name]), name
+    assert {k: v for k, v in attrs1.items() if k != "created"} == {k: v for k, v in attrs2.items() if k != "created"}
+
+
+def test_two_processes_write_the_single_process_file(generator, tmp_path):
     # the same file name in two folders: each slice's `sources` entry names the file
-    one = sample_to_file(generator, NUM, tmp_path / "one" / "synth.h5",
-                         SamplingSettings(steps=3, seed=7, batch_size=1), progress=False)
+    one = tmp_path / "one" / "synth.h5"
+    assert single_process("sample", "--checkpoint", generator, "-n", NUM, "--out", one, *SAMPLING).returncode == 0
     two = tmp_path / "two" / "synth.h5"
     done = torchrun("sample", "--checkpoint", generator, "-n", NUM, "--out", two, *SAMPLING)  # --num: see README
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote 5 synthetic slices") == 1  # the main process's line only
-    (data1, attrs1), (data2, attrs2) = h5_contents(one), h5_contents(two)
-    assert sorted(data1) == sorted(data2) == ["fold", "images", "labels", "masks", "patients", "slice_index",
-                                              "sources", "split"]
-    for name in data1:
-        assert data1[name].dtype == data2[name].dtype and np.array_equal(data1[name], data2[name]), name
-    assert data1["images"].shape == (NUM, 1, 16, 16) and data1["masks"].any()
-    assert {k: v for k, v in attrs1.items() if k != "created"} == {k: v for k, v in attrs2.items() if k != "created"}
+    assert_same_samples(one, two)
+    data, _ = h5_contents(two)
+    assert sorted(data) == ["fold", "images", "labels", "masks", "patients", "slice_index", "sources", "split"]
+    assert data["images"].shape == (NUM, 1, 16, 16) and data["masks"].any()
     assert [p.name for p in two.parent.iterdir()] == ["synth.h5"]  # the shard folder is gone
 
 
-CONDITIONED = {  # mode: (model keys, sample_to_file options, the same as CLI arguments, the line it prints)
-    "mask-conditioned": ({"mode": "mask-conditioned"}, {"mask_augment": ("flip", "rotate"), "per_mask": 2},
-                         ["--mask-augment", "flip,rotate", "--per-mask", 2], "wrote 6 synthetic slices (3 given masks x 2)"),
-    "inpaint": ({"mode": "inpaint", "crop_size": 8, "region_margin": 1}, {}, [], "lesions placed"),
+CONDITIONED = {  # mode: (model keys, more CLI arguments, the line it prints)
+    "mask-conditioned": ({"mode": "mask-conditioned"}, ["--mask-augment", "flip,rotate", "--per-mask", 2],
+                         "wrote 6 synthetic slices (3 given masks x 2)"),
+    "inpaint": ({"mode": "inpaint", "crop_size": 8, "region_margin": 1}, [], "lesions placed"),
 }
 
 
 @pytest.mark.parametrize("mode", CONDITIONED)
 def test_conditioned_sampling_over_two_processes_equals_one_process(tmp_path, mode):
     """`sample --masks-from` (`--inpaint-into`) over 2 processes: each denoises its share of the given masks
-    (slices, masks and regions), and the merged file equals a single process's bit for bit (the masks too,
-    exactly as given)."""
-    model, options, arguments, wrote = CONDITIONED[mode]
+    (slices, masks and regions), and the merged file equals a single process's (the masks exactly as given)."""
+    model, arguments, wrote = CONDITIONED[mode]
     run = tiny_generator(tmp_path, model)
     data = tmp_path / "phantoms.h5"  # the generator's training data: 4 training slices of 16 px
-    source = {"inpaint_into" if mode == "inpaint" else "masks_from": data}
-    one = sample_to_file(run, 3, tmp_path / "one" / "synth.h5", SamplingSettings(steps=3, seed=7, batch_size=1),
-                         progress=False, **source, **options)
-    two = tmp_path / "two" / "synth.h5"
-    done = torchrun("sample", "--checkpoint", run, "-n", 3, f"--{next(iter(source)).replace('_', '-')}", data,
-                    *arguments, "--out", two, *SAMPLING)
+    given = ["--inpaint-into" if mode == "inpaint" else "--masks-from", data, *arguments]
+    one, two = tmp_path / "one" / "synth.h5", tmp_path / "two" / "synth.h5"
+    alone = single_process("sample", "--checkpoint", run, "-n", 3, *given, "--out", one, *SAMPLING)
+    assert alone.returncode == 0 and wrote in alone.stdout, alone.stderr
+    done = torchrun("sample", "--checkpoint", run, "-n", 3, *given, "--out", two, *SAMPLING)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(wrote) == 1
-    (data1, attrs1), (data2, attrs2) = h5_contents(one), h5_contents(two)
-    for name in data1:
-        assert data1[name].dtype == data2[name].dtype and np.array_equal(data1[name], data2[name]), name
-    assert {k: v for k, v in attrs1.items() if k != "created"} == {k: v for k, v in attrs2.items() if k != "created"}
+    assert_same_samples(one, two)
 
 
 def test_a_process_that_dies_leaves_no_output(generator, tmp_path):
