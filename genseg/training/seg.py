@@ -115,8 +115,7 @@ def _bn_stat_slices(cfg: SegTrainConfig, data: str | Path, real: PreparedDataset
     if cfg.bn_stat_slices == 0:
         return None
     count = min(cfg.bn_stat_slices, len(real))
-    rows = np.sort(np.random.default_rng(cfg.seed).choice(real.rows, size=count, replace=False))
-    return PreparedDataset(data, indices=rows)
+    return PreparedDataset(data, indices=np.random.default_rng(cfg.seed).choice(real.rows, size=count, replace=False))
 
 
 def _class_names(data: str | Path, real: PreparedDataset, val: PreparedDataset, synthetic: str | Path | None,
@@ -245,11 +244,14 @@ def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
 
 
 def _bn_batches(seg_data: SegData, cfg: SegTrainConfig, acc: Accelerator) -> list[torch.Tensor]:
-    """The images batchnorm.py recomputes BatchNorm statistics from, on the device (every process the same). Read
-    by index, not through a DataLoader, whose iterator would draw from the global RNG that a resume restores."""
+    """The images batchnorm.py recomputes BatchNorm statistics from, on the device (every process the same), in
+    seeded random order like training batches: batches of neighbouring rows (one or two patients) would give too
+    small a variance. Read by index, not through a DataLoader, whose iterator would draw from the global RNG that
+    a resume restores."""
     if seg_data.bn_stats is None:
         return []
-    images = torch.stack([seg_data.bn_stats[i]["image"] for i in range(len(seg_data.bn_stats))])
+    order = np.random.default_rng(cfg.seed).permutation(len(seg_data.bn_stats))
+    images = torch.stack([seg_data.bn_stats[int(i)]["image"] for i in order])
     return [batch.to(acc.device).contiguous(memory_format=_memory_format(cfg))
             for batch in images.split(cfg.eval_batch_size)]
 
