@@ -578,7 +578,8 @@ def sample(checkpoint, num, out, sampling, masks_from, mask_augment, per_mask, i
     Runs over several processes (GPUs, machines, or CPU processes) when launched with `torchrun
     --nproc_per_node N -m genseg sample -n NUM ...` or `accelerate launch --multi_gpu --num_processes N -m genseg
     sample ...`: each process denoises whole batches of --batch-size, and the main process writes the one file,
-    the same as a single process's (bit for bit on CPU). If any process fails, no file is written.
+    the same as a single process's (masks bit for bit; images as far as every process's kernels round alike:
+    README). If any process fails, no file is written.
     """
     from .data.prepared import read_metadata
     from .workflows.sampling import sample_to_file

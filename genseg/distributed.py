@@ -3,14 +3,15 @@ genseg.workflows.distributed_sampling): `accelerate launch -m genseg ...` or
 `torchrun -m genseg ...` (one process per GPU, or several CPU processes); launched plainly, one process.
 
 sample: the images are cut into the batches a single process would make (`--batch-size` from index 0), and each
-process gets a contiguous run of whole batches (`split_between_processes`). An image depends on its seed and
-index, and here also on the batch it is denoised in (the UNet's kernels round differently for other batch
-sizes), so with the same batches every image is the single-process image bit for bit. Each process writes its
-share as a shard (.npz, atomically) into a private temporary folder next to the output; after a barrier the main
-process merges the shards in index order and writes the one prepared file through the same code as a
-single-process run (atomically), then removes the folder. Shards rather than gathering through the process
-group: no process but the main holds more than its own share, nothing large is pickled through NCCL or gloo,
-and the merge is the single-process write. On several machines the output's folder must be shared by all.
+process gets a contiguous run of whole batches (`split_between_processes`). An image depends on its seed and index,
+and here also on the batch it is denoised in (the UNet's kernels round differently for other batch sizes), so with
+the same batches every image is the single-process image, bit for bit where every process's kernels round alike (a
+process's start-up, e.g. torchrun's OMP_NUM_THREADS=1, can move the last bits). Each process writes its share as a
+shard (.npz, atomically) into a private temporary folder next to the output; after a barrier the main process
+merges the shards in index order and writes the one prepared file through the same code as a single-process run
+(atomically), then removes the folder. Shards rather than gathering through the process group: no process but the
+main holds more than its own share, nothing large is pickled through NCCL or gloo, and the merge is the
+single-process write. On several machines the output's folder must be shared by all.
 
 segment: the main process plans every output name and refuses existing outputs (unless --force) on the whole
 input list, once, and hands the plan to every process before any writes; each process segments its share of

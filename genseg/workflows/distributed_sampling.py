@@ -16,10 +16,10 @@ from ..pipeline.diffusion import SliceDiffusionOutput
 
 def sample_shared(state, pipe, num: int, out: str | Path, sampling, save_intermediates: bool = False,
                   given: dict[str, np.ndarray] | None = None):
-    """Sample `num` images over the processes of `state`; the merged SliceDiffusionOutput on the main process
-    (the single-process output bit for bit), None on the others. Nothing is written under `out` itself. `given`:
-    the pipeline's per-image inputs, num of each (masks of a mask-conditioned model; slices, masks and regions of
-    an inpaint model), each process passing its share's."""
+    """Sample `num` images over the processes of `state`; the merged SliceDiffusionOutput on the main process (the
+    single-process output; genseg.distributed says how exactly), None on the others. Nothing is written under `out`
+    itself. `given`: the pipeline's per-image inputs, num of each (masks of a mask-conditioned model; slices, masks
+    and regions of an inpaint model), each process passing its share's."""
     out = Path(out)
 
     def shard_folder() -> str:
