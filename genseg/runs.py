@@ -70,8 +70,9 @@ class SegTrainConfig:
     min_agreement: float | None = None  # keep synthetic slices whose quality_agreement >= this
     min_nn_ratio: float | None = None  # keep synthetic slices whose quality_nn_ratio >= this
     # BatchNorm statistics recomputed before each validation from this many unaugmented real training slices (the
-    # running averages lag behind fast-moving weights; training/batchnorm.py); 0 = keep the running averages
-    bn_stat_slices: int = 64
+    # running averages lag behind fast-moving weights: high learning rates, few steps; training/batchnorm.py);
+    # 0 = keep the running averages. Off by default: on the recipe benchmark it did not pay (docs/recipe-benchmark.md)
+    bn_stat_slices: int = 0
     plot_samples: int = 4  # slices per split in the sample grids
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights

@@ -69,7 +69,7 @@ def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("int8")
     data = write_phantoms(folder / "real.h5", n=40, size=SIZE, patients=10)
     cfg = SegTrainConfig(size=SIZE, base_channels=8, depth=2, batch_size=4, epochs=40, patience=None,
-                         loss="bce+dice", lr=1e-2, hflip=False, max_rotation=0.0, plot_samples=1)
+                         loss="bce+dice", lr=1e-2, hflip=False, max_rotation=0.0, plot_samples=1, bn_stat_slices=64)
     result = train_segmenter(cfg, data, folder / "run")
     assert result.metrics["test"]["dice"] > 0.8, result.metrics["test"]
     done = CliRunner().invoke(main, ["export-onnx", "--checkpoint", str(folder / "run"), "--int8",

@@ -33,10 +33,12 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_overfits_eight_slices(tmp_path):
-    """8 training slices (5 with tumour), 64 px, 80 steps: the loop must drive training Dice above 0.9."""
+    """8 training slices (5 with tumour), 64 px, 80 steps: the loop must drive training Dice above 0.9. At lr 1e-2
+    and 2 steps per epoch BatchNorm's running averages lag the weights (half of 12 seed/thread runs scored 0.61-0.87
+    in eval mode), so the run recomputes them before validating (bn_stat_slices; all 12 runs then 0.985-1.000)."""
     path = write_phantoms(tmp_path / "eight.h5", n=14, size=64, patients=14, seed=3)
     cfg = SegTrainConfig(size=64, base_channels=8, depth=3, batch_size=4, epochs=40, patience=None, loss="bce+dice",
-                         lr=1e-2, hflip=False, max_rotation=0.0, plot_samples=2)
+                         lr=1e-2, hflip=False, max_rotation=0.0, plot_samples=2, bn_stat_slices=64)
     result = train_segmenter(cfg, path, tmp_path / "run")
     train = PreparedDataset(path, split="train")
     assert len(train) == 8
