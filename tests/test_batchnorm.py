@@ -3,16 +3,16 @@ frozen layers and the model's mode left alone, and wired into train-seg so the s
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
 import torch
 from torch import nn
 from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401 (one_torch_thread: autouse fixture)
 
-from genseg.data.prepared import PreparedDataset
 from genseg.models.unet import SegmentationUNet
 from genseg.runs import SegTrainConfig
 from genseg.training.batchnorm import recompute_batchnorm_stats
-from genseg.training.seg import train_segmenter
+from genseg.training.seg import build_seg_data, train_segmenter
 
 
 def stale_model() -> nn.Sequential:
@@ -59,9 +59,8 @@ def test_train_seg_saves_the_model_with_statistics_of_its_own_weights(tmp_path):
                              max_rotation=0.0, plot_samples=1, lr=1e-2, bn_stat_slices=slices)
         run = train_segmenter(cfg, data, tmp_path / f"run{slices}").run_dir
         model = SegmentationUNet.from_pretrained(run / "model")
-        train = PreparedDataset(data, split="train")
-        rows = np.sort(np.random.default_rng(cfg.seed).choice(train.rows, size=8, replace=False))
-        images = torch.stack([s["image"] for s in PreparedDataset(data, indices=rows)])
+        sample = build_seg_data(dataclasses.replace(cfg, bn_stat_slices=8), data).bn_stats  # the run's own draw
+        images = torch.stack([s["image"] for s in sample])  # one batch: the run's order does not matter
         before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
         recompute_batchnorm_stats(model, [images])
         after = model.state_dict()

@@ -138,8 +138,8 @@ class GenSegPipeline(SliceDiffusionPipeline):
     def __call__(self, num_images: int = 1, *, output_type: str = "np", return_dict: bool = True,
                  **sampling) -> GenSegOutput | tuple:
         """Sample `num_images` slices (keyword arguments as `SliceDiffusionPipeline.__call__`: `masks=` for a
-        mask-conditioned generator, `images=`, `masks=` and `regions=` for an inpaint one) and segment them; `output_type` and `return_dict` as there (probabilities stay
-        NumPy with "pil")."""
+        mask-conditioned generator, `images=`, `masks=` and `regions=` for an inpaint one) and segment them;
+        `output_type` and `return_dict` as there (probabilities stay NumPy with "pil")."""
         check_output_type(output_type)
         generated = super().__call__(num_images, **sampling)
         probabilities = self.segment(generated.images)

@@ -54,7 +54,8 @@ def load_pipeline(pipeline: str | Path | None = None, diffusion: str | Path | No
 def slice_summaries(result: GenSegOutput, mask_source: str | None = "generated") -> list[dict[str, Any]]:
     """Per slice: predicted tumour area and share, mean probability inside the predicted mask, and with the
     generator's masks (`mask_source` "generated" by a joint model or "given" to a mask-conditioned or inpaint one:
-    the mask faithfulness) that mask's area and its Dice with the prediction (both empty = 1, as everywhere in genseg)."""
+    the mask faithfulness) that mask's area and its Dice with the prediction (both empty = 1, as everywhere in
+    genseg)."""
     predicted = result.predicted_masks.astype(bool)
     area = predicted.reshape(len(predicted), -1).sum(1)
     rows = []
@@ -76,8 +77,8 @@ def slice_summaries(result: GenSegOutput, mask_source: str | None = "generated")
 def write_pipeline_outputs(result: GenSegOutput, out: str | Path, settings: dict[str, Any], force: bool = False,
                            mask_source: str | None = "generated") -> dict[str, Any]:
     """Write slices/NNNN.png, NNNN_overlay.png (predicted mask green, the generator's mask outlined red: generated
-    in joint mode, given in mask-conditioned and inpaint mode), contact_sheet.png, summary.json and report.md into `out`, all
-    at once (a folder that appears complete)."""
+    in joint mode, given in mask-conditioned and inpaint mode), contact_sheet.png, summary.json and report.md into
+    `out`, all at once (a folder that appears complete)."""
     out = Path(out)
     if out.exists() and not force:
         raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
