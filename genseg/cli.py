@@ -107,13 +107,16 @@ def info(path, as_json, format_, modality, target, workers):
 
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--domain", type=click.Choice(["mri", "ultrasound"]), default="mri", show_default=True,
-              help="mri: T1-CE brain slices in the Figshare layout; ultrasound: breast-ultrasound images in the "
-                   "BUSI layout (benign/, malignant/, normal/ PNGs with masks), a second domain for transfer.")
+@click.option("--domain", type=click.Choice(["mri", "anatomy", "ultrasound"]), default="mri", show_default=True,
+              help="mri: procedural T1-CE brain slices in the Figshare layout; anatomy: a real brain (the EPI scan "
+                   "bundled with nibabel) seen as a different patient each time, with inserted tumours of the three "
+                   "classes, Figshare layout, data no genseg default was tuned on; ultrasound: breast-ultrasound "
+                   "images in the BUSI layout (benign/, malignant/, normal/ PNGs with masks), a second domain for "
+                   "transfer.")
 @click.option("--patients", type=click.IntRange(min=1), default=30, show_default=True,
               help="Number of synthetic patients (heads; ultrasound: images); the classes are spread evenly over them.")
 @click.option("--slices-per-patient", type=click.IntRange(min=1), default=8, show_default=True,
-              help="MRI only: consecutive axial slices through each head.")
+              help="MRI and anatomy: consecutive axial slices through each head (anatomy: at most 19).")
 @click.option("--size", type=click.IntRange(min=16), default=256, show_default=True,
               help="Width and height of every slice in pixels.")
 @click.option("--seed", type=int, default=None,
@@ -128,9 +131,10 @@ def info(path, as_json, format_, modality, target, workers):
 @click.option("--force", is_flag=True, help="Replace OUT_DIR, and everything in it, when it is not empty.")
 @click.pass_context
 def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, empty_share, preset, force):
-    """Write a procedurally generated dataset (no download) to OUT_DIR: T1-CE brain MRI in the Figshare layout
-    (1.mat .. N.mat, MATLAB v7.3 struct cjdata, and cvind.mat with patient-wise folds), or with
-    --domain ultrasound breast-ultrasound PNGs in the BUSI layout."""
+    """Write a generated dataset (no download) to OUT_DIR: T1-CE brain MRI in the Figshare layout (1.mat ..
+    N.mat, MATLAB v7.3 struct cjdata, and cvind.mat with patient-wise folds), drawn procedurally or, with
+    --domain anatomy, from a real brain with inserted tumours; or with --domain ultrasound breast-ultrasound PNGs
+    in the BUSI layout."""
     if domain == "ultrasound":
         from .data.demo_ultrasound import make_ultrasound_dataset
 
@@ -142,13 +146,26 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
         click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "
                    f"in {s['seconds']:.1f} s: {classes}.")
         return
-    from .data.demo import make_demo_dataset, preset_settings
+    if domain == "anatomy":
+        from .data.demo_anatomy import LEVELS, make_anatomy_dataset
 
-    try:
-        preset_settings(preset)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--preset") from None
-    s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force, preset=preset)
+        for name in ("empty_share", "preset"):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --domain anatomy (its "
+                                       f"tumour-free slices are the levels above and below each tumour)")
+        if slices_per_patient > len(LEVELS):
+            raise click.BadParameter(f"{slices_per_patient}: the anatomy head has {len(LEVELS)} levels",
+                                     param_hint="--slices-per-patient")
+        s = make_anatomy_dataset(out_dir, patients, slices_per_patient, size, seed or 0, force=force)
+    else:
+        from .data.demo import make_demo_dataset, preset_settings
+
+        try:
+            preset_settings(preset)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--preset") from None
+        s = make_demo_dataset(out_dir, patients, slices_per_patient, size, seed, empty_share, force=force,
+                              preset=preset)
     classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
     click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")

@@ -128,7 +128,7 @@ def demo_slices(patients: int = 30, slices_per_patient: int = 8, size: int = 256
         raise ValueError(f"empty_share must be in [0, 1), got {empty_share}")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(_class_spread(patients, settings.meningioma_share))
-    pids = _patient_ids(rng, patients)
+    pids = random_patient_ids(rng, patients)
     empties = _spread_empty_slices(rng, patients, slices_per_patient, empty_share)
     for p in range(patients):
         head_rng = np.random.default_rng([seed, p])
@@ -156,20 +156,26 @@ def make_demo_dataset(out_dir: str | Path, patients: int = 30, slices_per_patien
     start = time.perf_counter()
     total = patients * slices_per_patient
     slices = demo_slices(patients, slices_per_patient, size, seed, empty_share, settings)
-    pids, labels, empty = [], [], 0
     with atomic_path(out_dir, is_dir=True) as tmp:
-        for i, s in enumerate(tqdm(slices, total=total, desc="demo slices", unit="slice", disable=not progress)):
-            write_figshare_mat(tmp / f"{i + 1}.mat", s.image, s.mask, s.label, s.patient, border_polygon(s.mask))
-            pids.append(s.patient)
-            labels.append(s.label)
-            empty += not s.mask.any()
-        write_cvind_mat(tmp / "cvind.mat", assign_patient_folds(pids, num_folds=5, seed=seed))
+        counts = write_figshare_layout(tmp, slices, total, seed, "demo slices", progress)
         summary = {"out_dir": str(out_dir), "slices": total, "patients": patients, "size": size, "seed": seed,
-                   "classes": {CLASS_NAMES[c]: labels.count(c) for c in TUMOUR_CLASSES},
-                   "empty_slices": empty, "preset": preset}
+                   **counts, "preset": preset}
         (tmp / "README.txt").write_text(_readme(summary))
     summary["seconds"] = round(time.perf_counter() - start, 2)
     return summary
+
+
+def write_figshare_layout(folder: Path, slices, total: int, seed: int, desc: str, progress: bool) -> dict:
+    """DemoSlices as `1.mat` .. `N.mat` and `cvind.mat` (patient-wise folds drawn with `seed`) in `folder`;
+    returns the class counts and the number of tumour-free slices."""
+    pids, labels, empty = [], [], 0
+    for i, s in enumerate(tqdm(slices, total=total, desc=desc, unit="slice", disable=not progress)):
+        write_figshare_mat(folder / f"{i + 1}.mat", s.image, s.mask, s.label, s.patient, border_polygon(s.mask))
+        pids.append(s.patient)
+        labels.append(s.label)
+        empty += not s.mask.any()
+    write_cvind_mat(folder / "cvind.mat", assign_patient_folds(pids, num_folds=5, seed=seed))
+    return {"classes": {CLASS_NAMES[c]: labels.count(c) for c in TUMOUR_CLASSES}, "empty_slices": empty}
 
 
 def check_out_dir(out_dir: str | Path, force: bool) -> Path:
@@ -197,7 +203,7 @@ def _readme(summary: dict) -> str:
 
 # --- patients ---------------------------------------------------------------------------------------------
 
-def _patient_ids(rng: np.random.Generator, patients: int) -> list[str]:
+def random_patient_ids(rng: np.random.Generator, patients: int) -> list[str]:
     """Unique ids in the real dataset's two styles: plain numbers ("107480") and "MR04xxxx"."""
     numbers = rng.choice(900_000, size=patients, replace=False) + 100_000
     styles = rng.random(patients) < 0.3
