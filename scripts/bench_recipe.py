@@ -2,8 +2,9 @@
 none of them was tuned on (issue 14, item 5), in one run.
 
 Datasets (generated here, 128 px by default, cached under OUT/data): `standard` (the demo data), the harder demo
-presets `skull`, `low-contrast`, `small`, `bias` (`genseg demo-data --preset`, each with its own seed) and
-`ultrasound` (the breast-ultrasound demo domain). Each is drawn at 256 px and prepared at --size, as the README's
+presets `skull`, `low-contrast`, `small`, `bias` (`genseg demo-data --preset`, each with its own seed),
+`ultrasound` (the breast-ultrasound demo domain) and `anatomy` (`genseg demo-data --domain anatomy`: a real brain,
+nibabel's bundled EPI scan, with inserted tumours). Each is drawn at 256 px and prepared at --size, as the README's
 demo flow does. Recipes, each given --budget minutes of wall time per dataset:
 
 - `genseg`: the shipped recipe, configs/seg-cpu-small.yaml through `train_segmenter`, with `time_budget` set to the
@@ -28,6 +29,7 @@ against wall time, one panel per dataset).
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 5 --out bench-recipe
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 0.3 --datasets standard small --out /tmp/smoke \
         --variant norot:max_rotation=0
+    PYTHONPATH=$PWD python3 scripts/bench_recipe.py --combine bench-seed*/results.json   # means over seeds
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 
 from genseg.config import load_config
 from genseg.data.demo import PRESETS, make_demo_dataset
+from genseg.data.demo_anatomy import make_anatomy_dataset
 from genseg.data.demo_ultrasound import make_ultrasound_dataset
 from genseg.data.prepare import prepare
 from genseg.data.prepared import PreparedDataset, read_metadata
@@ -56,7 +59,7 @@ from genseg.runs import CsvLog, SegTrainConfig
 from genseg.training.seg import train_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ("standard", *PRESETS, "ultrasound")
+DATASETS = ("standard", *PRESETS, "ultrasound", "anatomy")
 RECIPES = ("genseg", "bare", "monai")
 RUN_ORDER = ("bare", "monai", "genseg")  # the bare loop first: genseg's epoch fallback needs its pace
 BATCH, LR, THRESHOLD = 8, 1e-3, 0.5
@@ -72,6 +75,8 @@ def make_dataset(name: str, work: Path, size: int, patients: int) -> Path:
     raw = work / f"{name}-{patients}p-raw"
     if name == "ultrasound":  # as many images as the MRI sets have slices
         make_ultrasound_dataset(raw, cases=patients * 8, seed=105, force=True, progress=False)
+    elif name == "anatomy":
+        make_anatomy_dataset(raw, patients=patients, seed=106, force=True, progress=False)
     else:
         make_demo_dataset(raw, patients=patients, preset=None if name == "standard" else name, force=True,
                           progress=False)
@@ -286,6 +291,38 @@ def markdown(results: dict, budget_min: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(paths: list[Path]) -> str:
+    """Several runs' results.json (other seeds, or the same seed again: a time budget makes every run its own
+    sample) as one table: per dataset and recipe the mean and sd of test Dice over the runs, its worst run, the
+    mean over runs of each class's Dice, and the mean paired difference to the bare loop over the runs that have
+    both (with its sd)."""
+    from statistics import mean, stdev
+
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for path in paths:
+        results = json.loads(path.read_text())
+        for dataset, rows in results["datasets"].items():
+            for recipe, row in rows.items():
+                runs.setdefault((dataset, recipe), []).append({"file": str(path), **row["test"]})
+
+    def sd(values):
+        return f"{stdev(values):.3f}" if len(values) > 1 else "n/a"
+
+    lines = ["| dataset | recipe | runs | test Dice mean | sd | worst | minus bare, paired (sd) | "
+             "per-class Dice, mean |", "|---|---|---|---|---|---|---|---|"]
+    for (dataset, recipe), tests in runs.items():
+        dice = [t["dice"] for t in tests]
+        bare = {t["file"]: t["dice"] for t in runs.get((dataset, "bare"), [])}
+        paired = [t["dice"] - bare[t["file"]] for t in tests if t["file"] in bare]
+        difference = "n/a" if recipe == "bare" or not paired else f"{mean(paired):+.3f} ({sd(paired)}, n={len(paired)})"
+        classes = sorted({c for t in tests for c in t["per_class"]})
+        per_class = ", ".join(f"{c} {mean(t['per_class'][c]['dice'] for t in tests if c in t['per_class']):.3f}"
+                              for c in classes)
+        lines.append(f"| {dataset} | {recipe} | {len(tests)} | {mean(dice):.3f} | {sd(dice)} | {min(dice):.3f} | "
+                     f"{difference} | {per_class} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> Path:
     """Validation Dice against wall time, one panel per dataset, one line per trained recipe."""
     from matplotlib.figure import Figure
@@ -322,7 +359,13 @@ def main() -> None:
     parser.add_argument("--post-rows", action="store_true",
                         help="also evaluate the genseg model with --tta, --min-component and both")
     parser.add_argument("--min-component", type=int, default=16, help="pixels, for --post-rows")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS.json",
+                        help="train nothing: print earlier runs' results (other seeds) as one table of means, sds "
+                             "and differences to the bare loop paired within each file")
     args = parser.parse_args()
+    if args.combine:
+        print(combine(args.combine))
+        return
     if not args.recipes and not args.variants:
         parser.error("nothing to train: give --recipes or --variant")
     if args.budget <= 0:

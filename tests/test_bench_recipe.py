@@ -45,3 +45,24 @@ def test_bad_arguments_are_refused(tmp_path):
     assert "--budget must be positive" in done.stderr
     done = bench("--datasets", "brats", "--out", tmp_path, returncode=2)
     assert "invalid choice: 'brats'" in done.stderr
+
+
+def test_combine_averages_runs_and_pairs_differences_within_a_file(tmp_path):
+    def row(dice, meningioma):
+        return {"test": {"dice": dice, "per_class": {"meningioma": {"dice": meningioma}}}}
+
+    files = []
+    for k, (bare, genseg) in enumerate([(0.90, 0.94), (0.80, 0.82), (None, 0.70)]):
+        rows = {"genseg": row(genseg, genseg - 0.1)}
+        if bare is not None:
+            rows["bare"] = row(bare, bare)
+        files.append(tmp_path / f"seed{k}.json")
+        files[-1].write_text(json.dumps({"datasets": {"bias": rows}}))
+    table = bench("--combine", *files).stdout
+    genseg = next(line for line in table.splitlines() if line.startswith("| bias | genseg |"))
+    cells = [c.strip() for c in genseg.strip("|").split("|")]
+    assert cells[2:6] == ["3", "0.820", "0.120", "0.700"]  # runs, mean, sd, worst
+    assert cells[6] == "+0.030 (0.014, n=2)"  # (0.04 + 0.02) / 2, only the files with both recipes
+    assert cells[7] == "meningioma 0.720"
+    bare = next(line for line in table.splitlines() if line.startswith("| bias | bare |"))
+    assert "| 2 | 0.850 |" in bare and "| n/a |" in bare
