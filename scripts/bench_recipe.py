@@ -294,8 +294,8 @@ def markdown(results: dict, budget_min: float) -> str:
 def combine(paths: list[Path]) -> str:
     """Several runs' results.json (other seeds, or the same seed again: a time budget makes every run its own
     sample) as one table: per dataset and recipe the mean and sd of test Dice over the runs, its worst run, the
-    mean over runs of each class's Dice, and the mean paired difference to the bare loop over the runs that have
-    both (with its sd)."""
+    mean over runs of each class's Dice, and the mean differences to the bare loop and to the genseg recipe,
+    each paired within the runs (files) that have both (with its sd)."""
     from statistics import mean, stdev
 
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -304,22 +304,28 @@ def combine(paths: list[Path]) -> str:
         for dataset, rows in results["datasets"].items():
             for recipe, row in rows.items():
                 runs.setdefault((dataset, recipe), []).append({"file": str(path), **row["test"]})
+    datasets = list(dict.fromkeys(dataset for dataset, _ in runs))
 
     def sd(values):
         return f"{stdev(values):.3f}" if len(values) > 1 else "n/a"
 
+    def paired(tests, dataset, baseline):
+        other = {t["file"]: t["dice"] for t in runs.get((dataset, baseline), [])}
+        diffs = [t["dice"] - other[t["file"]] for t in tests if t["file"] in other]
+        return f"{mean(diffs):+.3f} ({sd(diffs)}, n={len(diffs)})" if diffs else "n/a"
+
     lines = ["| dataset | recipe | runs | test Dice mean | sd | worst | minus bare, paired (sd) | "
-             "per-class Dice, mean |", "|---|---|---|---|---|---|---|---|"]
-    for (dataset, recipe), tests in runs.items():
+             "minus genseg, paired (sd) | per-class Dice, mean |", "|---|---|---|---|---|---|---|---|---|"]
+    for dataset, recipe in sorted(runs, key=lambda key: datasets.index(key[0])):
+        tests = runs[dataset, recipe]
         dice = [t["dice"] for t in tests]
-        bare = {t["file"]: t["dice"] for t in runs.get((dataset, "bare"), [])}
-        paired = [t["dice"] - bare[t["file"]] for t in tests if t["file"] in bare]
-        difference = "n/a" if recipe == "bare" or not paired else f"{mean(paired):+.3f} ({sd(paired)}, n={len(paired)})"
         classes = sorted({c for t in tests for c in t["per_class"]})
         per_class = ", ".join(f"{c} {mean(t['per_class'][c]['dice'] for t in tests if c in t['per_class']):.3f}"
                               for c in classes)
+        to_bare = "n/a" if recipe == "bare" else paired(tests, dataset, "bare")
+        to_genseg = "n/a" if recipe in ("bare", "genseg") else paired(tests, dataset, "genseg")
         lines.append(f"| {dataset} | {recipe} | {len(tests)} | {mean(dice):.3f} | {sd(dice)} | {min(dice):.3f} | "
-                     f"{difference} | {per_class} |")
+                     f"{to_bare} | {to_genseg} | {per_class} |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,13 +56,19 @@ def test_combine_averages_runs_and_pairs_differences_within_a_file(tmp_path):
         rows = {"genseg": row(genseg, genseg - 0.1)}
         if bare is not None:
             rows["bare"] = row(bare, bare)
+        if k == 0:
+            rows["genseg x"] = row(0.95, 0.9)
         files.append(tmp_path / f"seed{k}.json")
-        files[-1].write_text(json.dumps({"datasets": {"bias": rows}}))
+        files[-1].write_text(json.dumps({"datasets": {"bias": rows, "skull": {"bare": row(0.5, 0.5)}}}))
     table = bench("--combine", *files).stdout
     genseg = next(line for line in table.splitlines() if line.startswith("| bias | genseg |"))
     cells = [c.strip() for c in genseg.strip("|").split("|")]
     assert cells[2:6] == ["3", "0.820", "0.120", "0.700"]  # runs, mean, sd, worst
     assert cells[6] == "+0.030 (0.014, n=2)"  # (0.04 + 0.02) / 2, only the files with both recipes
-    assert cells[7] == "meningioma 0.720"
+    assert cells[7] == "n/a" and cells[8] == "meningioma 0.720"
     bare = next(line for line in table.splitlines() if line.startswith("| bias | bare |"))
-    assert "| 2 | 0.850 |" in bare and "| n/a |" in bare
+    assert "| 2 | 0.850 |" in bare and "| n/a | n/a |" in bare
+    variant = next(line for line in table.splitlines() if line.startswith("| bias | genseg x |"))
+    assert "| +0.050 (n/a, n=1) | +0.010 (n/a, n=1) |" in variant
+    datasets = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line]
+    assert datasets == ["bias"] * 3 + ["skull"]  # one block per dataset
