@@ -140,7 +140,7 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
 
         for name in ("slices_per_patient", "empty_share", "preset"):
             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-                raise click.UsageError(f"--{name.replace('_', '-')} applies to --domain mri only")
+                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --domain ultrasound")
         s = make_ultrasound_dataset(out_dir, patients, size, seed or 0, force=force)
         classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
         click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "

@@ -103,7 +103,7 @@ def test_cli_demo_data_preset(tmp_path, genseg_cli):
     refused = genseg_cli("demo-data", tmp_path / "x", "--preset", "hard", returncode=2)
     assert "unknown demo preset 'hard'" in refused.stderr and "Traceback" not in refused.stderr
     refused = genseg_cli("demo-data", tmp_path / "y", "--domain", "ultrasound", "--preset", "small", returncode=2)
-    assert "--preset applies to --domain mri only" in refused.stderr
+    assert "--preset does not apply to --domain ultrasound" in refused.stderr
 
 
 def test_make_demo_dataset_records_the_preset(tmp_path):
