@@ -1,11 +1,12 @@
-"""docs/demo_grid.png and docs/demo_ultrasound_grid.png: what the embedded demo data looks like, read back the
-way training reads it.
+"""docs/demo_grid.png, docs/demo_anatomy_grid.png and docs/demo_ultrasound_grid.png: what the embedded demo data
+looks like, read back the way training reads it.
 
 Writes a small demo dataset to a temporary folder and reads every image through the dataset's reader (Figshare
-for the brain MRI, BUSI for the ultrasound domain) and the shared preprocessing. MRI: for each tumour class the
+for the brain MRI, procedural or real anatomy, BUSI for the ultrasound domain) and the shared preprocessing.
+MRI and anatomy: for each tumour class the
 slices with the largest tumours (one per patient) with the tumour outlined in the class colour, plus a row of
 tumour-free slices. Ultrasound: one row each of benign, malignant and normal images, lesions outlined:
-    python scripts/make_demo_grid.py [--domain mri|ultrasound] [--out PNG] [--per-class 4] [--size 256] [--seed 0]
+    python scripts/make_demo_grid.py [--domain mri|anatomy|ultrasound] [--out PNG] [--per-class 4] [--size 256] [--seed 0]
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import tempfile
 from pathlib import Path
 
 from genseg.data.demo import make_demo_dataset
+from genseg.data.demo_anatomy import make_anatomy_dataset
 from genseg.data.demo_ultrasound import make_ultrasound_dataset
 from genseg.data.figshare import find_figshare_files, read_figshare_mat
 from genseg.data.folders import find_busi_pairs, read_image_pair
 from genseg.data.records import CLASS_NAMES, preprocess_pair
 from genseg.viz import CLASS_COLORS, MASK_COLOR, grid_image, overlay, save_png
+
+DEFAULT_OUT = {"mri": "docs/demo_grid.png", "anatomy": "docs/demo_anatomy_grid.png",
+               "ultrasound": "docs/demo_ultrasound_grid.png"}
 
 
 def pick_slices(records, per_class: int) -> list:
@@ -34,8 +39,8 @@ def pick_slices(records, per_class: int) -> list:
 
 
 def mri_tiles(args, tmp: Path) -> tuple[list, list]:
-    make_demo_dataset(tmp, patients=6 * args.per_class, slices_per_patient=8, size=args.size, seed=args.seed,
-                      progress=False)
+    make = make_anatomy_dataset if args.domain == "anatomy" else make_demo_dataset
+    make(tmp, patients=6 * args.per_class, slices_per_patient=8, size=args.size, seed=args.seed, progress=False)
     records = [read_figshare_mat(p) for p in find_figshare_files(tmp)]
     tiles, titles = [], []
     for r in pick_slices(records, args.per_class):
@@ -59,18 +64,18 @@ def ultrasound_tiles(args, tmp: Path) -> tuple[list, list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--domain", choices=["mri", "ultrasound"], default="mri", help="Which demo domain to show.")
-    parser.add_argument("--out", type=Path, help="PNG to write (default docs/demo_grid.png or "
-                                                 "docs/demo_ultrasound_grid.png).")
+    parser.add_argument("--domain", choices=list(DEFAULT_OUT), default="mri", help="Which demo domain to show.")
+    parser.add_argument("--out", type=Path, help="PNG to write (default docs/demo_grid.png, "
+                                                 "docs/demo_anatomy_grid.png or docs/demo_ultrasound_grid.png).")
     parser.add_argument("--per-class", type=int, default=4, help="Images per class (= grid columns).")
     parser.add_argument("--size", type=int, default=256, help="Demo image size in pixels.")
     parser.add_argument("--tile", type=int, default=160, help="Side of each tile in the picture.")
     parser.add_argument("--seed", type=int, default=0, help="Demo data seed.")
     args = parser.parse_args()
-    out = args.out or Path("docs/demo_grid.png" if args.domain == "mri" else "docs/demo_ultrasound_grid.png")
+    out = args.out or Path(DEFAULT_OUT[args.domain])
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_tiles = mri_tiles if args.domain == "mri" else ultrasound_tiles
+        make_tiles = ultrasound_tiles if args.domain == "ultrasound" else mri_tiles
         tiles, titles = make_tiles(args, Path(tmp) / "demo")
     out.parent.mkdir(parents=True, exist_ok=True)
     # A 256-colour palette keeps the noisy images under 300 KB for the README (grey levels plus outline colours).
