@@ -138,9 +138,7 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
     if domain == "ultrasound":
         from .data.demo_ultrasound import make_ultrasound_dataset
 
-        for name in ("slices_per_patient", "empty_share", "preset"):
-            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --domain ultrasound")
+        _refuse_given(ctx, ("slices_per_patient", "empty_share", "preset"), "does not apply to --domain ultrasound")
         s = make_ultrasound_dataset(out_dir, patients, size, seed or 0, force=force)
         classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
         click.echo(f"Wrote {s['images']} ultrasound images ({s['size']}x{s['size']}) to {s['out_dir']} "
@@ -149,10 +147,8 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
     if domain == "anatomy":
         from .data.demo_anatomy import LEVELS, make_anatomy_dataset
 
-        for name in ("empty_share", "preset"):
-            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
-                raise click.UsageError(f"--{name.replace('_', '-')} does not apply to --domain anatomy (its "
-                                       f"tumour-free slices are the levels above and below each tumour)")
+        _refuse_given(ctx, ("empty_share", "preset"), "does not apply to --domain anatomy (its tumour-free slices "
+                                                       "are the levels above and below each tumour)")
         if slices_per_patient > len(LEVELS):
             raise click.BadParameter(f"{slices_per_patient}: the anatomy head has {len(LEVELS)} levels",
                                      param_hint="--slices-per-patient")
@@ -169,6 +165,13 @@ def demo_data(ctx, out_dir, domain, patients, slices_per_patient, size, seed, em
     classes = ", ".join(f"{name} {n}" for name, n in s["classes"].items())
     click.echo(f"Wrote {s['slices']} slices of {s['patients']} patients ({s['size']}x{s['size']}) to {s['out_dir']} "
                f"in {s['seconds']:.1f} s: {classes}; {s['empty_slices']} slices without tumour.")
+
+
+def _refuse_given(ctx: click.Context, names: tuple[str, ...], why: str) -> None:
+    """UsageError for the first of these options the user gave (a default is never refused)."""
+    for name in names:
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} {why}")
 
 
 def _postprocess_options(command):

@@ -3,10 +3,11 @@ looks like, read back the way training reads it.
 
 Writes a small demo dataset to a temporary folder and reads every image through the dataset's reader (Figshare
 for the brain MRI, procedural or real anatomy, BUSI for the ultrasound domain) and the shared preprocessing.
-MRI and anatomy: for each tumour class the
-slices with the largest tumours (one per patient) with the tumour outlined in the class colour, plus a row of
-tumour-free slices. Ultrasound: one row each of benign, malignant and normal images, lesions outlined:
-    python scripts/make_demo_grid.py [--domain mri|anatomy|ultrasound] [--out PNG] [--per-class 4] [--size 256] [--seed 0]
+MRI and anatomy: for each tumour class the slices with the largest tumours (one per patient) with the tumour
+outlined in the class colour, plus a row of tumour-free slices. Ultrasound: one row each of benign, malignant and
+normal images, lesions outlined:
+    python scripts/make_demo_grid.py [--domain mri|anatomy|ultrasound] [--out PNG] [--per-class 4] [--size 256]
+                                     [--seed 0]
 """
 
 from __future__ import annotations
