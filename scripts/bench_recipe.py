@@ -51,8 +51,7 @@ from genseg.data.demo import PRESETS, make_demo_dataset
 from genseg.data.demo_anatomy import make_anatomy_dataset
 from genseg.data.demo_ultrasound import make_ultrasound_dataset
 from genseg.data.prepare import prepare
-from genseg.data.prepared import PreparedDataset, read_metadata
-from genseg.data.records import CLASS_NAMES
+from genseg.data.prepared import PreparedDataset, class_names, read_metadata
 from genseg.evaluation.metrics import dice_iou, score_slices, summarize
 from genseg.models.unet import SegmentationUNet
 from genseg.runs import CsvLog, SegTrainConfig
@@ -90,19 +89,12 @@ def prepared_size(data: Path) -> int:
 
 
 def load_split(data: Path, split: str) -> dict:
-    """One split of a prepared file in memory: images (N, C, S, S), masks (N, 1, S, S), labels and patients."""
+    """One split of a prepared file in memory: images (N, C, S, S), masks (N, 1, S, S), labels, patients and the
+    file's class names."""
     dataset = PreparedDataset(data, split=split)
     items = [dataset[i] for i in range(len(dataset))]
     return {"images": torch.stack([it["image"] for it in items]), "masks": torch.stack([it["mask"] for it in items]),
-            "labels": dataset.labels, "patients": dataset.patients}
-
-
-def own_class_names(scores: dict, data: Path) -> dict:
-    """`scores` with per_class keyed by the file's own class names (summarize names labels as Figshare's, which
-    are wrong for the ultrasound set's benign / malignant / normal)."""
-    names = {int(k): v for k, v in (read_metadata(data)["attrs"].get("metadata") or {}).get("class_names", {}).items()}
-    rename = {CLASS_NAMES.get(k, str(k)): v for k, v in names.items()}
-    return {**scores, "per_class": {rename.get(k, k): v for k, v in scores["per_class"].items()}}
+            "labels": dataset.labels, "patients": dataset.patients, "class_names": class_names(dataset.attrs)}
 
 
 def mean_dice(probs: torch.Tensor, masks: torch.Tensor) -> float:
@@ -118,7 +110,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def test_scores(probs: torch.Tensor, test: dict) -> dict:
     scores = score_slices(probs[:, 0].numpy() >= THRESHOLD, test["masks"][:, 0].numpy() > 0.5)
-    return summarize(scores, test["labels"], test["patients"])
+    return summarize(scores, test["labels"], test["patients"], test["class_names"])
 
 
 # --- the baselines' shared loop -------------------------------------------------------------------------------
@@ -264,11 +256,11 @@ def run_dataset(name: str, data: Path, recipes: list[str], variants: dict[str, d
             train = train_bare if recipe == "bare" else train_monai
             model, info = train(splits["train"], splits["val"], budget_s, seed)
             test = test_scores(predict(model, splits["test"]["images"]), splits["test"])
-        rows[recipe] = {"wall_s": time.perf_counter() - start, **info, "test": own_class_names(test, data)}
+        rows[recipe] = {"wall_s": time.perf_counter() - start, **info, "test": test}
         if recipe.startswith("genseg") and post_rows:
             for variant, scores in genseg_post_rows(recipe, run_dir, data, min_component).items():
                 rows[variant] = {**{k: v for k, v in rows[recipe].items() if k != "test"},
-                                 "test": own_class_names(scores, data)}
+                                 "test": scores}
     return rows
 
 

@@ -209,6 +209,16 @@ def test_evaluate_cli_json(data, tmp_path, genseg_cli):
     assert result["selection"] == {"folds": [4]} and result["num_slices"] == 8
 
 
+def test_evaluate_names_classes_as_the_data_does(data, tmp_path):
+    """Per-class scores carry the names `prepare` recorded (BUSI's benign / malignant / normal), not Figshare's."""
+    train_segmenter(SegTrainConfig(**TINY), data, tmp_path / "run")
+    names = {"0": "normal", "1": "benign", "2": "malignant", "3": "other"}
+    busi = write_phantoms(tmp_path / "busi.h5", n=40, size=32, patients=10, metadata={"class_names": names})
+    assert set(evaluate(tmp_path / "run", busi, progress=False)["per_class"]) == set(names.values())
+    assert set(evaluate(tmp_path / "run", data, progress=False)["per_class"]) == {"none", "meningioma", "glioma",
+                                                                                   "pituitary"}
+
+
 def test_evaluate_rejects_missing_or_foreign_checkpoint(data, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         evaluate(tmp_path / "nope", data)

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .prepared import SPLITS, assign_patient_folds, open_prepared, read_metadata, split_from_folds
+from .prepared import (SPLITS, assign_patient_folds, class_names, open_prepared, read_metadata,
+                       split_from_folds)
 from .records import CLASS_NAMES, SliceRecord
 from .sources import choose_folds, open_source, scan, worker_pool
 
@@ -74,7 +75,7 @@ def _prepared_info(path: Path) -> dict[str, Any]:
     meta = read_metadata(path)
     attrs, n = meta["attrs"], meta["num_slices"]
     metadata = attrs.get("metadata") or {}
-    names = {int(k): v for k, v in (metadata.get("class_names") or {}).items()}
+    names = class_names(attrs)
     with open_prepared(path) as h5:
         masks = h5["masks"]
         tumour = np.concatenate([masks[i:i + 256].reshape(-1, masks.shape[1] * masks.shape[2]).any(axis=1)

@@ -225,6 +225,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         }
 
 
+def class_names(attrs: dict[str, Any]) -> dict[int, str]:
+    """{label: name} that `prepare` recorded from the source (Figshare's tumour types, BUSI's benign / malignant /
+    normal, ...), from a prepared file's decoded attributes; empty when the source named none."""
+    return {int(k): v for k, v in ((attrs.get("metadata") or {}).get("class_names") or {}).items()}
+
+
 def check_synthetic(path: str | Path, real_attrs: dict) -> dict:
     """`read_metadata` of a synthetic file, after checking it is marked synthetic and matches the real data's
     image size and channels (DataError naming the file otherwise)."""

@@ -12,7 +12,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data.prepared import PreparedDataset, open_prepared, read_metadata
+from ..data.prepared import PreparedDataset, class_names, open_prepared, read_metadata
 from ..errors import DataError
 from ..inference.postprocess import postprocessed, predict_typed
 from ..inference.segmenter import Segmenter, load_segmenter
@@ -62,7 +62,7 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
         pred = _predict(segmenter, batch, typed) >= segmenter.threshold
         parts.append(score_slices(pred, batch["mask"][:, 0].numpy() > 0.5))
     scores = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    result = summarize(scores, dataset.labels, dataset.patients)
+    result = summarize(scores, dataset.labels, dataset.patients, class_names(dataset.attrs))
     if typed:
         result["typed"] = typed_summary(np.concatenate([t[0] for t in typed]), np.concatenate([t[1] for t in typed]),
                                         dataset.labels, segmenter.class_names)

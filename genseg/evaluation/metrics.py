@@ -90,9 +90,12 @@ def _mean(values: np.ndarray) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def summarize(scores: dict[str, np.ndarray], labels: Sequence[int], patients: Sequence[str]) -> dict:
-    """Means over slices, per tumour class and per patient, plus the false-positive rate (module doc)."""
+def summarize(scores: dict[str, np.ndarray], labels: Sequence[int], patients: Sequence[str],
+              class_names: dict[int, str] | None = None) -> dict:
+    """Means over slices, per tumour class and per patient, plus the false-positive rate (module doc). Classes are
+    named by `class_names` (the data's own, e.g. BUSI's benign / malignant / normal), else by Figshare's."""
     labels, patients = np.asarray(labels), np.asarray(patients, dtype=object)
+    names = {**CLASS_NAMES, **(class_names or {})}
     has_tumour = scores["target_sum"] > 0
     tumour_free = ~has_tumour
 
@@ -114,7 +117,7 @@ def summarize(scores: dict[str, np.ndarray], labels: Sequence[int], patients: Se
         **block(np.ones(len(labels), bool)),
         "dice_tumour": _mean(scores["dice"][has_tumour]),
         "iou_tumour": _mean(scores["iou"][has_tumour]),
-        "per_class": {CLASS_NAMES.get(int(c), str(int(c))): block(labels == c) for c in np.unique(labels)},
+        "per_class": {names.get(int(c), str(int(c))): block(labels == c) for c in np.unique(labels)},
         "patient_dice_mean": _mean(np.array(list(per_patient.values()))),
         "per_patient_dice": per_patient,
         "fp_rate": _mean(false_alarms.astype(np.float64)),
