@@ -8,7 +8,8 @@ of `genseg sample`), and `evaluate-synthetic` measures them against DATA: KID (n
 reference), median nearest-neighbour ratio, near-copies, and with --segmenter the mask/segmenter Dice.
 Every mode: a mask-conditioned generator is sampled for DATA's training masks (`--masks-from DATA`), an inpaint
 generator paints lesions into DATA's training slices (`--inpaint-into DATA`), so their agreement column is the
-mask faithfulness (segmenter Dice on the image vs the given mask).
+mask faithfulness (segmenter Dice on the image vs the given mask); `--given FILE` draws them from FILE instead
+(a matched generator's own patients) while quality is still measured against DATA.
 Prints a markdown table (step, minutes, loss, KID, ...) and writes OUT/convergence/: table.md, curve.json,
 kid.png (KID vs training minutes), quality.png (NN ratio and agreement), and per step the synthetic file,
 its quality histogram and a sample grid.
@@ -59,7 +60,7 @@ def loss_at(rows: list[dict], step: int) -> float | None:
 
 
 def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, sample_steps: int, seed: int,
-            segmenter: str | None) -> list[dict]:
+            segmenter: str | None, given: Path | None = None) -> list[dict]:
     rows = CsvLog(out / "log.csv").rows()
     checkpoints = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).exists())
     if not checkpoints:
@@ -70,10 +71,11 @@ def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, samp
         folder = out / "convergence" / checkpoint.name
         save_pipeline(ema_weights(checkpoint, cfg), cfg, folder)
         started = time.perf_counter()
-        given = {"mask-conditioned": {"masks_from": data}, "inpaint": {"inpaint_into": data}}.get(cfg.model.mode, {})
+        inputs = {"mask-conditioned": {"masks_from": given or data},
+                  "inpaint": {"inpaint_into": given or data}}.get(cfg.model.mode, {})
         synthetic = sample_to_file(folder, samples, folder / "synthetic.h5",
                                    SamplingSettings(scheduler="dpmsolver", steps=sample_steps, seed=seed),
-                                   png_dir=folder / "png", progress=False, **given)
+                                   png_dir=folder / "png", progress=False, **inputs)
         sample_s = (time.perf_counter() - started) / samples
         quality = evaluate_synthetic(synthetic, data, segmenter, out_dir=folder, seed=seed, progress=False)
         curve.append({"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 2),
@@ -81,7 +83,9 @@ def measure(out: Path, data: Path, cfg: DiffusionTrainConfig, samples: int, samp
                       **{k: quality[k] for k in ("kid_mean", "kid_std", "kid_real_reference", "nn_ratio_median",
                                                  "near_copy_percent", "agreement_dice_mean", "agreement_real_reference",
                                                  "tumour_slice_share",
-                                                 "feature_network")}})
+                                                 "feature_network")},
+                      "lesion_nn_ratio_median": quality.get("lesion_nn_ratio_median"),
+                      "lesion_near_copy_percent": quality.get("lesion_near_copy_percent")})
         print(table(curve[-1:], header=not curve[:-1]), flush=True)
     return curve
 
@@ -93,10 +97,13 @@ def table(curve: list[dict], header: bool = True) -> str:
     lines = ["| step | minutes | loss | KID x1000 | real KID x1000 | NN ratio median | near-copies % | "
              "mask/seg Dice (real) | tumour slices syn/real | s/sample |", "|" + "---|" * 10] if header else []
     for r in curve:
+        nn, copies = fmt(r["nn_ratio_median"]), f"{r['near_copy_percent']:g}"
+        if r.get("lesion_nn_ratio_median") is not None:  # inpaint: the placed lesions' own windows too
+            nn += f" (placed lesions {fmt(r['lesion_nn_ratio_median'])})"
+            copies += f" (lesions {r['lesion_near_copy_percent']:g})"
         lines.append(f"| {r['step']} | {r['minutes']} | {fmt(r['loss'])} | {fmt(r['kid_mean'], 1e3)} ± "
-                     f"{fmt(r['kid_std'], 1e3)} | {fmt(r['kid_real_reference'], 1e3)} | {fmt(r['nn_ratio_median'])} | "
-                     f"{r['near_copy_percent']:g} | {fmt(r['agreement_dice_mean'])} "
-                     f"({fmt(r['agreement_real_reference'])}) | "
+                     f"{fmt(r['kid_std'], 1e3)} | {fmt(r['kid_real_reference'], 1e3)} | {nn} | {copies} | "
+                     f"{fmt(r['agreement_dice_mean'])} ({fmt(r['agreement_real_reference'])}) | "
                      f"{fmt(r['tumour_slice_share']['synthetic'])}/{fmt(r['tumour_slice_share']['real'])} | "
                      f"{r['seconds_per_sample']} |")
     return "\n".join(lines)
@@ -116,6 +123,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override a top-level config key (YAML value), e.g. --set batch_size=8.")
     parser.add_argument("--eval-only", action="store_true", help="Only evaluate the checkpoints already in --out.")
+    parser.add_argument("--given", type=Path, help="Prepared file that masks are drawn from (mask-conditioned) or "
+                                                   "lesions painted into (inpaint); default --data. E.g. a matched "
+                                                   "generator's own patients (the study's kept/F-S.h5).")
     args = parser.parse_args()
 
     if args.eval_only:
@@ -127,7 +137,7 @@ def main() -> None:
         cfg = resolve_config(DiffusionTrainConfig, args.config, overrides, args.out, resume=False)
         result = train_diffusion(cfg, args.data, args.out)
         print(f"trained {result.metrics}", flush=True)
-    curve = measure(args.out, args.data, cfg, args.samples, args.sample_steps, args.seed, args.segmenter)
+    curve = measure(args.out, args.data, cfg, args.samples, args.sample_steps, args.seed, args.segmenter, args.given)
 
     folder = args.out / "convergence"
     text = table(curve)

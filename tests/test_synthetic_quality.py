@@ -255,3 +255,33 @@ def test_scores_what_genseg_sample_writes(real, seg_run, tmp_path):
     rows, provenance = select_synthetic(synth, read_metadata(real)["attrs"], min_nn_ratio=0.5,
                                         min_agreement=float(np.median(agreement)))
     assert 1 <= len(rows) <= 6 and provenance["metadata"]["steps"] == 2
+
+
+def test_placed_lesions_are_judged_by_their_own_window(real, tmp_path):
+    """An inpainted slice is its real host outside the repainted region, so memorisation of placed lesions looks
+    at the lesion's window only: a training lesion pasted back is a near-copy (ratio 0), a lesion never seen is
+    as far from the training lesions as a held-out real one; erase sets and other modes get no such view."""
+    meta = read_metadata(real)
+    train = np.flatnonzero(meta["split"] == "train")
+    with h5py.File(real, "r") as h5:
+        masks = h5["masks"][:]
+    hosts = [int(r) for r in train if not masks[r].any()][:3]  # tumour-free hosts: the whole mask was placed
+    pasted, pasted_masks = real_train_slices(real, 12)
+    keep = pasted_masks.reshape(12, -1).any(1)
+    pasted, pasted_masks = pasted[keep][:3], pasted_masks[keep][:3]
+    fresh, fresh_masks = fresh_phantoms(8, seed=321)
+    keep = fresh_masks.reshape(8, -1).any(1)
+    fresh, fresh_masks = fresh[keep][:3], fresh_masks[keep][:3]
+    placed = {"inpaint_into": str(real), "inpaint": "place", "host_rows": hosts, "region_margin": 2}
+    copies = evaluate_synthetic(write_synth(tmp_path / "pasted.h5", pasted, pasted_masks, **placed), real,
+                                write=False, **FAST)
+    new = evaluate_synthetic(write_synth(tmp_path / "new.h5", fresh, fresh_masks, **placed), real, write=False, **FAST)
+    assert copies["lesion_windows"] == new["lesion_windows"] == 3
+    assert copies["lesion_nn_ratio_median"] < 1e-3 and copies["lesion_near_copy_percent"] == 100
+    assert new["lesion_nn_ratio_median"] > 0.5 and new["lesion_near_copy_percent"] < 100
+    assert "placed lesions only" in markdown_table(new)
+    erased = evaluate_synthetic(write_synth(tmp_path / "erased.h5", fresh, fresh_masks, **{**placed, "inpaint": "erase"}),
+                                real, write=False, **FAST)
+    assert erased["lesion_memorisation"] == "not measured: an erase set places no lesion"
+    joint = evaluate_synthetic(write_synth(tmp_path / "joint.h5", fresh, fresh_masks), real, write=False, **FAST)
+    assert "lesion_memorisation" not in joint

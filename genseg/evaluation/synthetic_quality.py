@@ -29,6 +29,9 @@ Three views, each next to a real-vs-real reference so the number means something
   "none"): their empty masks are placeholders, not generated masks. For samples of a mask-conditioned model
   (mask_source "given") the same Dice is the *mask faithfulness*: does the generated image show the tumour it
   was asked for? It is reported under that name too (`mask_faithfulness_dice_mean` / `_median`).
+- Lesion-only memorisation, for lesions placed by an inpaint model (`inpainted_lesion_memorisation`): outside its
+  region an inpainted slice *is* its real host, so the whole-slice ratio above calls it a near-copy by
+  construction; the placed lesion's window is compared with the real lesions' windows instead.
 
 Results are written into the synthetic file as per-slice datasets `quality_nn_ratio` and (with a segmenter)
 `quality_agreement`, which `train-seg --min-nn-ratio / --min-agreement` filter on, and the summary as the file
@@ -63,6 +66,7 @@ NN_SIDE = 32  # images are average-pooled to at most this side before nearest-ne
 RANDOM_CNN_SIDE = 64  # the random CNN sees images resized to this side (its receptive field is ~half of it)
 SIZE_EDGES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # tumour area-share histogram edges (slices with tumour)
 RATIO_EDGES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+LESION_SIDE = 16  # lesion windows are resized to this side for the lesion-only nearest-neighbour search
 AGREEMENT_EDGES = tuple(np.round(np.linspace(0.1, 0.9, 9), 1))
 
 
@@ -138,6 +142,70 @@ def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Ca
                 pred = segmenter.predict(images[scored]) >= segmenter.threshold
                 out.agreement.append(dice_from_counts(*overlap_counts(pred, masks[scored])))
     return out.done()
+
+
+def lesion_windows(images: np.ndarray, lesions: np.ndarray, margin: int) -> np.ndarray:
+    """For each slice whose `lesions` mask is not empty: the square window around the lesion grown by `margin`
+    px (side = the grown lesion's larger extent, moved inside the image), resized to LESION_SIDE, (N, C, S, S)."""
+    from ..data.regions import bounding_box, dilate
+
+    windows = []
+    for image, lesion in zip(images, lesions):
+        if not lesion.any():
+            continue
+        top, bottom, left, right = bounding_box(dilate(torch.from_numpy(np.asarray(lesion, np.uint8)), margin))
+        side, size = max(bottom - top, right - left) + 1, image.shape[-1]
+        start = [min(max(0, (low + high + 1) // 2 - side // 2), size - side) for low, high in ((top, bottom), (left, right))]
+        window = torch.from_numpy(np.asarray(image, np.float32))[None, :, start[0]:start[0] + side,
+                                                                    start[1]:start[1] + side]
+        windows.append(F.interpolate(window, size=(LESION_SIDE, LESION_SIDE), mode="bilinear", antialias=True,
+                                     align_corners=False)[0].numpy())
+    return np.stack(windows) if windows else np.zeros((0, images.shape[1], LESION_SIDE, LESION_SIDE), np.float32)
+
+
+def _read_rows(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32, masks bool) of `rows` of a prepared file, in that order (a row may repeat)."""
+    unique, inverse = np.unique(rows, return_inverse=True)
+    with h5py.File(path, "r") as h5:
+        images, masks = h5["images"][unique.tolist()].astype(np.float32), h5["masks"][unique.tolist()] > 0
+    return images[inverse], masks[inverse]
+
+
+def inpainted_lesion_memorisation(synthetic: Path, metadata: dict, real: Path, train_rows: np.ndarray,
+                                  held_rows: np.ndarray, near_copy_ratio: float) -> dict[str, Any] | None:
+    """Memorisation of the lesions an inpaint model placed, looking at the lesion only: every pixel outside the
+    repainted region is the host's, so the whole-slice NN ratio calls each inpainted slice a near-copy of its host.
+    Each placed lesion's window (synthetic mask minus the host's, grown by the region margin; lesion_windows) is
+    compared to the windows of the real training lesions and their mirror images, as a ratio to the median
+    distance of the real held-out lesions to the same set. Blind spot: the placed lesion was turned and zoomed,
+    so a generator that pasted a training lesion back unchanged would still look new in pixel space. None for
+    other sets; for erase sets, a missing host file or no held-out lesion, `lesion_memorisation` says why not."""
+    if "inpaint_into" not in metadata:
+        return None
+    hosts = Path(metadata["inpaint_into"])
+    why = ("an erase set places no lesion" if metadata.get("inpaint") != "place" else
+           f"host file {hosts} not found" if not hosts.is_file() else
+           "the real file has no held-out slices" if not len(held_rows) else None)
+    if why:
+        return {"lesion_memorisation": f"not measured: {why}"}
+    margin = int(metadata["region_margin"])
+    with h5py.File(synthetic, "r") as h5:
+        images, masks = h5["images"][:].astype(np.float32), h5["masks"][:] > 0
+    _, host_masks = _read_rows(hosts, np.asarray(metadata["host_rows"], np.int64))
+    placed = lesion_windows(images, masks & ~host_masks, margin)
+    train, held = (lesion_windows(*_read_rows(real, rows), margin) for rows in (train_rows, held_rows))
+    if not len(held) or not len(train) or not len(placed):
+        return {"lesion_memorisation": "not measured: no lesion in the real training or held-out slices"}
+    references = np.concatenate([train, train[..., ::-1]])
+    real_distances = nearest_neighbour_distances(held, references)
+    typical = max(float(np.median(real_distances)), 1e-12)
+    ratio = nearest_neighbour_distances(placed, references) / typical
+    return {"lesion_memorisation": (f"placed lesions' windows ({LESION_SIDE}px) to the real training lesions' "
+                                    f"windows and their mirror images, over the real held-out lesions' median"),
+            "lesion_windows": int(len(placed)), "lesion_nn_ratio_median": float(np.median(ratio)),
+            "lesion_nn_ratio_min": float(ratio.min()),
+            "lesion_near_copy_percent": round(100 * float((ratio < near_copy_ratio).mean()), 2),
+            "lesion_real_near_copy_percent": round(100 * float((real_distances / typical < near_copy_ratio).mean()), 2)}
 
 
 def _histogram(values: np.ndarray, edges: tuple, empty_bin: bool = False) -> tuple[list[str], list[float]]:
@@ -316,6 +384,8 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
         "tumour_size_histogram": {"bins": size_bins, "synthetic": syn_sizes, "real": real_sizes},
         "class_histogram": {"synthetic": _class_shares(syn_meta["labels"]),
                             "real": _class_shares(real_meta["labels"][train_rows])},
+        **(inpainted_lesion_memorisation(synthetic, syn_meta["attrs"].get("metadata") or {}, real, train_rows,
+                                         held_rows, near_copy_ratio) or {}),
     }
     out_dir = Path(out_dir) if out_dir is not None else synthetic.parent
     result["figure"] = str(_figure(result, out_dir / f"{synthetic.stem}_quality.png"))
@@ -393,6 +463,11 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"| share of slices with tumour | {fmt(shares['synthetic'])} | {fmt(shares['real'])} |",
         f"| mean tumour area share (tumour slices) | {fmt(areas['synthetic'])} | {fmt(areas['real'])} |",
     ]
+    if result.get("lesion_nn_ratio_median") is not None:
+        lines += [f"| placed lesions only: nearest-neighbour ratio, median (min) | "
+                  f"{fmt(result['lesion_nn_ratio_median'])} ({fmt(result['lesion_nn_ratio_min'])}) | 1 |",
+                  f"| placed lesions only: near-copies | {result['lesion_near_copy_percent']:g} % | "
+                  f"{result['lesion_real_near_copy_percent']:g} % |"]
     for name in _class_order(result):
         lines.append(f"| class {name} share | {fmt(result['class_histogram']['synthetic'].get(name, 0.0))} | "
                      f"{fmt(result['class_histogram']['real'].get(name, 0.0))} |")
