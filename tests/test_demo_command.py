@@ -199,20 +199,48 @@ def test_demo_from_scratch_states_the_training_time_first(tmp_path):
     assert (tmp_path / "demo" / "report.md").is_file()
 
 
-def test_study_matched_generator_arm(tiny_pipeline, tmp_path):
-    """The fairness arm: a generator per (fraction < 1, seed) trained on exactly that segmenter's real patients,
-    its synthetic set used for the ratio > 0 cells of that fraction only."""
+def test_study_matched_generator_arms(tiny_pipeline, tmp_path):
+    """The fairness arms: per mode a generator per (fraction < 1, seed) trained on exactly that segmenter's real
+    patients, its synthetic set used for the 0 < ratio < 1 cells of that fraction only; the mask-conditioned and
+    inpaint sets drawn from those patients' slices alone; the augmented-real control beside them; every set's
+    quality measured by the real-only run of its seed."""
     script = load_script("study_synthetic_ratio")
     out = tmp_path / "study"
     summary = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
-                           "--matched-generator"])
-    matched = [r for r in summary["runs"] if r["arm"] == "matched generator"]
-    assert [(r["fraction"], r["ratio"]) for r in matched] == [(0.5, 0.5)]
-    generator = json.loads((out / "generators" / "f0.5-s0" / "run.json").read_text())
-    segmenter = json.loads((out / "runs" / "matched" / "f0.5-r0.5-s0" / "run.json").read_text())
-    assert generator["kept_patients"] == segmenter["kept_patients"] and generator["real_fraction"] == 0.5
-    assert segmenter["synthetic"]["path"] == str((out / "synthetic-matched" / "f0.5-s0.h5").resolve())
-    assert "| matched generator | 50 % " in summary["table"] and "| matched generator | 100 % " not in summary["table"]
+                           "--matched-generator", "--matched-modes", "joint,mask-conditioned,inpaint",
+                           "--augmented-real"])
+    runs = summary["runs"]
+    kept = read_metadata(out / "kept" / "f0.5-s0.h5")
+    real = read_metadata(out / "demo.h5")
+    real_only = json.loads((out / "runs" / "baseline" / "f0.5-r0-s0" / "run.json").read_text())
+    assert sorted(set(kept["patients"])) == real_only["kept_patients"] and set(kept["split"]) == {"train"}
+    for mode in ("joint", "mask-conditioned", "inpaint"):
+        matched = [r for r in runs if r["arm"] == f"matched {mode}"]
+        assert [(r["fraction"], r["ratio"]) for r in matched] == [(0.5, 0.5)]
+        generator = json.loads((out / "generators" / mode / "f0.5-s0" / "run.json").read_text())
+        segmenter = json.loads((out / "runs" / f"matched-{mode}" / "f0.5-r0.5-s0" / "run.json").read_text())
+        assert generator["kept_patients"] == segmenter["kept_patients"] == real_only["kept_patients"]
+        path = out / "synthetic-matched" / mode / "f0.5-s0.h5"
+        assert segmenter["synthetic"]["path"] == str(path.resolve())
+        assert matched[0]["quality"]["kid_mean"] is not None and path.with_suffix(".png").is_file()
+        metadata = read_metadata(path)["attrs"]["metadata"]
+        if mode == "mask-conditioned":  # masks of the kept patients only
+            assert metadata["masks_from"] == str((out / "kept" / "f0.5-s0.h5").resolve())
+        if mode == "inpaint":  # hosts and lesions are the kept patients' slices
+            assert metadata["inpaint_into"] == str((out / "kept" / "f0.5-s0.h5").resolve())
+        assert f"| matched {mode} | 50 % " in summary["table"] and f"| matched {mode} | 100 % " not in summary["table"]
+    augmented = read_metadata(out / "augmented-real" / "f0.5-s0.h5")
+    sources = {int(s.split()[1]) for s in augmented["sources"]}
+    assert sources <= {i for i, p in enumerate(real["patients"]) if p in set(kept["patients"])}
+    assert augmented["num_slices"] == summary["real_train_slices"]
+    assert "matched inpaint against augmented real, real fraction 50 %, ratio 0.5" in summary["table"]
+    assert "### The synthetic sets" in summary["table"]
+    judged = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
+                          "--matched-generator", "--matched-modes", "joint,mask-conditioned,inpaint",
+                          "--augmented-real", "--quality-judge", str(tiny_pipeline)])  # another judge, runs reused
+    assert [r["dice"] for r in judged["runs"]] == [r["dice"] for r in runs]
+    assert {r["quality"]["judge"] for r in judged["runs"] if "quality" in r} == {str(tiny_pipeline)}
+    assert (out / "synthetic-matched" / "inpaint" / f"f0.5-s0.quality-{tiny_pipeline.name}.json").is_file()
 
 
 def test_other_load_counts_the_cores_other_processes_take():
