@@ -495,7 +495,8 @@ def _cell(s, base) -> str:
 
 def findings(summary: dict) -> list[str]:
     """Per real fraction and arm: the best ratio's Dice change against real-only, paired by seed (a seed fixes the
-    kept real patients, so both runs of a pair saw the same real data), next to the seed-to-seed sd."""
+    kept real patients, so both runs of a pair saw the same real data), with the paired sd and the seed-to-seed
+    sd; then each matched arm against the augmented-real control, cell by cell."""
     cfg, rows = summary["config"], summary["runs"]
     lines = []
     for arm in summary["arms"]:
@@ -510,14 +511,9 @@ def findings(summary: dict) -> list[str]:
             real_by_seed = by_seed(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
             differences = [dice - real_by_seed[seed] for seed, dice in
                            by_seed(rows, "dice", arm=arm, fraction=fraction, ratio=ratio).items() if seed in real_by_seed]
-            gain = float(np.mean(differences))
-            noise = max(real_only[1], best[1])
-            verdict = ("one seed: no noise estimate" if len(differences) < 2 else "within seed noise" if abs(gain) <= noise
-                       else "a gain" if gain > 0 else "a loss")
             lines.append(f"- {arm}, real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
-                         f"{gain:+.3f} against real-only (per seed " + ", ".join(f"{d:+.3f}" for d in differences)
-                         + f"; better in {sum(d > 0 for d in differences)} of {len(differences)}; sd up to "
-                           f"{noise:.3f}): {verdict}.")
+                         f"{paired_reading(differences)} against real-only; seed-to-seed sd up to "
+                         f"{max(real_only[1], best[1]):.3f}.")
     lines += [line for fraction in cfg["real_fractions"] for ratio in cfg["synthetic_ratios"] if ratio > 0
               for arm in summary["arms"] if arm.startswith("matched")
               for line in [paired_line(rows, arm, "augmented real", fraction, ratio)] if line]
@@ -525,15 +521,25 @@ def findings(summary: dict) -> list[str]:
 
 
 def paired_line(rows: list[dict], arm: str, other: str, fraction: float, ratio: float) -> str | None:
-    """`arm` against `other` in the same cell, paired by seed: mean and sd of the per-seed Dice differences."""
+    """`arm` against `other` in the same cell, paired by seed."""
     ours, theirs = (by_seed(rows, "dice", arm=a, fraction=fraction, ratio=ratio) for a in (arm, other))
     differences = [ours[s] - theirs[s] for s in ours if s in theirs]
     if not differences:
         return None
-    sd = f"sd {np.std(differences, ddof=1):.3f}" if len(differences) > 1 else "one seed"
     return (f"- {arm} against {other}, real fraction {100 * fraction:g} %, ratio {ratio:g} (equal slice counts): "
-            f"{np.mean(differences):+.3f} ({sd}; per seed " + ", ".join(f"{d:+.3f}" for d in differences)
-            + f"; better in {sum(d > 0 for d in differences)} of {len(differences)}).")
+            f"{paired_reading(differences)}.")
+
+
+def paired_reading(differences: list[float]) -> str:
+    """Mean of per-seed Dice differences, their sd, each one, and a verdict: within noise when the mean is no
+    larger than the sd of the differences (pairing removes the seed-to-seed spread of which patients are kept)."""
+    gain = float(np.mean(differences))
+    sd = float(np.std(differences, ddof=1)) if len(differences) > 1 else None
+    verdict = ("one seed: no noise estimate" if sd is None else "within the paired noise" if abs(gain) <= sd
+               else "a gain" if gain > 0 else "a loss")
+    return (f"{gain:+.3f} (paired sd {'n/a' if sd is None else f'{sd:.3f}'}; per seed "
+            + ", ".join(f"{d:+.3f}" for d in differences)
+            + f"; better in {sum(d > 0 for d in differences)} of {len(differences)}): {verdict}")
 
 
 def plot(summary: dict, path: Path) -> Path:
