@@ -511,9 +511,8 @@ def findings(summary: dict) -> list[str]:
             real_by_seed = by_seed(rows, "dice", arm="baseline", fraction=fraction, ratio=0.0)
             differences = [dice - real_by_seed[seed] for seed, dice in
                            by_seed(rows, "dice", arm=arm, fraction=fraction, ratio=ratio).items() if seed in real_by_seed]
-            lines.append(f"- {arm}, real fraction {100 * fraction:g} %: best synthetic ratio {ratio:g} changes Dice by "
-                         f"{paired_reading(differences)} against real-only; seed-to-seed sd up to "
-                         f"{max(real_only[1], best[1]):.3f}.")
+            lines.append(f"- {arm}, real fraction {100 * fraction:g} %, best synthetic ratio {ratio:g}, against real-only: "
+                         f"{paired_reading(differences)}; seed-to-seed sd up to {max(real_only[1], best[1]):.3f}.")
     lines += [line for fraction in cfg["real_fractions"] for ratio in cfg["synthetic_ratios"] if ratio > 0
               for arm in summary["arms"] if arm.startswith("matched")
               for line in [paired_line(rows, arm, "augmented real", fraction, ratio)] if line]
