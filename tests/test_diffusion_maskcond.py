@@ -17,7 +17,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from genseg.data.augment import MaskAugment
 from genseg.data.prepared import read_metadata
+from genseg.data.regions import head_mask
 from genseg.errors import CheckpointError, ConfigError, DataError
 from genseg.pipeline.diffusion import SamplingSettings, load_diffusion, model_channels, model_layout, seed_generators
 from genseg.training.diffusion import train_diffusion
@@ -294,3 +296,32 @@ def test_step_timing_of_the_demo_plan_handles_the_mode():
     from genseg.workflows.demo import measure_diffusion_step
 
     assert measure_diffusion_step(tiny_config(MASKCOND)) > 0  # image channels denoised, the mask as input
+
+
+def test_moved_masks_stay_on_the_head_of_their_own_slice(tmp_path):
+    """--mask-augment may move a tumour, but not off the head into the air beside it: a draw that puts more of it
+    outside the head than the given mask had is redrawn. Shown where it matters, a tumour on the head's edge."""
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    head = (yy - 32) ** 2 + (xx - 24) ** 2 <= 18**2  # a head on the left, air on the right
+    tumour = ((yy - 32) ** 2 + (xx - 37) ** 2 <= 3**2).astype(np.uint8)  # inside it, at its right edge
+    assert head[tumour > 0].all()
+    free, kept = MaskAugment(("shift", "scale", "rotate"), seed=3), MaskAugment(("shift", "scale", "rotate"), seed=3)
+    left_the_head = sum(not head[free(tumour, i).numpy() > 0].all() for i in range(40))
+    assert left_the_head >= 5, "without the head the shifts push the tumour off it (else this test shows nothing)"
+    moved = [kept(tumour, i, head).numpy() for i in range(40)]
+    assert all(head[m > 0].all() for m in moved)
+    assert sum(not np.array_equal(m, tumour) for m in moved) >= 30, "the masks still move"
+
+
+def test_drawn_masks_keep_their_share_of_their_own_head(tmp_path):
+    data = write_phantoms(tmp_path / "p64.h5", n=16, size=64, patients=4)
+    masks, info = draw_masks(data, 64, 48, seed=2, augment=("shift", "scale", "rotate", "elastic"))
+    assert "head of their own slice" in info["masks_kept_on"]
+    rows = np.array(info["mask_rows"])
+    with h5py.File(data) as h5:
+        images, given = h5["images"][:], h5["masks"][:]
+    for mask, row in zip(masks, rows):
+        if mask.any():
+            head = head_mask(images[row])
+            assert head[mask > 0].mean() >= head[given[row] > 0].mean()

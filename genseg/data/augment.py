@@ -151,7 +151,9 @@ class MaskAugment:
     the order flip (left-right, p 0.5), scale, rotate, elastic, shift. Geometric moves are nearest-neighbour, so
     values stay {0, 1}. A draw that pushes the tumour onto the image border (when the given mask did not touch it)
     is redrawn, up to MASK_TRIES times, after which the mask is kept unchanged (`unchanged` counts those): the
-    mask stays inside the image. An empty mask stays empty (a tumour-free slice)."""
+    mask stays inside the image. Given `inside` (the head of the mask's own slice, data.regions.head_mask), a draw
+    must also keep as much of the tumour inside it as the given mask had, so that moved tumours stay on the head
+    instead of landing in the air beside it. An empty mask stays empty (a tumour-free slice)."""
 
     def __init__(self, parts: tuple[str, ...] | list[str] = (), seed: int = 0):
         unknown = sorted(set(parts) - set(MASK_AUGMENTS))
@@ -161,16 +163,19 @@ class MaskAugment:
         self.seed = seed
         self.unchanged = 0
 
-    def __call__(self, mask: torch.Tensor | Any, index: int) -> torch.Tensor:
-        """Mask `index` of a set, (H, W) of 0/1 -> its transformed uint8 tensor."""
+    def __call__(self, mask: torch.Tensor | Any, index: int, inside: torch.Tensor | Any | None = None) -> torch.Tensor:
+        """Mask `index` of a set, (H, W) of 0/1 -> its transformed uint8 tensor; `inside`: (H, W) bool or None."""
         mask = (torch.as_tensor(mask) > 0).to(torch.uint8)
         if not self.parts or not mask.any():
             return mask
         rng = torch.Generator().manual_seed(self.seed * 100_003 + index)
         on_border = _touches_border(mask)
+        inside = None if inside is None else torch.as_tensor(inside).bool()
+        kept_inside = _share_inside(mask, inside)
         for _ in range(MASK_TRIES):
             moved = self._draw(mask, rng)
-            if moved.any() and (on_border or not _touches_border(moved)):
+            if (moved.any() and (on_border or not _touches_border(moved))
+                    and _share_inside(moved, inside) >= kept_inside):
                 return moved
         self.unchanged += 1
         return mask
@@ -204,6 +209,13 @@ class MaskAugment:
             x = TF.affine(x, angle=0.0, translate=[round(uniform(-limit, limit)), round(uniform(-limit, limit))],
                           scale=1.0, shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST)
         return (x.as_subclass(torch.Tensor)[0] > 0).to(torch.uint8)
+
+
+def _share_inside(mask: torch.Tensor, inside: torch.Tensor | None) -> float:
+    """The share of the tumour's pixels inside `inside` (1 when there is no such region)."""
+    if inside is None:
+        return 1.0
+    return float((mask.bool() & inside).sum()) / float(mask.sum())
 
 
 def _touches_border(mask: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ import torch
 from ..data.augment import MASK_AUGMENTS, MaskAugment
 from ..data.prepared import PreparedDataset, PreparedWriter, open_prepared, read_metadata
 from ..data.regions import (BRAIN_INSET, HEAD_THRESHOLD, PLACEMENT_SCALE, PLACEMENT_TRIES, PLACEMENT_TURN,
-                            bounding_box, brain_mask, dilate, place_lesion)
+                            bounding_box, brain_mask, dilate, head_mask, place_lesion)
 from ..errors import ConfigError, DataError
 from ..models.diffusion import build_scheduler
 from ..pipeline.diffusion import (SamplingSettings, SliceDiffusionOutput, SliceDiffusionPipeline, inpaint_settings,
@@ -35,8 +35,8 @@ def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 
                augment: tuple[str, ...] | list[str] = ()) -> tuple[np.ndarray, dict]:
     """Masks for a mask-conditioned model from the prepared file `path`: `num` drawn from its training split with
     `seed` (a seeded permutation, repeated when `num` exceeds the split; None: every training mask, in file
-    order), transformed by MaskAugment(`augment`, `seed`). Returns uint8 (num, size, size) {0, 1} and what goes
-    into the synthetic file's metadata. Checked before anything is sampled (DataError naming the file): the file
+    order), transformed by MaskAugment(`augment`, `seed`), each kept on the head of its own slice. Returns uint8
+    (num, size, size) {0, 1} and what goes into the synthetic file's metadata. Checked before anything is sampled (DataError naming the file): the file
     holds masks (not an image-mode synthetic file), of the model's `size`, with values 0 and 1 only. Empty masks
     are valid: they ask for tumour-free slices."""
     path = Path(path)
@@ -47,11 +47,19 @@ def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 
         augmenter = MaskAugment(tuple(augment), seed)
     except ValueError as exc:
         raise ConfigError(f"--mask-augment: {exc}") from None
-    masks = np.stack([augmenter(m, i).numpy() for i, m in enumerate(masks)]).astype(np.uint8)
+    heads = _heads(path, rows) if augmenter.parts else [None] * len(rows)
+    masks = np.stack([augmenter(m, i, head) for i, (m, head) in enumerate(zip(masks, heads))]).astype(np.uint8)
     info = {"masks_from": str(path.resolve()), "mask_rows": rows.astype(int).tolist(),
             "mask_augment": list(augmenter.parts), "masks_kept_unchanged": augmenter.unchanged,
+            "masks_kept_on": f"the head of their own slice (intensity > {HEAD_THRESHOLD})" if augmenter.parts else None,
             "empty_masks": int((~masks.reshape(len(masks), -1).any(1)).sum())}
     return masks, info
+
+
+def _heads(path: Path, rows: np.ndarray, chunk: int = 256) -> list[np.ndarray]:
+    """data.regions.head_mask of each slice at `rows`, read a chunk at a time (a whole split need not fit)."""
+    return [head_mask(image) for start in range(0, len(rows), chunk)
+            for image in _read_rows(path, "images", rows[start:start + chunk])]
 
 
 def _training_rows(path: Path, size: int) -> tuple[dict, np.ndarray]:
