@@ -73,6 +73,9 @@ class SegTrainConfig:
     # running averages lag behind fast-moving weights: high learning rates, few steps; training/batchnorm.py);
     # 0 = keep the running averages. Off by default: on the recipe benchmark it did not pay (docs/recipe-benchmark.md)
     bn_stat_slices: int = 0
+    # Validate and save an exponential moving average of the weights with this decay (training/averaging.py);
+    # null = the weights as they are. With bn_stat_slices its BatchNorm statistics are its own.
+    ema_decay: float | None = None
     plot_samples: int = 4  # slices per split in the sample grids
     init_from: str | None = None  # start from this trained segmenter (run dir, model/ or pipeline folder); transfer.py
     freeze: Literal["none", "encoder", "encoder+bottleneck"] = "none"  # parts kept at init_from's weights
@@ -94,6 +97,8 @@ class SegTrainConfig:
              "set at least one of epochs, max_steps and time_budget: nothing would end the run"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.bn_stat_slices >= 0, f"bn_stat_slices must be >= 0, got {self.bn_stat_slices}"),
+            (self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+             f"ema_decay must be in (0, 1) (or null for off), got {self.ema_decay}"),
             (0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}"),
             (0.0 <= self.synthetic_ratio <= 1.0, f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}"),
             (0.0 < self.real_fraction <= 1.0, f"real_fraction must be in (0, 1], got {self.real_fraction}"),

@@ -129,6 +129,8 @@ def test_a_budget_inside_the_first_epoch_still_saves_a_validated_model(data, tmp
     ("time_budget", -2.0, "time_budget must be a positive number of minutes"),
     ("max_steps", 0, "max_steps must be positive"),
     ("warmup_steps", -1, "warmup_steps must be >= 0"),
+    ("ema_decay", 1.0, r"ema_decay must be in \(0, 1\) \(or null for off\), got 1.0"),
+    ("ema_decay", -0.5, r"ema_decay must be in \(0, 1\) \(or null for off\), got -0.5"),
 ])
 def test_bad_limits(key, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -238,3 +238,34 @@ def test_gradient_checkpointing_trains_the_same_weights(data, tmp_path):
     resumed = train_segmenter(SegTrainConfig(**{**TINY, "epochs": 3, "gradient_checkpointing": True}), data,
                               tmp_path / "run-False", resume=True)  # may change on resume: it changes no result
     assert resumed.metrics["epochs_run"] == 3
+
+
+def test_weight_average_is_what_is_validated_and_saved(data, tmp_path):
+    """With ema_decay the saved best model holds the averaged weights (the checkpoint's EMA), not the weights of
+    the last step; the run's log shows the averaged network's validation score."""
+    cfg = SegTrainConfig(**{**TINY, "epochs": 1, "ema_decay": 0.9})
+    result = train_segmenter(cfg, data, tmp_path / "run")
+    saved = load_file(tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors")
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    shadow = load_file(checkpoint / "ema.safetensors")
+    names = [name for name, _ in result.model.named_parameters()]
+    assert len(names) == len([k for k in shadow if k.startswith("shadow_params.")])
+    live = dict(result.model.named_parameters())
+    moved = 0
+    for i, name in enumerate(names):
+        assert torch.equal(saved[name], shadow[f"shadow_params.{i}"]), name
+        moved += not torch.allclose(saved[name], live[name].detach())
+    assert moved > len(names) // 2, "the average differs from the last step's weights"
+    row = CsvLog(tmp_path / "run" / "log.csv").rows()[-1]
+    assert float(row["val_dice"]) == pytest.approx(result.metrics[f"best_val_{cfg.monitor}"])
+
+
+def test_weight_average_resumes_where_it_stopped(data, tmp_path):
+    """A resumed run continues the same average: two epochs straight and one plus one resumed save equal models."""
+    settings = {**TINY, "ema_decay": 0.8, "bn_stat_slices": 8}
+    train_segmenter(SegTrainConfig(**{**settings, "epochs": 2}), data, tmp_path / "whole")
+    train_segmenter(SegTrainConfig(**{**settings, "epochs": 1}), data, tmp_path / "cut")
+    train_segmenter(SegTrainConfig(**{**settings, "epochs": 2}), data, tmp_path / "cut", resume=True)
+    whole, cut = (load_file(tmp_path / run / "model" / "diffusion_pytorch_model.safetensors") for run in ("whole", "cut"))
+    assert whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

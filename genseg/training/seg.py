@@ -28,6 +28,7 @@ from ..evaluation.metrics import dice_from_counts, iou_from_counts
 from ..io import atomic_path
 from ..models.unet import SegmentationUNet
 from ..runs import SegTrainConfig, check_resume, default_run_dir, refuse_to_overwrite, split_selection
+from .averaging import AveragedNetwork
 from .batchnorm import recompute_batchnorm_stats
 from .loop import Hooks, Trainer, effective_precision, make_accelerator, start_run
 from .mixing import MixSampler, Tagged, kept_patient_ids, select_synthetic, subsample_patients, tumour_slices
@@ -160,16 +161,34 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
                            tracking=accelerator_tracking(cfg.report_to, out))
     set_seed(cfg.seed)
     init = _initial_network(cfg, seg_data, acc, resume)
-    trainer = _seg_trainer(cfg, seg_data, init.model, acc, out)
+    averaged = AveragedNetwork(init.model, cfg.ema_decay, init.frozen) if cfg.ema_decay else None
+    trainer = _seg_trainer(cfg, seg_data, init.model, acc, out, averaged)
     val_loader = acc.prepare(DataLoader(seg_data.val, batch_size=cfg.eval_batch_size))
     seg_data.info.update(precision=effective_precision(acc), processes=acc.num_processes)
     start_run(trainer, cfg, seg_data.info, resume)
+    if averaged is not None:
+        averaged.to(acc.device)  # after a resume too: a checkpoint's average is read onto the CPU
     schedule = _lr_schedule(cfg, len(trainer.train_loader))
     schedule.apply(trainer.optimizer, trainer.state)  # a resumed run recomputes it from the checkpoint's state
     bn_batches = _bn_batches(seg_data, cfg, acc)
-    hooks = Hooks(after_step=lambda state: schedule.apply(trainer.optimizer, state),
-                  after_epoch=lambda state: _validate(trainer.model, val_loader, cfg, acc, bn_batches, init.frozen),
-                  on_best=lambda state: _save_best(trainer.model, acc, out))
+
+    def after_step(state):
+        schedule.apply(trainer.optimizer, state)
+        if averaged is not None:
+            averaged.step(acc.unwrap_model(trainer.model))
+
+    def evaluated() -> torch.nn.Module:
+        """The network validation scores and the best state saves: the weight average when there is one."""
+        return trainer.model if averaged is None else averaged.network
+
+    def validate(state):
+        if averaged is None:
+            recompute_batchnorm_stats(acc.unwrap_model(trainer.model), bn_batches, init.frozen)
+        else:
+            averaged.refresh(acc.unwrap_model(trainer.model), bn_batches)
+        return _validate(evaluated(), val_loader, cfg, acc)
+
+    hooks = Hooks(after_step=after_step, after_epoch=validate, on_best=lambda state: _save_best(evaluated(), acc, out))
     start_tracking(acc, "train-seg", cfg)
     trainer.fit(functools.partial(_train_batch, cfg=cfg, frozen=init.frozen), max_epochs=cfg.epochs,
                 max_steps=cfg.max_steps, time_budget_s=_budget_s(cfg), close_partial_epoch=True, hooks=hooks,
@@ -224,13 +243,15 @@ def _initial_network(cfg: SegTrainConfig, seg_data: SegData, acc: Accelerator, r
 
 
 def _seg_trainer(cfg: SegTrainConfig, seg_data: SegData, model: SegmentationUNet, acc: Accelerator,
-                 out: Path) -> Trainer:
-    """Adam on the parameters that are not frozen, over the mixed epochs; stops early on the validation score."""
+                 out: Path, averaged: AveragedNetwork | None) -> Trainer:
+    """Adam on the parameters that are not frozen, over the mixed epochs; stops early on the validation score;
+    checkpoints hold the weight average too."""
     loader = DataLoader(seg_data.train, batch_size=cfg.batch_size, sampler=seg_data.sampler,
                         num_workers=cfg.num_workers)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Trainer(acc, model, torch.optim.Adam(trainable, lr=cfg.lr), loader, out,
-                   monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience)
+                   monitor=f"val_{cfg.monitor}", mode="max", patience=cfg.patience,
+                   extra_state=None if averaged is None else {"ema": averaged.ema})
 
 
 def _train_batch(model: SegmentationUNet, batch: dict, cfg: SegTrainConfig,
@@ -257,11 +278,8 @@ def _bn_batches(seg_data: SegData, cfg: SegTrainConfig, acc: Accelerator) -> lis
 
 
 @torch.no_grad()
-def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator,
-              bn_batches: list[torch.Tensor], frozen: list[torch.nn.Module]) -> dict:
-    """Loss, Dice and IoU on the real validation slices, every process's share gathered, after BatchNorm's
-    statistics are recomputed from `bn_batches` for the weights as they are now (batchnorm.py)."""
-    recompute_batchnorm_stats(acc.unwrap_model(model), bn_batches, frozen)
+def _validate(model: torch.nn.Module, val_loader: DataLoader, cfg: SegTrainConfig, acc: Accelerator) -> dict:
+    """Loss, Dice and IoU on the real validation slices, every process's share gathered."""
     model.eval()
     if cfg.classes:
         return _validate_classes(model, val_loader, cfg, acc)
