@@ -64,7 +64,7 @@ from genseg.data.prepared import PreparedDataset, PreparedWriter, read_metadata
 from genseg.evaluation.synthetic_quality import evaluate_synthetic
 from genseg.io import atomic_path
 from genseg.pipeline.diffusion import SamplingSettings
-from genseg.runs import SegTrainConfig
+from genseg.runs import CsvLog, SegTrainConfig
 from genseg.training.diffusion import DiffusionTrainConfig
 from genseg.training.mixing import select_synthetic, subsample_patients
 from genseg.viz import overlay, plot_curves, save_grid
@@ -324,7 +324,7 @@ def run_cell(cfg: StudyConfig, base: SegTrainConfig, data: Path, arm: Arm, synth
     metrics = ensure_segmenter(seg, data, run, synthetic=synthetic if ratio > 0 else None)
     log = json.loads((run / "run.json").read_text())
     return {**row, "epochs": seg.epochs, "dice": metrics["test"]["dice"], "iou": metrics["test"]["iou"],
-            "epoch": log["epoch"]}
+            "epoch": log["epoch"], "steps": int(CsvLog(run / "log.csv").rows()[-1]["step"])}
 
 
 def run_study(out: str | Path, cfg: StudyConfig) -> dict:
@@ -445,8 +445,11 @@ def markdown(summary: dict) -> str:
     if skipped:
         lines.append(f"\n{len(skipped)} run(s) skipped: " + "; ".join(
             f"{r['arm']} F={r['fraction']:g} R={r['ratio']:g} seed {r['seed']}: {r['skipped']}" for r in skipped))
-    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; equal optimizer steps per "
-                 f"run: {cfg['equal_steps']}; this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
+    steps = [r["steps"] for r in rows if "steps" in r]
+    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; equal_steps {cfg['equal_steps']} "
+                 f"(epochs scaled to each run's epoch length; a segmenter time budget overrides it, every run then "
+                 f"gets the same wall time); optimizer steps per run {min(steps, default=0)}-{max(steps, default=0)}; "
+                 f"this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
     return "\n".join(lines)
 
 
