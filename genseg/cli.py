@@ -516,8 +516,8 @@ def _given_options(command):
                           "training-split masks the images are generated for; its size must be the model's, its "
                           "masks 0/1. The masks come back unchanged beside the images (mask_source: given)."),
         click.option("--mask-augment", metavar="LIST",
-                     help="With --masks-from: transform each drawn mask (nearest, seeded; kept inside the image and on the "
-                          "head of the slice it comes from), a comma list of flip,shift,rotate,scale,elastic; "
+                     help="With --masks-from: transform each drawn mask (nearest, seeded; kept inside the image and "
+                          "on the head of the slice it comes from), a comma list of flip,shift,rotate,scale,elastic; "
                           "without it the masks are used unchanged."),
         click.option("--per-mask", default=1, show_default=True, type=int,
                      help="With --masks-from: images generated for each mask (K images share one mask, new noise "

@@ -242,7 +242,7 @@ def test_gradient_checkpointing_trains_the_same_weights(data, tmp_path):
 
 def test_weight_average_is_what_is_validated_and_saved(data, tmp_path):
     """With ema_decay the saved best model holds the averaged weights (the checkpoint's EMA), not the weights of
-    the last step; the run's log shows the averaged network's validation score."""
+    the last step."""
     cfg = SegTrainConfig(**{**TINY, "epochs": 1, "ema_decay": 0.9})
     result = train_segmenter(cfg, data, tmp_path / "run")
     saved = load_file(tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors")

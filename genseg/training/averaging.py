@@ -27,10 +27,9 @@ class AveragedNetwork:
 
     def __init__(self, model: nn.Module, decay: float, frozen: list[nn.Module]):
         self.ema = EMAModel(model.parameters(), decay=decay)
-        self.network = copy.deepcopy(model).eval().requires_grad_(False)
-        names = {id(module): name for name, module in model.named_modules()}
-        copies = dict(self.network.named_modules())
-        self.frozen = [copies[names[id(module)]] for module in frozen]  # the same layers in the copy
+        copies: dict = {}  # deepcopy's memo: original object id -> its copy
+        self.network = copy.deepcopy(model, copies).eval().requires_grad_(False)
+        self.frozen = [copies[id(module)] for module in frozen]  # the same layers in the copy
 
     def to(self, device: torch.device) -> AveragedNetwork:
         self.ema.to(device)

@@ -182,11 +182,11 @@ def train_segmenter(cfg: SegTrainConfig, data: str | Path, out: str | Path | Non
         return trainer.model if averaged is None else averaged.network
 
     def validate(state):
-        if averaged is None:
-            recompute_batchnorm_stats(acc.unwrap_model(trainer.model), bn_batches, init.frozen)
-        else:
-            averaged.refresh(acc.unwrap_model(trainer.model), bn_batches)
-        return _validate(evaluated(), val_loader, cfg, acc)
+        model = acc.unwrap_model(trainer.model)
+        if averaged is not None:
+            return _validate(averaged.refresh(model, bn_batches), val_loader, cfg, acc)
+        recompute_batchnorm_stats(model, bn_batches, init.frozen)
+        return _validate(trainer.model, val_loader, cfg, acc)
 
     hooks = Hooks(after_step=after_step, after_epoch=validate, on_best=lambda state: _save_best(evaluated(), acc, out))
     start_tracking(acc, "train-seg", cfg)
