@@ -274,8 +274,22 @@ def test_a_volume_of_thousands_of_slices_comes_a_page_at_a_time(page, server, tm
 
 def test_two_uploads_at_once(page, server, tmp_path):
     first, second = nifti_volume(tmp_path), slice_png(tmp_path, seed=4)
+    held = []  # the first upload's request never leaves the browser, so it cannot come back before the second
+
+    def hold_the_first(route):
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(f"**{VIEWER_SEGMENT_ROUTE}*", hold_the_first)
     page.set_input_files("#file-input", str(first))
-    page.set_input_files("#file-input", str(second))  # before the first has come back
+    for _ in range(500):  # routes are handled while playwright waits
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the first upload's request never reached the browser's network layer"
+    page.set_input_files("#file-input", str(second))
     expect(page.locator("#result-name")).to_have_text("slice4.png")
     page.wait_for_selector("body[data-state=ready]")
     assert "cancelled" in page.text_content("#notice") and page.is_hidden("#error")
