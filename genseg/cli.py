@@ -175,7 +175,12 @@ def _refuse_given(ctx: click.Context, names: tuple[str, ...], why: str) -> None:
 
 
 def _postprocess_options(command):
-    """--tta and --min-component for the commands that segment (genseg.inference.postprocess)."""
+    """--tta, --min-component and --min-peak for the commands that segment (genseg.inference.postprocess)."""
+    command = click.option(
+        "--min-peak", type=click.FloatRange(0, 1), default=0.0, show_default=True, metavar="P",
+        help="Drop regions of each slice's mask in which the model is nowhere at least P sure (hysteresis "
+             "thresholding: a kept region keeps its shape at the threshold); removes faint specks, not small "
+             "confident lesions. 0 keeps everything.")(command)
     command = click.option(
         "--min-component", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
         help="Drop connected regions (8-connected) of fewer than N pixels from each slice's mask, at the model's "
@@ -310,14 +315,14 @@ def cross_validate_cmd(data, config_path, out, synthetic, cpu, folds, **override
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (dice, iou, per_class, ...).")
 @_precision_option
 @_postprocess_options
-def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_component):
+def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_component, min_peak):
     """Dice, IoU, HD95 (per class), per-patient Dice and false-positive rate of a trained segmenter."""
     import json
 
     from .evaluation.evaluate import evaluate as run_evaluate, markdown_table
 
     result = run_evaluate(checkpoint, data, split=split, fold=fold, progress=not as_json, precision=precision,
-                          tta=tta, min_component=min_component)
+                          tta=tta, min_component=min_component, min_peak=min_peak)
     click.echo(json.dumps(result, indent=1) if as_json else markdown_table(result))
 
 
@@ -340,7 +345,7 @@ def evaluate(checkpoint, data, split, fold, as_json, precision, tta, min_compone
 @_precision_option
 @_postprocess_options
 def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save_probabilities, precision, tta,
-            min_component):
+            min_component, min_peak):
     """Segment .mat, NIfTI (.nii/.nii.gz), DICOM (files, or folders and .zip files of series), PNG/JPG and .npy
     files: mask + overlay PNGs per slice, and a uint8 NIfTI mask per volume (NIfTI, DICOM series). A multi-class
     model (train-seg --classes) also writes the typed mask: NAME_classes.png (pixel value = class id 0..K) per slice
@@ -365,7 +370,7 @@ def segment(inputs, checkpoint, out, threshold, compile_, force, dicom_seg, save
 
     report = segment_files(inputs, checkpoint, out, threshold, force=force, compile=compile_, dicom_seg=dicom_seg,
                            probabilities=save_probabilities, precision=precision, tta=tta,
-                           min_component=min_component)
+                           min_component=min_component, min_peak=min_peak)
     if _main_process():  # one summary for a distributed launch; every process exits with its status
         click.echo(f"wrote {len(report['written'])} files to {out}")
         for failure in report["failed"]:
@@ -659,7 +664,7 @@ def forward_process(data, index, out, checkpoint, beta_schedule, seed):
 @_precision_option
 @_postprocess_options
 def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from, mask_augment, per_mask, inpaint_into,
-             erase, inputs, save_pipeline, force, more_inputs, precision, tta, min_component):
+             erase, inputs, save_pipeline, force, more_inputs, precision, tta, min_component, min_peak):
     """Generate slices with the diffusion model and segment them, end to end.
 
     Writes OUT/slices/NNNN.png and NNNN_overlay.png (predicted mask green; the generator's mask outlined red),
@@ -690,14 +695,14 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from,
             pipe.save_pretrained(tmp)
         click.echo(f"saved the pipeline to {save_pipeline}")
     if inputs:
-        report = segment_inputs(pipe, inputs, out, force, tta=tta, min_component=min_component)
+        report = segment_inputs(pipe, inputs, out, force, tta=tta, min_component=min_component, min_peak=min_peak)
         click.echo(f"segmented {len(report['segmented'])} file(s) into {out}")
         for failure in report["failed"]:
             click.echo(f"skipped {failure['path']}: {failure['reason']}", err=True)
         return
     summary = run_pipeline(pipe, out, num=num, sampling=sampling, masks_from=masks_from, mask_augment=mask_augment,
                            per_mask=per_mask, inpaint_into=inpaint_into, erase=erase, force=force, tta=tta,
-                           min_component=min_component)
+                           min_component=min_component, min_peak=min_peak)
     click.echo(f"{summary['num_slices']} slices, {summary['slices_with_predicted_tumour']} with a predicted tumour; "
                f"wrote {out}/report.md")
 

@@ -22,14 +22,17 @@ recipe pays. `--seed` seeds every recipe, genseg's config included.
 
 Every recipe's test masks are scored by genseg.evaluation.metrics (the best validation state, threshold 0.5), so the
 numbers compare. With --post-rows every genseg model (variants too) is also evaluated with flip TTA, with
-small-component removal and with both (no extra training). Writes OUT/results.json (everything, with the validation curves), OUT/results.md (the
-table, with each recipe's test Dice over the bare loop's on that dataset) and OUT/val_dice.png (validation Dice
-against wall time, one panel per dataset).
+small-component removal, with both, and with unsure-region removal (--min-peak; no extra training). Writes
+OUT/results.json (everything, with the validation curves), OUT/results.md (the table, with each recipe's test Dice
+over the bare loop's on that dataset) and OUT/val_dice.png (validation Dice against wall time, one panel per
+dataset). --rescore re-evaluates the saved genseg models of earlier runs with post-processing rules instead of
+training: each rule's change of validation and test Dice, model by model and over all of them.
 
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 5 --out bench-recipe
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --budget 0.3 --datasets standard small --out /tmp/smoke \
         --variant norot:max_rotation=0
     PYTHONPATH=$PWD python3 scripts/bench_recipe.py --combine bench-seed*/results.json   # means over seeds
+    PYTHONPATH=$PWD python3 scripts/bench_recipe.py --rescore bench-*/results.json --min-peak 0.7 0.8 0.9
 """
 
 from __future__ import annotations
@@ -227,19 +230,56 @@ def train_genseg(data: Path, run_dir: Path, budget_s: float, bare_epoch_s: float
                      "test": result.metrics["test"]}
 
 
-def genseg_post_rows(recipe: str, run_dir: Path, data: Path, min_component: int) -> dict[str, dict]:
-    """A genseg recipe's model evaluated with flip TTA, small-component removal and both (no extra training)."""
+def genseg_post_rows(recipe: str, run_dir: Path, data: Path, min_component: int, min_peak: float) -> dict[str, dict]:
+    """A genseg recipe's model evaluated with flip TTA, small-component removal, both, and unsure-region removal (no
+    extra training)."""
     from genseg.evaluation.evaluate import evaluate
 
-    variants = {f"{recipe} +tta": {"tta": "hflip"}, f"{recipe} +min-component {min_component}": {"min_component": min_component},
-                f"{recipe} +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component}}
+    variants = {f"{recipe} +tta": {"tta": "hflip"},
+                f"{recipe} +min-component {min_component}": {"min_component": min_component},
+                f"{recipe} +tta +min-component {min_component}": {"tta": "hflip", "min_component": min_component},
+                f"{recipe} +min-peak {min_peak:g}": {"min_peak": min_peak}}
     return {name: evaluate(run_dir, data, progress=False, **kwargs) for name, kwargs in variants.items()}
+
+
+def rescore(paths: list[Path], min_peaks: list[float], min_component: int) -> str:
+    """Every trained genseg model (variants too) of earlier runs' results evaluated again, on its validation and test
+    splits, plain and with each post-processing rule: a table of the rules' changes, model by model, and a summary
+    per rule (mean change, models better and worse, the worst change)."""
+    from genseg.evaluation.evaluate import evaluate
+
+    rules = {**{f"min-peak {p:g}": {"min_peak": p} for p in min_peaks},
+             f"min-component {min_component}": {"min_component": min_component}}
+    lines = ["| results | dataset | recipe | test Dice | " + " | ".join(f"{r}: test (val)" for r in rules) + " |",
+             "|---|---|---|---|" + "---|" * len(rules)]
+    changes: dict[tuple[str, str], list[float]] = {(rule, split): [] for rule in rules for split in ("val", "test")}
+    for path in paths:
+        for dataset, rows in json.loads(Path(path).read_text())["datasets"].items():
+            for recipe, row in rows.items():
+                if not recipe.startswith("genseg") or " +" in recipe:  # trained models only, not post-rows
+                    continue
+                run, data = row["test"]["checkpoint"], row["test"]["data"]
+                plain = {split: evaluate(run, data, split=split, progress=False)["dice"] for split in ("val", "test")}
+                cells = []
+                for rule, kwargs in rules.items():
+                    for split in ("val", "test"):
+                        changes[rule, split].append(
+                            evaluate(run, data, split=split, progress=False, **kwargs)["dice"] - plain[split])
+                    cells.append(f"{changes[rule, 'test'][-1]:+.3f} ({changes[rule, 'val'][-1]:+.3f})")
+                lines.append(f"| {Path(path).parent.name} | {dataset} | {recipe} | {plain['test']:.3f} | "
+                             + " | ".join(cells) + " |")
+    lines += ["", "| rule | split | models | mean change | better | worse | worst |", "|---|---|---|---|---|---|---|"]
+    for (rule, split), values in changes.items():
+        if values:
+            lines.append(f"| {rule} | {split} | {len(values)} | {sum(values) / len(values):+.4f} | "
+                         f"{sum(v > 1e-9 for v in values)} | {sum(v < -1e-9 for v in values)} | {min(values):+.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 # --- one run ------------------------------------------------------------------------------------------------
 
 def run_dataset(name: str, data: Path, recipes: list[str], variants: dict[str, dict], budget_s: float, out: Path,
-                seed: int, post_rows: bool, min_component: int) -> dict[str, dict]:
+                seed: int, post_rows: bool, min_component: int, min_peak: float) -> dict[str, dict]:
     """Every recipe (and genseg variant) on one dataset: wall time, epochs, validation curve, test scores."""
     splits = {split: load_split(data, split) for split in ("train", "val", "test")}
     rows: dict[str, dict] = {}
@@ -258,7 +298,7 @@ def run_dataset(name: str, data: Path, recipes: list[str], variants: dict[str, d
             test = test_scores(predict(model, splits["test"]["images"]), splits["test"])
         rows[recipe] = {"wall_s": time.perf_counter() - start, **info, "test": test}
         if recipe.startswith("genseg") and post_rows:
-            for variant, scores in genseg_post_rows(recipe, run_dir, data, min_component).items():
+            for variant, scores in genseg_post_rows(recipe, run_dir, data, min_component, min_peak).items():
                 rows[variant] = {**{k: v for k, v in rows[recipe].items() if k != "test"},
                                  "test": scores}
     return rows
@@ -355,14 +395,24 @@ def main() -> None:
                         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="also train the shipped config with these keys changed, as recipe 'genseg NAME'")
     parser.add_argument("--post-rows", action="store_true",
-                        help="also evaluate the genseg model with --tta, --min-component and both")
-    parser.add_argument("--min-component", type=int, default=16, help="pixels, for --post-rows")
+                        help="also evaluate the genseg model with --tta, --min-component, both, and --min-peak")
+    parser.add_argument("--min-component", type=int, default=16, help="pixels, for --post-rows and --rescore")
+    parser.add_argument("--min-peak", type=float, nargs="+", default=[0.8], metavar="P",
+                        help="peak probability of a kept region, for --post-rows (the first) and --rescore (each)")
+    parser.add_argument("--rescore", nargs="+", type=Path, metavar="RESULTS.json",
+                        help="train nothing: evaluate the genseg models saved by earlier runs again, plain and with "
+                             "each --min-peak and --min-component, on their validation and test splits")
     parser.add_argument("--combine", nargs="+", type=Path, metavar="RESULTS.json",
                         help="train nothing: print earlier runs' results (other seeds) as one table of means, sds "
                              "and differences to the bare loop paired within each file")
     args = parser.parse_args()
     if args.combine:
         print(combine(args.combine))
+        return
+    if not all(0 <= p <= 1 for p in args.min_peak):
+        parser.error(f"--min-peak must be probabilities in [0, 1], got {args.min_peak}")
+    if args.rescore:
+        print(rescore(args.rescore, args.min_peak, args.min_component))
         return
     if not args.recipes and not args.variants:
         parser.error("nothing to train: give --recipes or --variant")
@@ -375,7 +425,7 @@ def main() -> None:
     for name in args.datasets:
         data = make_dataset(name, args.out / "data", args.size, args.patients)
         results["datasets"][name] = run_dataset(name, data, args.recipes, variants, args.budget * 60, args.out,
-                                                args.seed, args.post_rows, args.min_component)
+                                                args.seed, args.post_rows, args.min_component, args.min_peak[0])
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     table = markdown(results, args.budget)
     (args.out / "results.md").write_text(table)

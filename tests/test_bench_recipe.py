@@ -39,12 +39,22 @@ def test_three_recipes_on_a_tiny_dataset(tmp_path):
     assert Image.open(out / "val_dice.png").size[0] > 300
     assert (out / "data" / "skull-5p-32px.h5").exists()  # cached for the next run
 
+    rescored = bench("--rescore", out / "results.json", "--min-peak", 0.6, 1.0, "--min-component", 4).stdout
+    row = next(line for line in rescored.splitlines() if line.startswith("| bench | skull | genseg |"))
+    assert f"| {rows['genseg']['test']['dice']:.3f} |" in row  # the saved model scores as it did
+    summary = [line for line in rescored.splitlines() if line.startswith("| min-")]
+    assert [line.split("|")[1:4] for line in summary] == [
+        [f" {rule} ", f" {split} ", " 1 "] for rule in ("min-peak 0.6", "min-peak 1", "min-component 4")
+        for split in ("val", "test")]
+
 
 def test_bad_arguments_are_refused(tmp_path):
     done = bench("--budget", 0, "--out", tmp_path, returncode=2)
     assert "--budget must be positive" in done.stderr
     done = bench("--datasets", "brats", "--out", tmp_path, returncode=2)
     assert "invalid choice: 'brats'" in done.stderr
+    done = bench("--rescore", tmp_path / "results.json", "--min-peak", 1.5, returncode=2)
+    assert "--min-peak must be probabilities in [0, 1], got [1.5]" in done.stderr
 
 
 def test_combine_averages_runs_and_pairs_differences_within_a_file(tmp_path):

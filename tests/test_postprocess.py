@@ -1,4 +1,4 @@
-"""Flip TTA and small-component removal (genseg.inference.postprocess) and their options in evaluate, segment, the pipeline
+"""Flip TTA, small- and unsure-region removal (genseg.inference.postprocess) and their options in evaluate, segment, the pipeline
 and the server (issue 14, item 4)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from seg_helpers import one_torch_thread, write_phantoms  # noqa: F401
 from genseg.errors import ConfigError
 from genseg.evaluation.evaluate import evaluate
 from genseg.inference.files import segment_file
-from genseg.inference.postprocess import (PostProcessed, check_postprocess, drop_small_components, postprocessed,
+from genseg.inference.postprocess import (PostProcessed, check_postprocess, drop_regions, postprocessed,
                                           remove_small_components)
 from genseg.inference.segmenter import Segmenter, load_segmenter
 from genseg.models.unet import SegmentationUNet
@@ -86,22 +86,44 @@ def test_dropped_components_get_probability_zero_and_the_rest_is_untouched():
     probabilities = np.full((1, 10, 10), 0.2, np.float32)
     probabilities[0, 1, 1] = 0.9
     probabilities[0, 5:8, 5:8] = 0.7
-    cleaned = drop_small_components(probabilities, 0.5, 4)
+    cleaned = drop_regions(probabilities, 0.5, 4)
     assert cleaned[0, 1, 1] == 0 and np.array_equal(cleaned[0, 5:8, 5:8], probabilities[0, 5:8, 5:8])
     assert (cleaned[0][probabilities[0] < 0.5] == 0.2).all()
 
 
-@pytest.mark.parametrize("tta, min_component, words", [
-    ("vflip", 0, "tta must be one of none, hflip, hvflip, got 'vflip'"),
-    ("none", -1, "min_component must be a whole number of pixels >= 0, got -1"),
-    ("none", 2.5, "got 2.5"),
-    ("none", True, "got True"),
+def test_unsure_regions_go_whatever_their_size_and_sure_ones_keep_their_shape():
+    probabilities = np.full((2, 16, 16), 0.1, np.float32)
+    probabilities[0, 1:9, 1:9] = 0.7      # a large faint region (64 pixels)
+    probabilities[0, 12:14, 12:14] = 0.6  # a small region, faint but for one sure pixel: kept whole
+    probabilities[0, 12, 12] = 0.95
+    probabilities[1, 3:5, 3:5] = 0.99     # a small sure lesion (4 pixels)
+    cleaned = drop_regions(probabilities, 0.5, min_peak=0.8)
+    assert (cleaned[0, 1:9, 1:9] == 0).all()
+    assert np.array_equal(cleaned[0, 12:14, 12:14], probabilities[0, 12:14, 12:14])
+    assert np.array_equal(cleaned[1], probabilities[1])
+    assert (cleaned[probabilities < 0.5] == np.float32(0.1)).all()
+    assert np.array_equal(drop_regions(probabilities, 0.5, min_peak=0.5), probabilities)  # every region reaches it
+    both = drop_regions(probabilities, 0.5, min_component=5, min_peak=0.8)
+    assert not (both >= 0.5).any()  # the sure regions have 4 pixels, the large one is faint
+    sure = PostProcessed(random_segmenter(), min_peak=0.8)
+    assert sure.min_peak == 0.8 and postprocessed(sure, min_peak=0.9).min_peak == 0.9
+
+
+@pytest.mark.parametrize("tta, min_component, min_peak, words", [
+    ("vflip", 0, 0.0, "tta must be one of none, hflip, hvflip, got 'vflip'"),
+    ("none", -1, 0.0, "min_component must be a whole number of pixels >= 0, got -1"),
+    ("none", 2.5, 0.0, "got 2.5"),
+    ("none", True, 0.0, "got True"),
+    ("none", 0, 1.5, "min_peak must be a probability in \\[0, 1\\], got 1.5"),
+    ("none", 0, -0.1, "got -0.1"),
+    ("none", 0, "0.8", "got '0.8'"),
+    ("none", 0, True, "got True"),
 ])
-def test_bad_settings_are_refused_naming_the_value(tta, min_component, words):
+def test_bad_settings_are_refused_naming_the_value(tta, min_component, min_peak, words):
     with pytest.raises(ConfigError, match=words):
-        check_postprocess(tta, min_component)
+        check_postprocess(tta, min_component, min_peak)
     with pytest.raises(ConfigError, match=words):
-        postprocessed(random_segmenter(), tta, min_component)
+        postprocessed(random_segmenter(), tta, min_component, min_peak=min_peak)
 
 
 def test_postprocessed_returns_the_plain_segmenter_when_idle_and_never_wraps_twice():
@@ -131,17 +153,24 @@ def test_evaluate_records_and_applies_the_settings(tiny_run):
     free = cleaned["tumour_free_slices"]
     assert cleaned["fp_rate"] == 0 and cleaned["dice_tumour"] == 0
     assert cleaned["dice"] == pytest.approx(free / cleaned["num_slices"])
+    # nor is the untrained model ever sure: with min_peak 1 every region goes
+    unsure = evaluate(run, data, progress=False, min_peak=1.0)
+    assert plain["min_peak"] == 0.0 and unsure["min_peak"] == 1.0
+    assert unsure["fp_rate"] == 0 and unsure["dice"] == pytest.approx(free / unsure["num_slices"])
 
 
 def test_cli_evaluate_segment_and_pipeline_take_the_flags(tiny_run, tmp_path, genseg_cli):
     run, data = tiny_run
     result = json.loads(genseg_cli("evaluate", "--checkpoint", run, "--data", data, "--json", "--tta",
-                                   "--min-component", 3).stdout)
-    assert (result["tta"], result["min_component"]) == ("hflip", 3)
-    expected = evaluate(run, data, progress=False, tta="hflip", min_component=3)
+                                   "--min-component", 3, "--min-peak", 0.3).stdout)
+    assert (result["tta"], result["min_component"], result["min_peak"]) == ("hflip", 3, 0.3)
+    expected = evaluate(run, data, progress=False, tta="hflip", min_component=3, min_peak=0.3)
     assert result["dice"] == pytest.approx(expected["dice"])
-    assert "TTA hflip, min component 3 px" in genseg_cli("evaluate", "--checkpoint", run, "--data", data,
-                                                         "--tta", "hflip", "--min-component", 3).stdout
+    assert "TTA hflip, min component 3 px, min peak 0.9" in genseg_cli(
+        "evaluate", "--checkpoint", run, "--data", data, "--tta", "hflip", "--min-component", 3,
+        "--min-peak", 0.9).stdout
+    refused = genseg_cli("evaluate", "--checkpoint", run, "--data", data, "--min-peak", 1.5, returncode=2)
+    assert "1.5" in refused.stderr and "--min-peak" in refused.stderr
 
     picture = tmp_path / "slice.png"
     Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE)) * 255).astype(np.uint8)).save(picture)
@@ -159,7 +188,8 @@ def test_cli_evaluate_segment_and_pipeline_take_the_flags(tiny_run, tmp_path, ge
     refused = genseg_cli("evaluate", "--checkpoint", run, "--data", data, "--tta", "flip", returncode=2)
     assert "'flip' is not one of 'none', 'hflip', 'hvflip'" in refused.stderr
     # the shipped demo pipeline's segmenter reads 64 px; segmenting a real file needs no generation
-    genseg_cli("pipeline", "--input", picture, "--out", tmp_path / "pipe", "--tta", "--min-component", 4)
+    genseg_cli("pipeline", "--input", picture, "--out", tmp_path / "pipe", "--tta", "--min-component", 4,
+               "--min-peak", 0.6)
     assert (tmp_path / "pipe" / "slice_mask.png").exists()
 
 
@@ -170,25 +200,40 @@ def test_tta_on_data_of_another_size_names_both_sizes(tiny_run, tmp_path):
         evaluate(run, other, progress=False, tta="hflip")
 
 
-def test_server_takes_tta_and_min_component_per_request(tiny_run, tmp_path):
+def test_server_takes_tta_min_component_and_min_peak_per_request(tiny_run, tmp_path):
     run, _ = tiny_run
     image = (np.random.default_rng(2).random((SIZE, SIZE)) * 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     instance = {"b64": base64.b64encode(buffer.getvalue()).decode()}
     (tmp_path / "slice.png").write_bytes(buffer.getvalue())
-    segment_file(PostProcessed(load_segmenter(run), "hflip", 6), tmp_path / "slice.png", tmp_path / "out")
-    expected = np.asarray(Image.open(tmp_path / "out" / "slice_mask.png")) > 0
+    # the untrained model's probabilities sit just below 0.5: a threshold among them gives regions to drop
+    threshold, segmenter = 0.499, load_segmenter(run)
+    settings = {"plain": ({"tta": "hflip"}, PostProcessed(segmenter, "hflip")),
+                "small": ({"tta": "hflip", "min_component": 6}, PostProcessed(segmenter, "hflip", 6)),
+                "unsure": ({"tta": "hflip", "min_peak": 0.4994}, PostProcessed(segmenter, "hflip", min_peak=0.4994))}
+    expected = {}
+    for name, (_, post) in settings.items():
+        post.threshold = threshold
+        segment_file(post, tmp_path / "slice.png", tmp_path / name, threshold=threshold)
+        expected[name] = np.asarray(Image.open(tmp_path / name / "slice_mask.png")) > 0
+    assert expected["small"].any() and expected["unsure"].any()
+    assert not np.array_equal(expected["small"], expected["plain"])
+    assert not np.array_equal(expected["unsure"], expected["plain"])
     with ServerProcess(run, max_batch=4) as server:
-        status, body = post_json(server.port, "/predict", {"instances": [instance, instance],
-                                                           "parameters": {"tta": "hflip", "min_component": 6}})
-        assert status == 200
-        for prediction in body["predictions"]:
-            served = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]["data"])))) > 0
-            assert np.array_equal(served, expected)
+        for name, (parameters, _) in settings.items():
+            status, body = post_json(server.port, "/predict", {"instances": [instance, instance],
+                                                               "parameters": {**parameters, "threshold": threshold}})
+            assert status == 200
+            for prediction in body["predictions"]:
+                served = np.asarray(Image.open(io.BytesIO(base64.b64decode(prediction["mask"]["data"])))) > 0
+                assert np.array_equal(served, expected[name]), name
         for parameters, words in (({"tta": "sideways"}, "tta must be one of"),
                                   ({"min_component": -1}, "min_component must be a whole number"),
                                   ({"min_component": 2.5}, "min_component must be a whole number"),
-                                  ({"generate": 1, "tta": "hflip"}, "apply only to segmentation requests")):
+                                  ({"min_peak": 1.5}, "min_peak must be a number in [0, 1]"),
+                                  ({"min_peak": "high"}, "min_peak must be a number in [0, 1]"),
+                                  ({"generate": 1, "tta": "hflip"}, "apply only to segmentation requests"),
+                                  ({"generate": 1, "min_peak": 0.8}, "apply only to segmentation requests")):
             status, body = post_json(server.port, "/predict", {"instances": [instance], "parameters": parameters})
             assert 400 <= status < 500 and words in body["error"]["message"], (parameters, body)

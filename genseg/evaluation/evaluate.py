@@ -45,16 +45,18 @@ def open_split(data: str | Path, chosen: dict, segmenter, what: str = "slices") 
 
 def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: int | None = None,
              segmenter: Segmenter | None = None, progress: bool = True,
-             precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+             precision: str | None = None, tta: str = "none", min_component: int = 0,
+             min_peak: float = 0.0) -> dict[str, Any]:
     """Mean and per-class Dice, IoU, HD95, per-patient Dice and the FP rate on tumour-free slices.
 
     `split` is the run's own train/val/test role: for a cross-validation fold run, "test" means its test fold.
     `fold=K` scores fold K of the file instead. `precision` as `load_segmenter`'s (int8: the run's int8 export).
-    `tta` and `min_component` as genseg.inference.postprocess's; the result records them. A multi-class model
-    (`train-seg --classes`) adds "typed": per-class Dice of its typed masks and the slice-typing accuracy
-    (evaluation/multiclass.py).
+    `tta`, `min_component` and `min_peak` as genseg.inference.postprocess's; the result records them. A
+    multi-class model (`train-seg --classes`) adds "typed": per-class Dice of its typed masks and the slice-typing
+    accuracy (evaluation/multiclass.py).
     """
-    segmenter = postprocessed(segmenter or load_segmenter(run_dir, precision=precision), tta, min_component)
+    segmenter = postprocessed(segmenter or load_segmenter(run_dir, precision=precision), tta, min_component,
+                              min_peak=min_peak)
     chosen = selection(run_dir, data, split, fold)
     dataset = open_split(data, chosen, segmenter)
     parts, typed = [], []
@@ -67,7 +69,8 @@ def evaluate(run_dir: str | Path, data: str | Path, split: str = "test", fold: i
         result["typed"] = typed_summary(np.concatenate([t[0] for t in typed]), np.concatenate([t[1] for t in typed]),
                                         dataset.labels, segmenter.class_names)
     return {"data": str(data), "checkpoint": str(run_dir), "selection": chosen, "threshold": segmenter.threshold,
-            "precision": segmenter.precision, "tta": tta, "min_component": min_component, "num_slices": len(dataset),
+            "precision": segmenter.precision, "tta": tta, "min_component": min_component, "min_peak": min_peak,
+            "num_slices": len(dataset),
             **result}
 
 
@@ -103,7 +106,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     lines = [f"Evaluation of {result['checkpoint']} on {result['data']} {result['selection']} "
              f"(threshold {result['threshold']}, {result['precision']}, TTA {result['tta']}, min component "
-             f"{result['min_component']} px)", "",
+             f"{result['min_component']} px, min peak {result.get('min_peak', 0.0)})", "",
              "| slices | n | Dice | IoU | HD95 (px) |", "|---|---|---|---|---|",
              f"| all | {result['n']} | {fmt(result['dice'])} | {fmt(result['iou'])} | {fmt(result['hd95'])} |",
              f"| with tumour | {result['n'] - result['tumour_free_slices']} | {fmt(result['dice_tumour'])} | "

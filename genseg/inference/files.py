@@ -360,10 +360,11 @@ def plan_outputs(paths: Sequence[str | Path], dicom_seg: bool = False,
 def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmenter, out_dir: str | Path,
                   threshold: float | None = None, progress: bool = True, force: bool = False,
                   compile: bool = False, dicom_seg: bool = False, probabilities: bool = False,
-                  precision: str | None = None, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+                  precision: str | None = None, tta: str = "none", min_component: int = 0,
+                  min_peak: float = 0.0) -> dict[str, Any]:
     """Segment many inputs with a checkpoint (loaded with `compile` and `precision`, see `load_segmenter`) or a
     loaded Segmenter (or OnnxSegmenter) into `out_dir`, named by `plan_outputs`; `dicom_seg` and `probabilities`
-    as in `segment_file`; `tta` and `min_component` as genseg.inference.postprocess's.
+    as in `segment_file`; `tta`, `min_component` and `min_peak` as genseg.inference.postprocess's.
 
     Refuses (GensegError naming the file) to replace an output that already exists unless `force`, before
     anything is written or a model loaded. Returns the inputs `segmented`, the files `written` and the inputs that
@@ -377,7 +378,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
 
     from ..distributed import main_decides, merge_reports, process_state, share
 
-    check_postprocess(tta, min_component)
+    check_postprocess(tta, min_component, min_peak)
     out_dir = Path(out_dir)
     state = process_state()
 
@@ -394,7 +395,7 @@ def segment_files(paths: Sequence[str | Path], checkpoint: str | Path | Segmente
     device = state.device if state.num_processes > 1 else None
     segmenter = (load_segmenter(checkpoint, device=device, compile=compile, precision=precision)
                  if isinstance(checkpoint, (str, os.PathLike)) else checkpoint)
-    segmenter = postprocessed(segmenter, tta, min_component, threshold)
+    segmenter = postprocessed(segmenter, tta, min_component, threshold, min_peak)
     report: dict[str, Any] = {"segmented": [], "written": [], "failed": []}
     mine = share(state, list(stems.items()))
     for path, stem in tqdm(mine, desc="segment", disable=not progress or len(stems) < 2 or not state.is_main_process):

@@ -7,6 +7,10 @@
 - Small-component removal: connected regions (8-connected) of a slice's mask with fewer than `min_component`
   pixels are dropped, and their probabilities set to 0 so that masks drawn from them agree. Each slice on its own;
   an empty mask stays empty, and the largest region is dropped too when it is below the limit.
+- Unsure-region removal (hysteresis thresholding): with `min_peak` P, a region of the mask is kept only if the
+  model is at least P sure somewhere inside it; kept regions keep their shape at the threshold. Specks on
+  tumour-free slices are mostly faint regions while tumours have a confident core, whatever their size, so this
+  removes specks without removing small lesions (docs/recipe-benchmark.md, run 7).
 
 `PostProcessed` wraps a segmenter with both, behind the same interface, so evaluate, segment and the pipeline
 take them without knowing; the server applies the same functions around its batcher.
@@ -25,12 +29,16 @@ _FLIPS = {"none": [()], "hflip": [(), (-1,)], "hvflip": [(), (-1,), (-2,), (-2, 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def check_postprocess(tta: str = "none", min_component: int = 0) -> None:
-    """ConfigError naming the value for an unknown TTA mode or a negative / non-integer component size."""
+def check_postprocess(tta: str = "none", min_component: int = 0, min_peak: float = 0.0) -> None:
+    """ConfigError naming the value for an unknown TTA mode, a negative / non-integer component size or a peak
+    probability outside [0, 1]."""
     if tta not in TTA_MODES:
         raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if isinstance(min_component, bool) or not isinstance(min_component, (int, np.integer)) or min_component < 0:
         raise ConfigError(f"min_component must be a whole number of pixels >= 0, got {min_component!r}")
+    if (isinstance(min_peak, bool) or not isinstance(min_peak, (int, float, np.integer, np.floating))
+            or not 0.0 <= min_peak <= 1.0):
+        raise ConfigError(f"min_peak must be a probability in [0, 1], got {min_peak!r}")
 
 
 def flip_views(images: np.ndarray, tta: str) -> np.ndarray:
@@ -69,23 +77,43 @@ def remove_small_components(mask: np.ndarray, min_component: int) -> np.ndarray:
     return keep[labels]
 
 
-def drop_small_components(probabilities: np.ndarray, threshold: float, min_component: int) -> np.ndarray:
-    """Probabilities (N, H, W) with those of the small regions of the mask at `threshold` set to 0."""
+def remove_unsure_regions(probability: np.ndarray, mask: np.ndarray, min_peak: float) -> np.ndarray:
+    """A slice's boolean mask (H, W) without its 8-connected regions whose highest probability is below
+    `min_peak`."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    if n == 0:
+        return np.asarray(mask, bool)
+    keep = np.concatenate([[False], ndimage.maximum(probability, labels, np.arange(1, n + 1)) >= min_peak])
+    return keep[labels]
+
+
+def drop_regions(probabilities: np.ndarray, threshold: float, min_component: int = 0,
+                 min_peak: float = 0.0) -> np.ndarray:
+    """Probabilities (N, H, W) with those of the mask's regions at `threshold` set to 0 where a region has fewer
+    than `min_component` pixels or never reaches `min_peak`."""
     probabilities = np.asarray(probabilities, np.float32)
-    if min_component <= 1:
+    if min_component <= 1 and min_peak <= threshold:
         return probabilities
     mask = probabilities >= threshold
-    return np.where(mask & ~remove_small_components(mask, min_component), np.float32(0), probabilities)
+    kept = remove_small_components(mask, min_component)
+    if min_peak > threshold:
+        kept = np.stack([remove_unsure_regions(p, m, min_peak) for p, m in zip(probabilities, kept)]) \
+            if len(kept) else kept
+    return np.where(mask & ~kept, np.float32(0), probabilities)
 
 
 class PostProcessed:
-    """A segmenter (Segmenter or OnnxSegmenter) whose `predict` applies flip TTA and small-component removal;
-    everything else is the wrapped segmenter's. `threshold` (default the segmenter's) is the one the components
-    are found at, and the one callers threshold at."""
+    """A segmenter (Segmenter or OnnxSegmenter) whose `predict` applies flip TTA and small- and unsure-region
+    removal; everything else is the wrapped segmenter's. `threshold` (default the segmenter's) is the one the
+    regions are found at, and the one callers threshold at."""
 
-    def __init__(self, segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
-        check_postprocess(tta, min_component)
+    def __init__(self, segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None,
+                 min_peak: float = 0.0):
+        check_postprocess(tta, min_component, min_peak)
         self.segmenter, self.tta, self.min_component = segmenter, tta, int(min_component)
+        self.min_peak = float(min_peak)
         self.threshold = segmenter.threshold if threshold is None else threshold
 
     def __getattr__(self, name: str):
@@ -98,31 +126,33 @@ class PostProcessed:
             probabilities = tumour_score(self.predict_classes(images))
         else:
             probabilities = predict_with_tta(self.segmenter.predict, images, self.tta)
-        return drop_small_components(probabilities, self.threshold, self.min_component)
+        return drop_regions(probabilities, self.threshold, self.min_component, self.min_peak)
 
     def predict_classes(self, images) -> np.ndarray:
-        """A multi-class segmenter's softmax probabilities (N, K+1, H, W), averaged over the TTA flips (small
-        components are dropped from masks drawn from them: predict_typed)."""
+        """A multi-class segmenter's softmax probabilities (N, K+1, H, W), averaged over the TTA flips (small and
+        unsure regions are dropped from masks drawn from them: predict_typed)."""
         return predict_with_tta(self.segmenter.predict_classes, images, self.tta)
 
 
-def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None):
+def postprocessed(segmenter, tta: str = "none", min_component: int = 0, threshold: float | None = None,
+                  min_peak: float = 0.0):
     """The plain segmenter when there is nothing to do, else PostProcessed (checking the values either way); a
     PostProcessed segmenter's settings are replaced, not applied twice."""
-    check_postprocess(tta, min_component)
+    check_postprocess(tta, min_component, min_peak)
     segmenter = segmenter.segmenter if isinstance(segmenter, PostProcessed) else segmenter
-    if tta == "none" and min_component <= 1:
+    if tta == "none" and min_component <= 1 and min_peak == 0:
         return segmenter
-    return PostProcessed(segmenter, tta, min_component, threshold)
+    return PostProcessed(segmenter, tta, min_component, threshold, min_peak)
 
 
 def predict_typed(segmenter, images, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tumour scores (N, H, W) as `segmenter.predict` returns them, typed masks (N, H, W) uint8) from one
-    prediction of a multi-class Segmenter, or a PostProcessed one (TTA on the softmax, small components dropped
-    from both; inference/multiclass.py)."""
+    prediction of a multi-class Segmenter, or a PostProcessed one (TTA on the softmax, small and unsure regions
+    dropped from both; inference/multiclass.py)."""
     from .multiclass import tumour_score, typed_masks
 
     threshold = segmenter.threshold if threshold is None else threshold
     probabilities = segmenter.predict_classes(images)
-    scores = drop_small_components(tumour_score(probabilities), threshold, getattr(segmenter, "min_component", 0))
+    scores = drop_regions(tumour_score(probabilities), threshold, getattr(segmenter, "min_component", 0),
+                          getattr(segmenter, "min_peak", 0.0))
     return scores, typed_masks(probabilities, scores >= threshold)

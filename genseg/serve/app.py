@@ -28,7 +28,7 @@ from ..data.decode import MAX_SLICE_PIXELS
 from ..errors import ConfigError, DataError, GensegError
 from ..evaluation.metrics import dice_iou
 from ..inference.files import prepare_input, resize_mask
-from ..inference.postprocess import drop_small_components, flip_views, merge_views
+from ..inference.postprocess import drop_regions, flip_views, merge_views
 from ..inference.segmenter import load_segmenter
 from .batcher import MicroBatcher
 from .codec import RequestError, decode_instance, describe_prediction, encode_mask, png_b64, read_instance
@@ -229,12 +229,12 @@ def _prepare(instances: list, channels: int, size: int, request_pixels: int) -> 
 
 async def _predict(batcher: MicroBatcher, to_run: list[np.ndarray], parameters: Parameters) -> list[np.ndarray]:
     """Probabilities of the preprocessed images through the shared batcher, with the request's flip TTA (its flipped
-    copies join the queue like more images) and small-component removal (genseg.inference.postprocess)."""
+    copies join the queue like more images) and small- and unsure-region removal (genseg.inference.postprocess)."""
     if not to_run:
         return []
     views = await batcher.submit(list(flip_views(np.stack(to_run), parameters.tta)))
     merged = merge_views(np.stack(views), parameters.tta)
-    return list(drop_small_components(merged, parameters.threshold, parameters.min_component))
+    return list(drop_regions(merged, parameters.threshold, parameters.min_component, parameters.min_peak))
 
 
 def _describe(inputs: list, probabilities: list, model_size: int, parameters: Parameters) -> list[dict[str, Any]]:

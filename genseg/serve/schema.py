@@ -44,6 +44,7 @@ class Parameters(BaseModel):
     return_probabilities: StrictBool = False
     tta: Literal[TTA_MODES] = "none"  # type: ignore[valid-type]
     min_component: Annotated[WholeNumber, Field(ge=0, le=MAX_MIN_COMPONENT)] = 0
+    min_peak: Annotated[float, Field(ge=0.0, le=1.0, strict=True)] = 0.0
     generate: Annotated[WholeNumber, Field(ge=1, le=GENERATE_LIMIT)] | None = None
     class_label: Annotated[WholeNumber, Field(ge=0, le=MAX_CLASS)] | None = Field(None, alias="class")
     steps: Annotated[WholeNumber, Field(ge=1, le=MAX_GENERATE_STEPS)] = 20
@@ -57,9 +58,9 @@ class Parameters(BaseModel):
         if self.generate is None and generate_only:
             raise ValueError("unknown parameter(s) for a segmentation request: class, steps, seed, scheduler and "
                              "guidance apply only to generate requests")
-        if self.generate is not None and {"tta", "min_component"} & self.model_fields_set:
-            raise ValueError("tta and min_component apply only to segmentation requests (instances), not to "
-                             "generate requests")
+        if self.generate is not None and {"tta", "min_component", "min_peak"} & self.model_fields_set:
+            raise ValueError("tta, min_component and min_peak apply only to segmentation requests (instances), not "
+                             "to generate requests")
         return self
 
 
@@ -79,6 +80,7 @@ def rules(max_generate: int = GENERATE_LIMIT) -> dict[str, str]:
         "return_probabilities": "return_probabilities must be true or false",
         "tta": f"tta must be one of {list(TTA_MODES)}",
         "min_component": f"min_component must be a whole number of pixels in [0, {MAX_MIN_COMPONENT}]",
+        "min_peak": "min_peak must be a number in [0, 1]",
         "generate": f"generate must be a whole number in [1, {max_generate}]",
         "class": f"class must be a whole number in [0, {MAX_CLASS}]",
         "steps": f"steps must be a whole number in [1, {MAX_GENERATE_STEPS}]",

@@ -166,31 +166,34 @@ PIPELINE_SOURCE = "the pipeline's generator"
 def run_pipeline(pipe: GenSegPipeline, out: str | Path, *, num: int, sampling: SamplingSettings = SamplingSettings(),
                  masks_from: str | Path | None = None, mask_augment: tuple[str, ...] | list[str] = (),
                  per_mask: int = 1, inpaint_into: str | Path | None = None, erase: bool = False, force: bool = False,
-                 tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+                 tta: str = "none", min_component: int = 0, min_peak: float = 0.0) -> dict[str, Any]:
     """Generate `num` slices with the chosen sampler, segment them, and write the outputs folder. As in `genseg
     sample`, a mask-conditioned generator needs `masks_from` (`num` masks drawn from that prepared file's training
     split, transformed by `mask_augment`, `per_mask` images each) and an inpaint generator `inpaint_into` (`num`
     real training slices that get a lesion placed, or with `erase` lose theirs); the report then gives each image's
-    mask faithfulness. `tta` and `min_component` (genseg.inference.postprocess) become the pipeline's predictor."""
+    mask faithfulness. `tta`, `min_component` and `min_peak` (genseg.inference.postprocess) become the pipeline's
+    predictor."""
     if num < 1:
         raise ConfigError(f"--num must be at least 1, got {num}")
     # every check before anything is sampled or written
     given, info = given_inputs(pipe, PIPELINE_SOURCE, num, sampling.seed, masks_from=masks_from,
                                mask_augment=mask_augment, per_mask=per_mask, inpaint_into=inpaint_into, erase=erase)
-    pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component))
+    pipe.use_predictor(postprocessed(pipe.predictor(), tta, min_component, min_peak=min_peak))
     if Path(out).exists() and not force:  # before spending minutes on sampling
         raise GensegError(f"{out}: already exists (a previous result?); pass --force to replace it or choose --out")
     started = time.perf_counter()
     result = sampling.sample(pipe, len(given["masks"]) if given else num, **given)
     settings = {**sampling.metadata(), "threshold": pipe.config.threshold, "tta": tta, "min_component": min_component,
-                "size_note": pipe.size_note, "seconds": time.perf_counter() - started, **info}
+                "min_peak": min_peak, "size_note": pipe.size_note, "seconds": time.perf_counter() - started, **info}
     return write_pipeline_outputs(result, out, settings, force=force, mask_source=pipe.mask_source)
 
 
 def segment_inputs(pipe: GenSegPipeline, inputs: Sequence[str | Path], out: str | Path,
-                   force: bool = False, tta: str = "none", min_component: int = 0) -> dict[str, Any]:
+                   force: bool = False, tta: str = "none", min_component: int = 0,
+                   min_peak: float = 0.0) -> dict[str, Any]:
     """`--input`: real files segmented by the pipeline's own segmenter, with `genseg segment`'s outputs (and its
     refusal to replace existing ones unless `force`) and post-processing."""
     from ..inference.files import segment_files
 
-    return segment_files(inputs, pipe.predictor(), out, force=force, tta=tta, min_component=min_component)
+    return segment_files(inputs, pipe.predictor(), out, force=force, tta=tta, min_component=min_component,
+                         min_peak=min_peak)
