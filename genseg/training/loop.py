@@ -316,7 +316,8 @@ class Trainer:
             state.elapsed_s = elapsed_before + time.perf_counter() - clock
             return state.step >= max_steps or (budgeted and self._agreed(state.elapsed_s >= time_budget_s))
 
-        while not (limit_reached() or state.epoch >= max_epochs or self._patience_exhausted()):
+        stop = limit_reached()  # decided once per clock read, so the checkpoint saved with a reading agrees with it
+        while not (stop or state.epoch >= max_epochs or self._patience_exhausted()):
             for batch in self._epoch_batches():
                 # --- one optimizer step (with gradient accumulation, one batch of it)
                 with acc.accumulate(self.model):
