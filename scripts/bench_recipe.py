@@ -245,7 +245,7 @@ def genseg_post_rows(recipe: str, run_dir: Path, data: Path, min_component: int,
 def rescore(paths: list[Path], min_peaks: list[float], min_component: int) -> str:
     """Every trained genseg model (variants too) of earlier runs' results evaluated again, on its validation and test
     splits, plain and with each post-processing rule: a table of the rules' changes, model by model, and a summary
-    per rule (mean change, models better and worse, the worst change)."""
+    per rule (mean change, models better and worse by at least 0.0005, the worst change)."""
     from genseg.evaluation.evaluate import evaluate
 
     rules = {**{f"min-peak {p:g}": {"min_peak": p} for p in min_peaks},
@@ -272,7 +272,7 @@ def rescore(paths: list[Path], min_peaks: list[float], min_component: int) -> st
     for (rule, split), values in changes.items():
         if values:
             lines.append(f"| {rule} | {split} | {len(values)} | {sum(values) / len(values):+.4f} | "
-                         f"{sum(v > 1e-9 for v in values)} | {sum(v < -1e-9 for v in values)} | {min(values):+.3f} |")
+                         f"{sum(v >= 5e-4 for v in values)} | {sum(v <= -5e-4 for v in values)} | {min(values):+.3f} |")
     return "\n".join(lines) + "\n"
 
 

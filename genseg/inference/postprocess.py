@@ -8,9 +8,9 @@
   pixels are dropped, and their probabilities set to 0 so that masks drawn from them agree. Each slice on its own;
   an empty mask stays empty, and the largest region is dropped too when it is below the limit.
 - Unsure-region removal (hysteresis thresholding): with `min_peak` P, a region of the mask is kept only if the
-  model is at least P sure somewhere inside it; kept regions keep their shape at the threshold. Specks on
-  tumour-free slices are mostly faint regions while tumours have a confident core, whatever their size, so this
-  removes specks without removing small lesions (docs/recipe-benchmark.md, run 7).
+  model is at least P sure somewhere inside it; kept regions keep their shape at the threshold. Many specks on
+  tumour-free slices are faint regions while tumours have a confident core, whatever their size, so this removes
+  those specks without removing small lesions (docs/recipe-benchmark.md, run 8).
 
 `PostProcessed` wraps a segmenter with both, behind the same interface, so evaluate, segment and the pipeline
 take them without knowing; the server applies the same functions around its batcher.
