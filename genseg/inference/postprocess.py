@@ -12,7 +12,7 @@
   tumour-free slices are faint regions while tumours have a confident core, whatever their size, so this removes
   those specks without removing small lesions (docs/recipe-benchmark.md, run 8).
 
-`PostProcessed` wraps a segmenter with both, behind the same interface, so evaluate, segment and the pipeline
+`PostProcessed` wraps a segmenter with all three, behind the same interface, so evaluate, segment and the pipeline
 take them without knowing; the server applies the same functions around its batcher.
 """
 
