@@ -1,5 +1,5 @@
-"""Flip TTA, small- and unsure-region removal (genseg.inference.postprocess) and their options in evaluate, segment, the pipeline
-and the server (issue 14, item 4)."""
+"""Flip TTA, small- and unsure-region removal (genseg.inference.postprocess) and their options in evaluate, segment,
+the pipeline and the server (issue 14, item 4)."""
 
 from __future__ import annotations
 
@@ -209,12 +209,12 @@ def test_server_takes_tta_min_component_and_min_peak_per_request(tiny_run, tmp_p
     (tmp_path / "slice.png").write_bytes(buffer.getvalue())
     # the untrained model's probabilities sit just below 0.5: a threshold among them gives regions to drop
     threshold, segmenter = 0.499, load_segmenter(run)
-    settings = {"plain": ({"tta": "hflip"}, PostProcessed(segmenter, "hflip")),
-                "small": ({"tta": "hflip", "min_component": 6}, PostProcessed(segmenter, "hflip", 6)),
-                "unsure": ({"tta": "hflip", "min_peak": 0.4994}, PostProcessed(segmenter, "hflip", min_peak=0.4994))}
+    settings = {"plain": ({"tta": "hflip"}, PostProcessed(segmenter, "hflip", threshold=threshold)),
+                "small": ({"tta": "hflip", "min_component": 6}, PostProcessed(segmenter, "hflip", 6, threshold)),
+                "unsure": ({"tta": "hflip", "min_peak": 0.4994},
+                           PostProcessed(segmenter, "hflip", threshold=threshold, min_peak=0.4994))}
     expected = {}
     for name, (_, post) in settings.items():
-        post.threshold = threshold
         segment_file(post, tmp_path / "slice.png", tmp_path / name, threshold=threshold)
         expected[name] = np.asarray(Image.open(tmp_path / name / "slice_mask.png")) > 0
     assert expected["small"].any() and expected["unsure"].any()

@@ -106,7 +106,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
     lines = [f"Evaluation of {result['checkpoint']} on {result['data']} {result['selection']} "
              f"(threshold {result['threshold']}, {result['precision']}, TTA {result['tta']}, min component "
-             f"{result['min_component']} px, min peak {result.get('min_peak', 0.0)})", "",
+             f"{result['min_component']} px, min peak {result['min_peak']})", "",
              "| slices | n | Dice | IoU | HD95 (px) |", "|---|---|---|---|---|",
              f"| all | {result['n']} | {fmt(result['dice'])} | {fmt(result['iou'])} | {fmt(result['hd95'])} |",
              f"| with tumour | {result['n'] - result['tumour_free_slices']} | {fmt(result['dice_tumour'])} | "

@@ -63,29 +63,25 @@ def predict_with_tta(predict: Callable[[np.ndarray], np.ndarray], images, tta: s
 def remove_small_components(mask: np.ndarray, min_component: int) -> np.ndarray:
     """A boolean mask (H, W) or stack (N, H, W) without its 8-connected regions of fewer than `min_component`
     pixels, slice by slice."""
-    from scipy import ndimage  # here, so that the CLI can read TTA_MODES without loading SciPy
-
     mask = np.asarray(mask, bool)
     if min_component <= 1 or not mask.any():
         return mask
     if mask.ndim == 3:
         return np.stack([remove_small_components(m, min_component) for m in mask])
+    return _kept_regions(mask, min_component)
+
+
+def _kept_regions(mask: np.ndarray, min_component: int, probability: np.ndarray | None = None,
+                  min_peak: float = 0.0) -> np.ndarray:
+    """One slice's boolean mask (H, W) without its 8-connected regions of fewer than `min_component` pixels or,
+    given the slice's `probability`, whose highest probability is below `min_peak`: one labelling for both rules."""
+    from scipy import ndimage  # here, so that the CLI can read TTA_MODES without loading SciPy
+
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_component
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_component
+    if probability is not None and n:
+        keep[1:] &= ndimage.maximum(probability, labels, np.arange(1, n + 1)) >= min_peak
     keep[0] = False
-    return keep[labels]
-
-
-def remove_unsure_regions(probability: np.ndarray, mask: np.ndarray, min_peak: float) -> np.ndarray:
-    """A slice's boolean mask (H, W) without its 8-connected regions whose highest probability is below
-    `min_peak`."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-    if n == 0:
-        return np.asarray(mask, bool)
-    keep = np.concatenate([[False], ndimage.maximum(probability, labels, np.arange(1, n + 1)) >= min_peak])
     return keep[labels]
 
 
@@ -97,10 +93,10 @@ def drop_regions(probabilities: np.ndarray, threshold: float, min_component: int
     if min_component <= 1 and min_peak <= threshold:
         return probabilities
     mask = probabilities >= threshold
-    kept = remove_small_components(mask, min_component)
-    if min_peak > threshold:
-        kept = np.stack([remove_unsure_regions(p, m, min_peak) for p, m in zip(probabilities, kept)]) \
-            if len(kept) else kept
+    if not mask.any():
+        return probabilities
+    kept = np.stack([_kept_regions(m, min_component, p if min_peak > threshold else None, min_peak)
+                     for m, p in zip(mask, probabilities)])
     return np.where(mask & ~kept, np.float32(0), probabilities)
 
 

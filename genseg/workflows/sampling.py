@@ -37,8 +37,8 @@ def draw_masks(path: str | Path, size: int, num: int | None = None, seed: int = 
     `seed` (a seeded permutation, repeated when `num` exceeds the split; None: every training mask, in file
     order), transformed by MaskAugment(`augment`, `seed`), each kept on the head of its own slice. Returns uint8
     (num, size, size) {0, 1} and what goes into the synthetic file's metadata. Checked before anything is sampled
-    (DataError naming the file): the file holds masks (not an image-mode synthetic file), of the model's `size`, with values 0 and 1 only. Empty masks
-    are valid: they ask for tumour-free slices."""
+    (DataError naming the file): the file holds masks (not an image-mode synthetic file), of the model's `size`,
+    with values 0 and 1 only. Empty masks are valid: they ask for tumour-free slices."""
     path = Path(path)
     _, train = _training_rows(path, size)
     rows = _draw_rows(train, num, seed)
