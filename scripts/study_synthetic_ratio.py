@@ -484,6 +484,8 @@ def quality_table(rows: list[dict]) -> list[str]:
                      f"| {mean(q, 'kid_real_reference', '.1f', 1000)} | {mean(q, 'nn_ratio_median', '.2f')} "
                      f"| {mean(q, 'near_copy_percent', '.0f')} | {lesions} | {mean(q, 'agreement_dice_mean', '.3f')} "
                      f"| {mean(q, 'agreement_real_reference', '.3f')} |")
+    if not any(arm == "matched inpaint" for arm, _ in sets):
+        return lines + [""]
     return lines + ["", "The inpaint sets' whole-slice NN ratio compares whole slices: every inpainted slice is its "
                         "host outside the repainted region, so it reads as a near-copy by construction; their placed "
                         "lesions' own windows are compared in the next column.", ""]
@@ -575,13 +577,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-agreement", type=float, help="change agreement: keep slices with Dice >= this.")
     parser.add_argument("--more-factor", type=int, help="change more: this many times the synthetic slices.")
     parser.add_argument("--seeds", type=int, help="Number of seeds (0..N-1).")
+    parser.add_argument("--real-fractions", help="Comma-separated real fractions (default: the config's), e.g. 0.1,0.25 "
+                                                 "to run one part of a study into its folder.")
     parser.add_argument("--matched-generator", action="store_true", default=None,
                         help="Add the fairness arm: a generator per (fraction < 1, seed) trained on that run's patients.")
     parser.add_argument("--matched-seeds", type=int, help="Matched generators for the first N seeds only.")
     parser.add_argument("--matched-modes", help="Comma-separated generator modes of the matched arms "
                                                 "(joint, mask-conditioned, inpaint; default: the config's).")
-    parser.add_argument("--augmented-real", action="store_true", default=None,
-                        help="Add the classical-augmentation control: kept real slices moved like the masks.")
+    parser.add_argument("--augmented-real", action=argparse.BooleanOptionalAction, default=None,
+                        help="Add (or leave out) the classical-augmentation control: kept real slices moved like the "
+                             "masks (default: the config's).")
     parser.add_argument("--quality-judge", help="Segmenter run or pipeline folder that measures the matched and "
                                                 "augmented sets (default: the real-only run of each set's seed).")
     parser.add_argument("--smoke", action="store_true", help="Tiny data, nets and grid, one seed: seconds.")
@@ -590,6 +595,8 @@ def main(argv: list[str] | None = None) -> dict:
     overrides.update({k: v for k, v in {"pipeline": args.pipeline, "change": args.change,
                                         "min_agreement": args.min_agreement, "more_factor": args.more_factor,
                                         "seeds": list(range(args.seeds)) if args.seeds else None,
+                                        "real_fractions": [float(f) for f in args.real_fractions.split(",")]
+                                        if args.real_fractions else None,
                                         "matched_generator": args.matched_generator,
                                         "matched_seeds": list(range(args.matched_seeds)) if args.matched_seeds else None,
                                         "matched_modes": args.matched_modes.split(",") if args.matched_modes else None,

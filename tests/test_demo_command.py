@@ -241,6 +241,16 @@ def test_study_matched_generator_arms(tiny_pipeline, tmp_path):
     assert [r["dice"] for r in judged["runs"]] == [r["dice"] for r in runs]
     assert {r["quality"]["judge"] for r in judged["runs"] if "quality" in r} == {str(tiny_pipeline)}
     assert (out / "synthetic-matched" / "inpaint" / f"f0.5-s0.quality-{tiny_pipeline.name}.json").is_file()
+    part = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
+                        "--matched-generator", "--matched-modes", "joint", "--no-augmented-real",
+                        "--real-fractions", "0.5"])  # one part of the study: its cells only, runs reused
+    assert {(r["arm"], r["fraction"]) for r in part["runs"] if r["ratio"] < 1} == \
+        {("baseline", 0.5), ("matched joint", 0.5)}  # (1, 1) is the synthetic-only cell, in every part
+    dice = {(r["arm"], r["fraction"], r["ratio"]): r["dice"] for r in runs}
+    assert all(dice[r["arm"], r["fraction"], r["ratio"]] == r["dice"] for r in part["runs"])
+    assert "augmented real" not in part["table"] and "| 100 % " not in part["table"]
+    assert "| matched joint | 50 % | 1 |" in part["table"]  # its set's quality row, without the note on inpainting
+    assert "The inpaint sets'" in summary["table"] and "The inpaint sets'" not in part["table"]
 
 
 def test_other_load_counts_the_cores_other_processes_take():
