@@ -31,12 +31,16 @@ OUT to start afresh (e.g. after the generator changed).
 
     python scripts/study_synthetic_ratio.py --out study-synthetic-ratio   # 39 baseline + 27 change runs
     python scripts/study_synthetic_ratio.py --change none                 # baseline only (39 runs)
-Cost, measured on 2 CPU cores (docs/study-synthetic-ratio.md): one seed of the baseline 926 s idle, so the baseline
-~46 min; baseline + agreement ~89 min on a partly shared machine; one matched joint generator (1500 steps) ~40 min.
     python scripts/study_synthetic_ratio.py --out study --matched-generator --matched-seeds 1   # + fairness arm
-    # the matched study of docs/study-synthetic-ratio.md: 10 % real, two cheap modes and the augmentation control
-    python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched   # ~35 min per seed
+    # the matched study of docs/study-synthetic-ratio.md: 10 % and 25 % real, three modes, the augmentation control
+    python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched   # ~4 hours
+    python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched \
+        --matched-modes joint --real-fractions 0.1 --no-augmented-real                         # one part of it
     python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
+
+Cost, measured on 2 CPU cores (docs/study-synthetic-ratio.md): one seed of the baseline 926 s idle, so the baseline
+~46 min; baseline + agreement ~89 min on a partly shared machine; one matched joint generator (1500 steps) ~40 min
+there and 12 min on an idle machine.
 """
 
 from __future__ import annotations
