@@ -7,7 +7,9 @@
    segmenter, tested on the real test split. Plus one synthetic-only run per seed (R = 1: no real training slice).
    With `equal_steps` a run with fewer real slices per epoch runs proportionally more epochs (and patience), so
    every run gets about the same optimizer steps and small fractions are not simply undertrained; a time budget
-   (seg-demo.yaml's) already gives every run the same wall time and stays as it is.
+   (seg-demo.yaml's) gives every run the same wall time instead, and `seg_overrides` {time_budget: null,
+   max_steps: N} exactly N steps (configs/study-matched.yaml: in equal wall time real-only runs made fewer steps
+   than mixed ones, which favours mixing).
 3. The "one change" (config `change`), run for every R > 0 cell and synthetic-only next to the baseline:
    `agreement` keeps synthetic slices whose generated mask agrees with a real-only segmenter (Dice >=
    min_agreement): the real-only run (R = 0) of the same fraction and seed, so the filter uses no labels the arm
@@ -36,6 +38,8 @@ OUT to start afresh (e.g. after the generator changed).
     python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched   # ~4 hours
     python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched \
         --matched-modes joint --real-fractions 0.1 --no-augmented-real                         # one part of it
+    python scripts/study_synthetic_ratio.py --config configs/study-matched.yaml --out matched \
+        --matched-modes mask-conditioned --real-fractions 0.1 --synthetic-ratios 0,0.5         # a smaller part
     python scripts/study_synthetic_ratio.py --out /tmp/smoke --smoke --pipeline DIR   # seconds; what CI runs
 
 Cost, measured on 2 CPU cores (docs/study-synthetic-ratio.md): one seed of the baseline 926 s idle, so the baseline
@@ -62,7 +66,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
-from genseg.config import load_config
+from genseg.config import config_from_dict, load_config
 from genseg.data.augment import MASK_MAX_ROTATION, MASK_MAX_SHIFT, MASK_SCALE_RANGE
 from genseg.data.prepared import PreparedDataset, PreparedWriter, read_metadata
 from genseg.evaluation.synthetic_quality import evaluate_synthetic
@@ -336,7 +340,9 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     started = time.perf_counter()
     data, synthetic, size = make_data(out, cfg)
     seg_path = Path(cfg.seg_config) if Path(cfg.seg_config).is_absolute() else REPO / cfg.seg_config
-    base = load_config(SegTrainConfig, seg_path, {**cfg.seg_overrides, "size": size})
+    base = load_config(SegTrainConfig, seg_path, {"size": size})
+    # seg_overrides replace the segmenter config's keys, None included (time_budget: null turns its budget off)
+    base = config_from_dict(SegTrainConfig, {**dataclasses.asdict(base), **cfg.seg_overrides}, "seg_overrides")
     full_real = int((read_metadata(data)["split"] == "train").sum())
     cells = [(f, r) for f in cfg.real_fractions for r in cfg.synthetic_ratios]
     if cfg.synthetic_only:
@@ -392,7 +398,8 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
                 print(f"{arm.name} F={fraction:g} R={ratio:g} seed {seed}: "
                       + (rows[-1].get("skipped") or f"test Dice {rows[-1]['dice']:.4f}"))
     summary = {"config": dataclasses.asdict(cfg), "real_train_slices": full_real, "runs": rows,
-               "arms": [a.name for a in arms], "seconds": round(time.perf_counter() - started, 1)}
+               "arms": [a.name for a in arms], "segmenter_stop": stopping_rule(base, cfg.equal_steps),
+               "seconds": round(time.perf_counter() - started, 1)}
     summary["table"] = markdown(summary)
     with atomic_path(out / "study.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
@@ -450,11 +457,21 @@ def markdown(summary: dict) -> str:
         lines.append(f"\n{len(skipped)} run(s) skipped: " + "; ".join(
             f"{r['arm']} F={r['fraction']:g} R={r['ratio']:g} seed {r['seed']}: {r['skipped']}" for r in skipped))
     steps = [r["steps"] for r in rows if "steps" in r]
-    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; equal_steps {cfg['equal_steps']} "
-                 f"(epochs scaled to each run's epoch length; a segmenter time budget overrides it, every run then "
-                 f"gets the same wall time); optimizer steps per run {min(steps, default=0)}-{max(steps, default=0)}; "
+    lines.append(f"\n{summary['real_train_slices']} real training slices at fraction 1; segmenters stop at "
+                 f"{summary['segmenter_stop']}; optimizer steps per run {min(steps, default=0)}-{max(steps, default=0)}; "
                  f"this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
     return "\n".join(lines)
+
+
+def stopping_rule(seg: SegTrainConfig, equal_steps: bool) -> str:
+    """What ends every segmenter of the study, the first of: a step count (every run the same optimizer steps), a
+    time budget (the same wall time, so a run whose steps are slower makes fewer) or epochs (with `equal_steps`
+    scaled to each run's epoch length, so runs get about the same steps)."""
+    rules = ([f"{seg.max_steps} optimizer steps"] if seg.max_steps else []) + (
+        [f"a {seg.time_budget:g}-minute time budget"] if seg.time_budget else []) + (
+        [f"{seg.epochs} epochs" + (" at fraction 1 (scaled to each run's epoch length)" if equal_steps else "")]
+        if seg.epochs else [])
+    return " or ".join(rules)
 
 
 def against_real_only(arm: str) -> bool:
@@ -583,6 +600,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, help="Number of seeds (0..N-1).")
     parser.add_argument("--real-fractions", help="Comma-separated real fractions (default: the config's), e.g. 0.1,0.25 "
                                                  "to run one part of a study into its folder.")
+    parser.add_argument("--synthetic-ratios", help="Comma-separated synthetic ratios (default: the config's), e.g. "
+                                                   "0,0.5 for real-only and one mixed ratio.")
     parser.add_argument("--matched-generator", action="store_true", default=None,
                         help="Add the fairness arm: a generator per (fraction < 1, seed) trained on that run's patients.")
     parser.add_argument("--matched-seeds", type=int, help="Matched generators for the first N seeds only.")
@@ -601,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         "seeds": list(range(args.seeds)) if args.seeds else None,
                                         "real_fractions": [float(f) for f in args.real_fractions.split(",")]
                                         if args.real_fractions else None,
+                                        "synthetic_ratios": [float(r) for r in args.synthetic_ratios.split(",")]
+                                        if args.synthetic_ratios else None,
                                         "matched_generator": args.matched_generator,
                                         "matched_seeds": list(range(args.matched_seeds)) if args.matched_seeds else None,
                                         "matched_modes": args.matched_modes.split(",") if args.matched_modes else None,

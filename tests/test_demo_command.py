@@ -199,6 +199,27 @@ def test_demo_from_scratch_states_the_training_time_first(tmp_path):
     assert (tmp_path / "demo" / "report.md").is_file()
 
 
+def test_study_segmenters_make_equal_steps(tiny_pipeline, tmp_path):
+    """seg_overrides replace the segmenter config's keys, null included: time_budget null and max_steps N give
+    every run exactly N optimizer steps (not equal wall time, in which slower steps make fewer), and the table says
+    so; --synthetic-ratios runs a subset of the ratios."""
+    import yaml
+
+    script = load_script("study_synthetic_ratio")
+    config = tmp_path / "study.yaml"
+    smoke = dict(script.SMOKE, synthetic_only=False, change="none")
+    smoke["seg_overrides"] = {**smoke["seg_overrides"], "epochs": None, "time_budget": None, "max_steps": 3}
+    config.write_text(yaml.safe_dump(smoke))
+    out = tmp_path / "study"
+    summary = script.main(["--config", str(config), "--pipeline", str(tiny_pipeline), "--out", str(out),
+                           "--synthetic-ratios", "0"])
+    assert [(r["fraction"], r["ratio"]) for r in summary["runs"]] == [(0.5, 0.0), (1.0, 0.0)]
+    assert [r["steps"] for r in summary["runs"]] == [3, 3]
+    assert "segmenters stop at 3 optimizer steps;" in summary["table"]
+    run_config = yaml.safe_load((out / "runs" / "baseline" / "f0.5-r0-s0" / "config.yaml").read_text())
+    assert run_config["time_budget"] is None and run_config["max_steps"] == 3
+
+
 def test_study_matched_generator_arms(tiny_pipeline, tmp_path):
     """The fairness arms: per mode a generator per (fraction < 1, seed) trained on exactly that segmenter's real
     patients, its synthetic set used for the 0 < ratio < 1 cells of that fraction only; the mask-conditioned and
