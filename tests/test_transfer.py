@@ -206,7 +206,7 @@ def script_env() -> dict:
 def test_study_smoke_mode_runs(tmp_path):
     """scripts/study_transfer.py --smoke: brain pretraining, ultrasound adaptation, table and figure."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_transfer.py"), "--smoke", "--out",
-                           str(tmp_path / "study")], env=script_env(), capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "study")], env=script_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| training images | arm | test Dice (all)" in done.stdout
     results = json.loads((tmp_path / "study" / "results.json").read_text())
