@@ -340,9 +340,9 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     started = time.perf_counter()
     data, synthetic, size = make_data(out, cfg)
     seg_path = Path(cfg.seg_config) if Path(cfg.seg_config).is_absolute() else REPO / cfg.seg_config
-    base = load_config(SegTrainConfig, seg_path, {"size": size})
     # seg_overrides replace the segmenter config's keys, None included (time_budget: null turns its budget off)
-    base = config_from_dict(SegTrainConfig, {**dataclasses.asdict(base), **cfg.seg_overrides}, "seg_overrides")
+    base = config_from_dict(SegTrainConfig, {**dataclasses.asdict(load_config(SegTrainConfig, seg_path)),
+                                             **cfg.seg_overrides, "size": size}, "seg_overrides")
     full_real = int((read_metadata(data)["split"] == "train").sum())
     cells = [(f, r) for f in cfg.real_fractions for r in cfg.synthetic_ratios]
     if cfg.synthetic_only:
@@ -398,7 +398,8 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
                 print(f"{arm.name} F={fraction:g} R={ratio:g} seed {seed}: "
                       + (rows[-1].get("skipped") or f"test Dice {rows[-1]['dice']:.4f}"))
     summary = {"config": dataclasses.asdict(cfg), "real_train_slices": full_real, "runs": rows,
-               "arms": [a.name for a in arms], "segmenter_stop": stopping_rule(base, cfg.equal_steps),
+               "arms": [a.name for a in arms], "segmenter_stop": training_length(base) + (
+                   " (epochs at fraction 1, scaled to each run's epoch length)" if cfg.equal_steps and base.epochs else ""),
                "seconds": round(time.perf_counter() - started, 1)}
     summary["table"] = markdown(summary)
     with atomic_path(out / "study.json") as tmp:
@@ -461,17 +462,6 @@ def markdown(summary: dict) -> str:
                  f"{summary['segmenter_stop']}; optimizer steps per run {min(steps, default=0)}-{max(steps, default=0)}; "
                  f"this invocation took {summary['seconds']:.0f} s (finished runs are reused).")
     return "\n".join(lines)
-
-
-def stopping_rule(seg: SegTrainConfig, equal_steps: bool) -> str:
-    """What ends every segmenter of the study, the first of: a step count (every run the same optimizer steps), a
-    time budget (the same wall time, so a run whose steps are slower makes fewer) or epochs (with `equal_steps`
-    scaled to each run's epoch length, so runs get about the same steps)."""
-    rules = ([f"{seg.max_steps} optimizer steps"] if seg.max_steps else []) + (
-        [f"a {seg.time_budget:g}-minute time budget"] if seg.time_budget else []) + (
-        [f"{seg.epochs} epochs" + (" at fraction 1 (scaled to each run's epoch length)" if equal_steps else "")]
-        if seg.epochs else [])
-    return " or ".join(rules)
 
 
 def against_real_only(arm: str) -> bool:

@@ -215,7 +215,7 @@ def test_study_segmenters_make_equal_steps(tiny_pipeline, tmp_path):
                            "--synthetic-ratios", "0"])
     assert [(r["fraction"], r["ratio"]) for r in summary["runs"]] == [(0.5, 0.0), (1.0, 0.0)]
     assert [r["steps"] for r in summary["runs"]] == [3, 3]
-    assert "segmenters stop at 3 optimizer steps;" in summary["table"]
+    assert "segmenters stop at 3 steps;" in summary["table"]
     run_config = yaml.safe_load((out / "runs" / "baseline" / "f0.5-r0-s0" / "config.yaml").read_text())
     assert run_config["time_budget"] is None and run_config["max_steps"] == 3
 
