@@ -302,13 +302,14 @@ def set_quality(path: Path, data: Path, judge: Path) -> dict:
     matched or augmented set, measured once per judge (a segmenter run or pipeline folder; its encoder gives the
     KID features and its predictions the faithfulness)."""
     saved = path.with_name(f"{path.stem}.quality-{judge.name}.json")
-    if not saved.exists():
+    if not saved.exists() or "lesion_kid_reading" not in json.loads(saved.read_text()):  # older: no lesion-window KID
         result = evaluate_synthetic(path, data, judge, out_dir=path.parent, progress=False, write=False)
         with atomic_path(saved) as tmp:
             tmp.write_text(json.dumps(result, default=str))
     result = json.loads(saved.read_text())
     return {key: result.get(key) for key in ("kid_mean", "kid_real_reference", "nn_ratio_median", "near_copy_percent",
                                              "lesion_nn_ratio_median", "lesion_near_copy_percent",
+                                             "lesion_kid_mean", "lesion_kid_real_reference",
                                              "agreement_dice_mean", "agreement_real_reference")}
 
 
@@ -486,20 +487,23 @@ def quality_table(rows: list[dict]) -> list[str]:
     judge = (judges[0] if len(judges) == 1 else "the real-only segmenter of each seed")
     lines = [f"### The synthetic sets (mean over seeds; measured by {judge})", "",
              "| arm | real fraction | sets | KID x 1000 | real-vs-real KID x 1000 | NN ratio (median) | near-copies % "
-             "| placed lesions: NN ratio (near-copies %) | mask faithfulness Dice | segmenter on real held-out |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| placed lesions: NN ratio (near-copies %) | lesion windows: KID x 1000 (real-vs-real) "
+             "| mask faithfulness Dice | segmenter on real held-out |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (arm, fraction), q in sets.items():
         lesions = (f"{mean(q, 'lesion_nn_ratio_median', '.2f')} ({mean(q, 'lesion_near_copy_percent', '.0f')})"
                    if any(v.get("lesion_nn_ratio_median") is not None for v in q.values()) else "—")
         lines.append(f"| {arm} | {100 * fraction:g} % | {len(q)} | {mean(q, 'kid_mean', '.1f', 1000)} "
                      f"| {mean(q, 'kid_real_reference', '.1f', 1000)} | {mean(q, 'nn_ratio_median', '.2f')} "
-                     f"| {mean(q, 'near_copy_percent', '.0f')} | {lesions} | {mean(q, 'agreement_dice_mean', '.3f')} "
+                     f"| {mean(q, 'near_copy_percent', '.0f')} | {lesions} | {mean(q, 'lesion_kid_mean', '.1f', 1000)} "
+                     f"({mean(q, 'lesion_kid_real_reference', '.1f', 1000)}) | {mean(q, 'agreement_dice_mean', '.3f')} "
                      f"| {mean(q, 'agreement_real_reference', '.3f')} |")
     if not any(arm == "matched inpaint" for arm, _ in sets):
         return lines + [""]
     return lines + ["", "The inpaint sets' whole-slice NN ratio compares whole slices: every inpainted slice is its "
                         "host outside the repainted region, so it reads as a near-copy by construction; their placed "
-                        "lesions' own windows are compared in the next column.", ""]
+                        "lesions' own windows are compared in the next column, and the lesion-window KID compares "
+                        "windows around the lesions only (for inpaint sets the placed ones).", ""]
 
 
 def _cell(s, base) -> str:

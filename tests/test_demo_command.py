@@ -255,7 +255,8 @@ def test_study_matched_generator_arms(tiny_pipeline, tmp_path):
     assert sources <= {i for i, p in enumerate(real["patients"]) if p in set(kept["patients"])}
     assert augmented["num_slices"] == summary["real_train_slices"]
     assert "matched inpaint against augmented real, real fraction 50 %, ratio 0.5" in summary["table"]
-    assert "### The synthetic sets" in summary["table"]
+    assert "### The synthetic sets" in summary["table"] and "lesion windows: KID x 1000" in summary["table"]
+    assert all("lesion_kid_mean" in r["quality"] for r in runs if r.get("quality"))
     judged = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
                           "--matched-generator", "--matched-modes", "joint,mask-conditioned,inpaint",
                           "--augmented-real", "--quality-judge", str(tiny_pipeline)])  # another judge, runs reused

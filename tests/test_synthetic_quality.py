@@ -277,11 +277,36 @@ def test_placed_lesions_are_judged_by_their_own_window(real, tmp_path):
                                 write=False, **FAST)
     new = evaluate_synthetic(write_synth(tmp_path / "new.h5", fresh, fresh_masks, **placed), real, write=False, **FAST)
     assert copies["lesion_windows"] == new["lesion_windows"] == 3
+    assert copies["lesion_kid_windows"]["synthetic"] == 3 and copies["lesion_kid_margin"] == 2  # placed lesions
     assert copies["lesion_nn_ratio_median"] < 1e-3 and copies["lesion_near_copy_percent"] == 100
     assert new["lesion_nn_ratio_median"] > 0.5 and new["lesion_near_copy_percent"] < 100
     assert "placed lesions only" in markdown_table(new)
     erased = evaluate_synthetic(write_synth(tmp_path / "erased.h5", fresh, fresh_masks, **{**placed, "inpaint": "erase"}),
                                 real, write=False, **FAST)
     assert erased["lesion_memorisation"] == "not measured: an erase set places no lesion"
+    assert erased["lesion_kid_reading"] == "not measured: an erase set places no lesion"
     joint = evaluate_synthetic(write_synth(tmp_path / "joint.h5", fresh, fresh_masks), real, write=False, **FAST)
     assert "lesion_memorisation" not in joint
+
+
+def test_lesion_window_kid_looks_at_the_lesions_only(real, tmp_path):
+    """Real tumour slices score within the real reference on their lesion windows; the same slices with the
+    lesions (and only they) blacked out score far above it, and further above it, in standard deviations, than
+    the whole-slice KID does (most of each slice is unchanged); the table shows the row."""
+    images, masks = real_train_slices(real, 40)
+    keep = masks.reshape(len(masks), -1).any(1)
+    images, masks = images[keep], masks[keep]
+    holes = np.where(masks[:, None] > 0, 0.0, images).astype(np.float32)
+    same = evaluate_synthetic(write_synth(tmp_path / "same.h5", images, masks), real, write=False, **FAST)
+    spoiled = evaluate_synthetic(write_synth(tmp_path / "holes.h5", holes, masks), real, write=False, **FAST)
+    assert same["lesion_kid_windows"]["synthetic"] == len(images) >= 10
+
+    def z(result, prefix):
+        return (result[f"{prefix}kid_mean"] - result[f"{prefix}kid_real_reference"]) / np.hypot(
+            result[f"{prefix}kid_std"], result[f"{prefix}kid_real_reference_std"])
+
+    assert z(same, "lesion_") < 2 and z(spoiled, "lesion_") > 5 and z(spoiled, "lesion_") > 2 * z(spoiled, "")
+    assert spoiled["lesion_kid_reading"] and "KID x 1000 of the lesion windows only" in markdown_table(spoiled)
+    empty = evaluate_synthetic(write_synth(tmp_path / "empty.h5", images, np.zeros_like(masks)), real, write=False,
+                               **FAST)
+    assert "lesion_kid_mean" not in empty and empty["lesion_kid_reading"].startswith("not measured")

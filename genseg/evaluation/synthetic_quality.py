@@ -32,6 +32,12 @@ Three views, each next to a real-vs-real reference so the number means something
 - Lesion-only memorisation, for lesions placed by an inpaint model (`inpainted_lesion_memorisation`): outside its
   region an inpainted slice *is* its real host, so the whole-slice ratio above calls it a near-copy by
   construction; the placed lesion's window is compared with the real lesions' windows instead.
+- Lesion-window KID (`lesion_kid`, every set whose masks hold lesions): the same KID on windows around the lesions
+  only (the synthetic slices' lesions, for an inpaint set the placed ones; the real training lesions; the real
+  held-out lesions as the reference), each window resized to the image size so the same features apply. The
+  whole-slice KID scores everything on the slice: an inpainted slice is a real host plus a second lesion that no
+  real slice has, so its whole-slice KID says "unlike any real slice" even when each lesion looks real. This view
+  asks whether the lesions do.
 
 Results are written into the synthetic file as per-slice datasets `quality_nn_ratio` and (with a segmenter)
 `quality_agreement`, which `train-seg --min-nn-ratio / --min-agreement` filter on, and the summary as the file
@@ -67,6 +73,7 @@ RANDOM_CNN_SIDE = 64  # the random CNN sees images resized to this side (its rec
 SIZE_EDGES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # tumour area-share histogram edges (slices with tumour)
 RATIO_EDGES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 LESION_SIDE = 16  # lesion windows are resized to this side for the lesion-only nearest-neighbour search
+LESION_MARGIN = 3  # px a lesion window reaches past its lesion, for sets that record no region_margin of their own
 AGREEMENT_EDGES = tuple(np.round(np.linspace(0.1, 0.9, 9), 1))
 
 
@@ -144,9 +151,10 @@ def _measure(path: Path, rows: np.ndarray, feature_rows: np.ndarray, extract: Ca
     return out.done()
 
 
-def lesion_windows(images: np.ndarray, lesions: np.ndarray, margin: int) -> np.ndarray:
+def lesion_windows(images: np.ndarray, lesions: np.ndarray, margin: int, side: int = LESION_SIDE) -> np.ndarray:
     """For each slice whose `lesions` mask is not empty: the square window around the lesion grown by `margin`
-    px (side = the grown lesion's larger extent, moved inside the image), resized to LESION_SIDE, (N, C, S, S)."""
+    px (its side the grown lesion's larger extent, at most the image's; moved inside the image), resized to
+    `side`: (N, C, side, side)."""
     from ..data.regions import bounding_box, dilate
 
     windows = []
@@ -154,13 +162,15 @@ def lesion_windows(images: np.ndarray, lesions: np.ndarray, margin: int) -> np.n
         if not lesion.any():
             continue
         top, bottom, left, right = bounding_box(dilate(torch.from_numpy(np.asarray(lesion, np.uint8)), margin))
-        side, size = max(bottom - top, right - left) + 1, image.shape[-1]
-        start = [min(max(0, (low + high + 1) // 2 - side // 2), size - side) for low, high in ((top, bottom), (left, right))]
-        window = torch.from_numpy(np.asarray(image, np.float32))[None, :, start[0]:start[0] + side,
-                                                                    start[1]:start[1] + side]
-        windows.append(F.interpolate(window, size=(LESION_SIDE, LESION_SIDE), mode="bilinear", antialias=True,
+        size = image.shape[-1]
+        extent = min(max(bottom - top, right - left) + 1, size)
+        start = [min(max(0, (low + high + 1) // 2 - extent // 2), size - extent)
+                 for low, high in ((top, bottom), (left, right))]
+        window = torch.from_numpy(np.asarray(image, np.float32))[None, :, start[0]:start[0] + extent,
+                                                                    start[1]:start[1] + extent]
+        windows.append(F.interpolate(window, size=(side, side), mode="bilinear", antialias=True,
                                      align_corners=False)[0].numpy())
-    return np.stack(windows) if windows else np.zeros((0, images.shape[1], LESION_SIDE, LESION_SIDE), np.float32)
+    return np.stack(windows) if windows else np.zeros((0, images.shape[1], side, side), np.float32)
 
 
 def _read_rows(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +179,40 @@ def _read_rows(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     with h5py.File(path, "r") as h5:
         images, masks = h5["images"][unique.tolist()].astype(np.float32), h5["masks"][unique.tolist()] > 0
     return images[inverse], masks[inverse]
+
+
+def lesion_kid(synthetic: Path, metadata: dict, real: Path, rows: dict[str, np.ndarray], extract: Callable,
+               size: int, kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, Any]:
+    """KID between the windows around the synthetic slices' lesions and the real training lesions' windows, beside
+    the real held-out lesions' windows against the same (module doc). `rows`: "synthetic", "train", "held" rows
+    to read. For an inpaint set the lesion is the placed one (synthetic mask minus the host's); an erase set places
+    none. Features as for the whole-slice KID, scaled by the real training windows' root mean square."""
+    if metadata.get("inpaint") == "erase":
+        return {"lesion_kid_reading": "not measured: an erase set places no lesion"}
+    margin = int(metadata.get("region_margin", LESION_MARGIN))
+    images, masks = _read_rows(synthetic, rows["synthetic"])
+    if metadata.get("inpaint") == "place":
+        hosts = Path(metadata["inpaint_into"])
+        if not hosts.is_file():
+            return {"lesion_kid_reading": f"not measured: host file {hosts} not found"}
+        masks &= ~_read_rows(hosts, np.asarray(metadata["host_rows"], np.int64)[rows["synthetic"]])[1]
+    windows = {"synthetic": lesion_windows(images, masks, margin, size)}
+    for key in ("train", "held"):
+        windows[key] = lesion_windows(*_read_rows(real, rows[key]), margin, size) if len(rows[key]) else \
+            np.zeros((0,) + windows["synthetic"].shape[1:], np.float32)
+    counts = {key: int(len(w)) for key, w in windows.items()}
+    if counts["synthetic"] < 2 or counts["train"] < 2:
+        return {"lesion_kid_windows": counts,
+                "lesion_kid_reading": "not measured: fewer than 2 lesions in the synthetic or real training slices"}
+    features = {key: extract(w) if len(w) else None for key, w in windows.items()}
+    scale = float(np.sqrt(np.mean(np.square(features["train"], dtype=np.float64)))) or 1.0
+    mean, std = kid(features["synthetic"] / scale, features["train"] / scale, kid_subsets, kid_subset_size, seed,
+                    bootstrap=True)
+    reference = kid(features["held"] / scale, features["train"] / scale, kid_subsets, kid_subset_size, seed,
+                    bootstrap=True) if counts["held"] >= 2 else (None, None)
+    return {"lesion_kid_mean": mean, "lesion_kid_std": std, "lesion_kid_real_reference": reference[0],
+            "lesion_kid_real_reference_std": reference[1], "lesion_kid_windows": counts, "lesion_kid_margin": margin,
+            "lesion_kid_reading": kid_reading(mean, std, *reference)}
 
 
 def inpainted_lesion_memorisation(synthetic: Path, metadata: dict, real: Path, train_rows: np.ndarray,
@@ -386,6 +430,11 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                             "real": _class_shares(real_meta["labels"][train_rows])},
         **(inpainted_lesion_memorisation(synthetic, syn_meta["attrs"].get("metadata") or {}, real, train_rows,
                                          held_rows, near_copy_ratio) or {}),
+        **(lesion_kid(synthetic, syn_meta["attrs"].get("metadata") or {}, real,
+                      {"synthetic": _seeded_subset(np.arange(n), max_features, seed + 2),
+                       "train": _seeded_subset(train_rows, max_features, seed),
+                       "held": _seeded_subset(held_rows, max_features, seed + 1)},
+                      extract, size, kid_subsets, kid_subset_size, seed) if masks_generated else {}),
     }
     out_dir = Path(out_dir) if out_dir is not None else synthetic.parent
     result["figure"] = str(_figure(result, out_dir / f"{synthetic.stem}_quality.png"))
@@ -468,10 +517,19 @@ def markdown_table(result: dict[str, Any]) -> str:
                   f"{fmt(result['lesion_nn_ratio_median'])} ({fmt(result['lesion_nn_ratio_min'])}) | 1 |",
                   f"| placed lesions only: near-copies | {result['lesion_near_copy_percent']:g} % | "
                   f"{result['lesion_real_near_copy_percent']:g} % |"]
+    if result.get("lesion_kid_mean") is not None:
+        reference = result["lesion_kid_real_reference"]
+        counts = result["lesion_kid_windows"]
+        lines.append(f"| KID x 1000 of the lesion windows only ({counts['synthetic']} synthetic, {counts['held']} "
+                     f"held-out, {counts['train']} training lesions) | {fmt(result['lesion_kid_mean'], 1e3)} ± "
+                     f"{fmt(result['lesion_kid_std'], 1e3)} | "
+                     + (f"{fmt(reference, 1e3)} ± {fmt(result['lesion_kid_real_reference_std'], 1e3)} |"
+                        if reference is not None else "n/a |"))
     for name in _class_order(result):
         lines.append(f"| class {name} share | {fmt(result['class_histogram']['synthetic'].get(name, 0.0))} | "
                      f"{fmt(result['class_histogram']['real'].get(name, 0.0))} |")
-    lines += [""] + ([f"KID: {result['kid_reading']}"] if result["kid_reading"] else []) + [
+    lines += [""] + ([f"KID: {result['kid_reading']}"] if result["kid_reading"] else []) + (
+        [f"Lesion-window KID: {result['lesion_kid_reading']}"] if result.get("lesion_kid_reading") else []) + [
               f"KID features: {result['feature_network']}",
               f"Nearest-neighbour reference: {result['nn_reference']}; images pooled to "
               f"{result['nn_image_side']}px, RMS pixel distance",
