@@ -25,7 +25,8 @@
    runs the same cells: the kept real slices moved by the same flips, shifts, turns and zooms, image and mask
    together, as many as a synthetic set (is a generator better than augmentation at equal slice count?). Each
    matched or augmented set's KID, NN ratio and mask faithfulness are measured by the real-only run of its seed,
-   or by `quality_judge` (--quality-judge: one segmenter for every set, e.g. the shipped pipeline's).
+   or by `quality_judge` (--quality-judge: one segmenter for every set, e.g. the shipped pipeline's), beside
+   the same measures of the kept real slices unchanged: a generator of 2 patients cannot be more real than them.
 5. Mean ± sd test Dice and IoU: markdown tables (printed and OUT/study.md), OUT/study.json and OUT/study.png.
 
 Finished runs (metrics.json) and the data and synthetic files are reused when the command is repeated; delete
@@ -223,29 +224,32 @@ def kept_real_file(out: Path, data: Path, fraction: float, seed: int) -> Path:
     return path
 
 
-def augmented_real(out: Path, cfg: StudyConfig, data: Path, num: int, fraction: float, seed: int) -> Path:
+def augmented_real(out: Path, cfg: StudyConfig, data: Path, num: int | None, fraction: float, seed: int,
+                   moved: bool = True) -> Path:
     """The classical-augmentation control: `num` slices made from the kept real training slices of (fraction,
     seed) by the geometric moves that `mask_augment` gives the mask-conditioned arm's masks (flip, shift up to
     10 %, rotate up to 15 degrees, scale 0.8-1.2; elastic off), applied to image and mask together; written as a
     synthetic file so it mixes like one. Same count as the synthetic sets, so a ratio gives both arms the same
-    share of non-original slices."""
-    path = out / "augmented-real" / f"f{fraction:g}-s{seed}.h5"
+    share of non-original slices. With `moved` False: the kept slices unchanged, each once (`num` None), the
+    quality reference of a matched set (what the generator's own real data scores)."""
+    path = out / ("augmented-real" if moved else "kept-real") / f"f{fraction:g}-s{seed}.h5"
     if path.exists():
         return path
     rows = kept_rows(data, fraction, seed)
+    num = len(rows) if num is None else num
     attrs = read_metadata(data)["attrs"]
-    parts = set(cfg.mask_augment)
+    parts = set(cfg.mask_augment) if moved else set()
     moves = v2.Compose([v2.RandomHorizontalFlip(0.5 if "flip" in parts else 0.0), v2.RandomAffine(
         degrees=MASK_MAX_ROTATION if "rotate" in parts else 0.0,
         translate=(MASK_MAX_SHIFT, MASK_MAX_SHIFT) if "shift" in parts else None,
         scale=(1 - MASK_SCALE_RANGE, 1 + MASK_SCALE_RANGE) if "scale" in parts else None,
-        interpolation=InterpolationMode.BILINEAR)])
+        interpolation=InterpolationMode.BILINEAR)]) if moved else v2.Identity()
     torch.manual_seed(cfg.sample_seed * 100_003 + seed)
     order = np.concatenate([np.random.default_rng([cfg.sample_seed, seed]).permutation(rows)
                             for _ in range(-(-num // len(rows)))])[:num]
     path.parent.mkdir(parents=True, exist_ok=True)
     dataset = PreparedDataset(data)
-    metadata = {"mode": "augmented-real", "mask_source": "real", "rows": order.tolist(),
+    metadata = {"mode": "augmented-real" if moved else "kept-real", "mask_source": "real", "rows": order.tolist(),
                 "augment": sorted(parts - {"elastic"}), "real_fraction": fraction, "seed": seed}
     with PreparedWriter(path, int(attrs["size"]), int(attrs["channels"]), source_format="synthetic", synthetic=True,
                         modality=attrs.get("modality", "unknown"), metadata=metadata) as writer:
@@ -362,12 +366,14 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
     def matched_cell(fraction, ratio, seed):
         return 0 < ratio < 1 and fraction in fractions and seed in seeds
 
+    def judge_of(fraction, seed) -> Path:
+        return Path(cfg.quality_judge) if cfg.quality_judge else out / "runs" / "baseline" / f"f{fraction:g}-r0-s{seed}"
+
     def measured(make):  # the set of (fraction, seed), its quality measured by that real-only run first
         def synthetic_of(fraction, seed):
             path = make(fraction, seed)
             if cfg.measure_quality:
-                judge = Path(cfg.quality_judge) if cfg.quality_judge else \
-                    out / "runs" / "baseline" / f"f{fraction:g}-r0-s{seed}"
+                judge = judge_of(fraction, seed)
                 qualities[str(path)] = {"judge": str(judge), **set_quality(path, data, judge)}
             return path
         return synthetic_of
@@ -398,7 +404,13 @@ def run_study(out: str | Path, cfg: StudyConfig) -> dict:
                     rows[-1]["quality"] = qualities[str(source)]
                 print(f"{arm.name} F={fraction:g} R={ratio:g} seed {seed}: "
                       + (rows[-1].get("skipped") or f"test Dice {rows[-1]['dice']:.4f}"))
+    references = []  # the kept real slices unchanged, measured like the sets: what the generators' own data scores
+    for fraction, seed in sorted({(r["fraction"], r["seed"]) for r in rows if r.get("quality")}):
+        path, judge = augmented_real(out, cfg, data, None, fraction, seed, moved=False), judge_of(fraction, seed)
+        references.append({"arm": "kept real slices, unchanged", "fraction": fraction, "seed": seed,
+                           "quality": {"judge": str(judge), **set_quality(path, data, judge)}})
     summary = {"config": dataclasses.asdict(cfg), "real_train_slices": full_real, "runs": rows,
+               "quality_references": references,
                "arms": [a.name for a in arms], "segmenter_stop": training_length(base) + (
                    " (epochs at fraction 1, scaled to each run's epoch length)" if cfg.equal_steps and base.epochs else ""),
                "seconds": round(time.perf_counter() - started, 1)}
@@ -453,7 +465,7 @@ def markdown(summary: dict) -> str:
             only = [f"{arm} {_cell(stats(rows, key, arm=arm, fraction=1.0, ratio=1.0), None if arm == 'baseline' else base)}"
                     for arm in summary["arms"] if stats(rows, key, arm=arm, fraction=1.0, ratio=1.0)]
             lines += ["Synthetic only (ratio 1, no real training slice): " + "; ".join(only) + ".", ""]
-    lines += quality_table(rows) + ["### Reading", ""] + findings(summary)
+    lines += quality_table(rows + summary.get("quality_references", [])) + ["### Reading", ""] + findings(summary)
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines.append(f"\n{len(skipped)} run(s) skipped: " + "; ".join(

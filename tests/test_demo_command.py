@@ -257,6 +257,12 @@ def test_study_matched_generator_arms(tiny_pipeline, tmp_path):
     assert "matched inpaint against augmented real, real fraction 50 %, ratio 0.5" in summary["table"]
     assert "### The synthetic sets" in summary["table"] and "lesion windows: KID x 1000" in summary["table"]
     assert all("lesion_kid_mean" in r["quality"] for r in runs if r.get("quality"))
+    assert "| kept real slices, unchanged | 50 % | 1 |" in summary["table"]  # the matched sets' own reference
+    reference = out / "kept-real" / "f0.5-s0.h5"
+    with h5py.File(reference, "r") as h5, h5py.File(out / "demo.h5", "r") as demo:
+        rows = read_metadata(reference)["attrs"]["metadata"]["rows"]
+        assert len(set(rows)) == len(rows) == kept["num_slices"]  # every kept slice once, unmoved
+        np.testing.assert_array_equal(h5["images"][:], demo["images"][sorted(rows)][np.argsort(np.argsort(rows))])
     judged = script.main(["--smoke", "--pipeline", str(tiny_pipeline), "--out", str(out), "--change", "none",
                           "--matched-generator", "--matched-modes", "joint,mask-conditioned,inpaint",
                           "--augmented-real", "--quality-judge", str(tiny_pipeline)])  # another judge, runs reused
