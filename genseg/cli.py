@@ -726,7 +726,8 @@ def pipeline(pipeline_dir, diffusion, segmenter, num, out, sampling, masks_from,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def evaluate_synthetic_cmd(synthetic, real, segmenter, near_copy_ratio, out_dir, no_write, seed, as_json):
     """Quality of a synthetic dataset: near-copies of real training slices (nearest-neighbour ratio), KID against
-    real data next to the real-vs-real KID, and with --segmenter the Dice between generated masks and the
+    real data next to the real-vs-real KID (of whole slices, and of windows around the lesions alone: for an
+    inpaint set the placed lesions), and with --segmenter the Dice between generated masks and the
     segmenter's predictions, plus tumour-size and class histograms. Unless --no-write, the per-slice
     quality_nn_ratio / quality_agreement that `train-seg --min-nn-ratio / --min-agreement` filter on are written
     into SYNTHETIC (an edited copy atomically replaces it)."""
