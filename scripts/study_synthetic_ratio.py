@@ -306,11 +306,13 @@ def set_quality(path: Path, data: Path, judge: Path) -> dict:
     matched or augmented set, measured once per judge (a segmenter run or pipeline folder; its encoder gives the
     KID features and its predictions the faithfulness)."""
     saved = path.with_name(f"{path.stem}.quality-{judge.name}.json")
-    if not saved.exists() or "lesion_kid_reading" not in json.loads(saved.read_text()):  # older: no lesion-window KID
-        result = evaluate_synthetic(path, data, judge, out_dir=path.parent, progress=False, write=False)
+    result = json.loads(saved.read_text()) if saved.exists() else {}
+    if "lesion_kid_reading" not in result:  # not measured yet, or by a genseg without the lesion-window KID
+        text = json.dumps(evaluate_synthetic(path, data, judge, out_dir=path.parent, progress=False, write=False),
+                          default=str)
         with atomic_path(saved) as tmp:
-            tmp.write_text(json.dumps(result, default=str))
-    result = json.loads(saved.read_text())
+            tmp.write_text(text)
+        result = json.loads(text)
     return {key: result.get(key) for key in ("kid_mean", "kid_real_reference", "nn_ratio_median", "near_copy_percent",
                                              "lesion_nn_ratio_median", "lesion_near_copy_percent",
                                              "lesion_kid_mean", "lesion_kid_real_reference",

@@ -181,22 +181,31 @@ def _read_rows(path: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return images[inverse], masks[inverse]
 
 
+def _made_lesions(synthetic: Path, metadata: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+    """(images, lesions) of `rows` of a synthetic set, the lesions being what its generator made: for an inpaint
+    set the placed ones only (its mask minus the host's), else the whole masks; or why there are none."""
+    if metadata.get("inpaint") == "erase":
+        return "an erase set places no lesion"
+    images, masks = _read_rows(synthetic, rows)
+    if metadata.get("inpaint") == "place":
+        hosts = Path(metadata["inpaint_into"])
+        if not hosts.is_file():
+            return f"host file {hosts} not found"
+        masks &= ~_read_rows(hosts, np.asarray(metadata["host_rows"], np.int64)[rows])[1]
+    return images, masks
+
+
 def lesion_kid(synthetic: Path, metadata: dict, real: Path, rows: dict[str, np.ndarray], extract: Callable,
                size: int, kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, Any]:
     """KID between the windows around the synthetic slices' lesions and the real training lesions' windows, beside
     the real held-out lesions' windows against the same (module doc). `rows`: "synthetic", "train", "held" rows
     to read. For an inpaint set the lesion is the placed one (synthetic mask minus the host's); an erase set places
     none. Features as for the whole-slice KID, scaled by the real training windows' root mean square."""
-    if metadata.get("inpaint") == "erase":
-        return {"lesion_kid_reading": "not measured: an erase set places no lesion"}
+    made = _made_lesions(synthetic, metadata, rows["synthetic"])
+    if isinstance(made, str):
+        return {"lesion_kid_reading": f"not measured: {made}"}
     margin = int(metadata.get("region_margin", LESION_MARGIN))
-    images, masks = _read_rows(synthetic, rows["synthetic"])
-    if metadata.get("inpaint") == "place":
-        hosts = Path(metadata["inpaint_into"])
-        if not hosts.is_file():
-            return {"lesion_kid_reading": f"not measured: host file {hosts} not found"}
-        masks &= ~_read_rows(hosts, np.asarray(metadata["host_rows"], np.int64)[rows["synthetic"]])[1]
-    windows = {"synthetic": lesion_windows(images, masks, margin, size)}
+    windows = {"synthetic": lesion_windows(*made, margin, size)}
     for key in ("train", "held"):
         windows[key] = lesion_windows(*_read_rows(real, rows[key]), margin, size) if len(rows[key]) else \
             np.zeros((0,) + windows["synthetic"].shape[1:], np.float32)
@@ -226,17 +235,12 @@ def inpainted_lesion_memorisation(synthetic: Path, metadata: dict, real: Path, t
     other sets; for erase sets, a missing host file or no held-out lesion, `lesion_memorisation` says why not."""
     if "inpaint_into" not in metadata:
         return None
-    hosts = Path(metadata["inpaint_into"])
-    why = ("an erase set places no lesion" if metadata.get("inpaint") != "place" else
-           f"host file {hosts} not found" if not hosts.is_file() else
-           "the real file has no held-out slices" if not len(held_rows) else None)
+    made = _made_lesions(synthetic, metadata, np.arange(len(metadata["host_rows"])))
+    why = made if isinstance(made, str) else "the real file has no held-out slices" if not len(held_rows) else None
     if why:
         return {"lesion_memorisation": f"not measured: {why}"}
     margin = int(metadata["region_margin"])
-    with h5py.File(synthetic, "r") as h5:
-        images, masks = h5["images"][:].astype(np.float32), h5["masks"][:] > 0
-    _, host_masks = _read_rows(hosts, np.asarray(metadata["host_rows"], np.int64))
-    placed = lesion_windows(images, masks & ~host_masks, margin)
+    placed = lesion_windows(*made, margin)
     train, held = (lesion_windows(*_read_rows(real, rows), margin) for rows in (train_rows, held_rows))
     if not len(held) or not len(train) or not len(placed):
         return {"lesion_memorisation": "not measured: no lesion in the real training or held-out slices"}
@@ -334,13 +338,15 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                               f"{channels}")
     extract, feature_network = _feature_extractor(segmenter, channels, seed)
 
-    train = _measure(real, train_rows, _seeded_subset(train_rows, max_features, seed), extract, None,
-                     "real train", progress)
-    held = _measure(real, held_rows, _seeded_subset(held_rows, max_features, seed + 1), extract, segmenter,
+    feature_rows = {"train": _seeded_subset(train_rows, max_features, seed),
+                    "held": _seeded_subset(held_rows, max_features, seed + 1),
+                    "synthetic": _seeded_subset(np.arange(n), max_features, seed + 2)}
+    train = _measure(real, train_rows, feature_rows["train"], extract, None, "real train", progress)
+    held = _measure(real, held_rows, feature_rows["held"], extract, segmenter,
                     "real held-out", progress, all_agreement=False) if len(held_rows) else None
     mask_source = (syn_meta["attrs"].get("metadata") or {}).get("mask_source")
     masks_generated = mask_source != "none"  # generated by a joint model, or given to a mask-conditioned one
-    syn = _measure(synthetic, np.arange(n), _seeded_subset(np.arange(n), max_features, seed + 2), extract,
+    syn = _measure(synthetic, np.arange(n), feature_rows["synthetic"], extract,
                    segmenter if masks_generated else None, "synthetic", progress)
 
     # (a) memorisation, against the training slices and their mirror images (generators train with flips)
@@ -430,11 +436,8 @@ def evaluate_synthetic(synthetic: str | Path, real: str | Path, segmenter: str |
                             "real": _class_shares(real_meta["labels"][train_rows])},
         **(inpainted_lesion_memorisation(synthetic, syn_meta["attrs"].get("metadata") or {}, real, train_rows,
                                          held_rows, near_copy_ratio) or {}),
-        **(lesion_kid(synthetic, syn_meta["attrs"].get("metadata") or {}, real,
-                      {"synthetic": _seeded_subset(np.arange(n), max_features, seed + 2),
-                       "train": _seeded_subset(train_rows, max_features, seed),
-                       "held": _seeded_subset(held_rows, max_features, seed + 1)},
-                      extract, size, kid_subsets, kid_subset_size, seed) if masks_generated else {}),
+        **(lesion_kid(synthetic, syn_meta["attrs"].get("metadata") or {}, real, feature_rows, extract, size,
+                      kid_subsets, kid_subset_size, seed) if masks_generated else {}),
     }
     out_dir = Path(out_dir) if out_dir is not None else synthetic.parent
     result["figure"] = str(_figure(result, out_dir / f"{synthetic.stem}_quality.png"))
