@@ -35,9 +35,8 @@ Three views, each next to a real-vs-real reference so the number means something
 - Lesion-window KID (`lesion_kid`, every set whose masks hold lesions): the same KID on windows around the lesions
   only (the synthetic slices' lesions, for an inpaint set the placed ones; the real training lesions; the real
   held-out lesions as the reference), each window resized to the image size so the same features apply. The
-  whole-slice KID scores everything on the slice: an inpainted slice is a real host plus a second lesion that no
-  real slice has, so its whole-slice KID says "unlike any real slice" even when each lesion looks real. This view
-  asks whether the lesions do.
+  whole-slice KID scores everything on the slice, for an inpainted slice its real host (anatomy and own lesion)
+  included; this view asks whether the lesions alone look like real ones.
 
 Results are written into the synthetic file as per-slice datasets `quality_nn_ratio` and (with a segmenter)
 `quality_agreement`, which `train-seg --min-nn-ratio / --min-agreement` filter on, and the summary as the file
